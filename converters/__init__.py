@@ -1,0 +1,1 @@
+"""HF <-> jaxvlm weights."""

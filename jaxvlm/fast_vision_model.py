@@ -1,0 +1,107 @@
+"""`FastVisionModel` (= `FastModel`): Unsloth's entry points, for JAX."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+
+from converters.hf_import import load_state
+from converters.safetensors_io import Checkpoint
+from jaxvlm.models import family_for
+
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_dir(model_name: str, token=None, revision=None) -> str:
+    """A local directory holding the model: `model_name` itself, or its hub snapshot.
+
+    Hub downloads go through huggingface_hub, so HF_HUB_OFFLINE=1 serves only what is cached.
+    """
+    if os.path.isdir(model_name):
+        return model_name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(model_name, revision=revision, token=token, allow_patterns=_HUB_FILES)
+    except HFValidationError:
+        raise FileNotFoundError(f"{model_name!r} is neither a local directory nor a hub model id") from None
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{model_name!r}: not a local directory, and the hub is unreachable or offline (HF_HUB_OFFLINE) "
+            f"with no cached copy: {e}") from None
+
+
+def read_config(model_dir: str):
+    """The transformers config of `model_dir` (flat or nested config.json, old or new names)."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing; expected an HF model directory")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    family = family_for(raw.get("model_type"), path)
+    from transformers import AutoConfig
+    return family, AutoConfig.from_pretrained(model_dir)
+
+
+def _compute_dtype(dtype):
+    if dtype is None:
+        return jnp.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return jnp.dtype(name)
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16") from None
+
+
+class FastVisionModel:
+    """Load a VLM, add LoRA, switch between training and inference: Unsloth's API over Flax NNX."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str,
+        max_seq_length: int = 2048,
+        dtype=None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing="unsloth",
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Import an HF checkpoint (local dir or hub id). Returns `(model, processor)`.
+
+        `dtype` is the compute and 16-bit storage dtype (default bfloat16). The frozen base is stored
+        in NF4 with `load_in_4bit` (the default, as in Unsloth), int8 with `load_in_8bit`, or in
+        `dtype` with `load_in_16bit` / `full_finetuning`, which take precedence.
+        """
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit cannot both be True")
+        sixteen = load_in_16bit or full_finetuning
+        if not sixteen and (load_in_4bit or load_in_8bit):
+            raise NotImplementedError(
+                "4-bit and 8-bit bases are not implemented yet; pass load_in_4bit=False (or load_in_16bit=True)")
+        compute_dtype = _compute_dtype(dtype)
+
+        model_dir = resolve_model_dir(model_name, token=token, revision=revision)
+        family, hf_config = read_config(model_dir)
+        cfg = family.from_hf(hf_config)
+        ckpt = Checkpoint(model_dir)
+        abstract = nnx.eval_shape(lambda: family.build(cfg, compute_dtype))
+        ignored = family.IGNORED_KEYS + ((r"^lm_head\.",) if cfg.tie_word_embeddings else ())
+        model = load_state(abstract, ckpt, stacked=family.STACKED, renames=family.LEGACY_KEYS, ignored=ignored)
+        model.max_seq_length = max_seq_length
+        model.name_or_path = model_name
+
+        from jaxvlm.processing import load_processor
+        return model, load_processor(model_dir)
+
+
+FastModel = FastVisionModel

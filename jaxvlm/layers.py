@@ -1,0 +1,133 @@
+"""Building blocks shared by the model families: typed-weight `linear`, norms, rotary, attention.
+
+Every module here holds its weights in HF's layout, optionally with leading "stack" axes (one per
+scanned layer), so that a model's attribute paths and weight shapes mirror transformers' modules.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def dense_weight(w, dtype) -> jax.Array:
+    """The weight `w` as a plain array in `dtype`, whatever its type (array, NF4, ...).
+
+    This is the one place that knows the weight types; kernels that avoid materialising the dense
+    weight plug in here and in `linear`.
+    """
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    return w.astype(dtype)
+
+
+def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+    """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
+
+    `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
+    """
+    if hasattr(w, "linear"):
+        y = w.linear(x)
+    else:
+        w = dense_weight(w, x.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def _param(shape, dtype) -> nnx.Param:
+    # Zeros, not random: weights always come from a checkpoint, and models are built under
+    # nnx.eval_shape so that no memory is spent before loading.
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linear(nnx.Module):
+    """A Linear layer: `weight [*stack, out, in]`, optional `bias [*stack, out]`."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, stack: tuple = ()):
+        self.weight = _param((*stack, out_features, in_features), dtype)
+        self.bias = _param((*stack, out_features), dtype) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return linear(x, self.weight.get_value(), None if self.bias is None else self.bias.get_value())
+
+
+class Embedding(nnx.Module):
+    """Token embedding table `weight [vocab, hidden]`."""
+
+    def __init__(self, num: int, features: int, *, dtype):
+        self.weight = _param((num, features), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight.get_value(), ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32, scaled after casting back (transformers' order of operations)."""
+
+    def __init__(self, features: int, *, eps: float, dtype, stack: tuple = ()):
+        self.weight = _param((*stack, features), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight.get_value().astype(x.dtype) * h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias, statistics in fp32."""
+
+    def __init__(self, features: int, *, eps: float, dtype, stack: tuple = ()):
+        self.weight = _param((*stack, features), dtype)
+        self.bias = _param((*stack, features), dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        h = h * self.weight.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
+        return h.astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class Activation(nnx.Module):
+    """A parameter-free activation, so that Sequential-style lists keep HF's indices (mlp.0, mlp.2)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.name](x)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x [..., heads, head_dim]` by angles whose cos/sin are `[..., head_dim]` (fp32 math)."""
+    xf = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with grouped KV heads.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend).
+    Returns [batch, q_len, heads, head_dim]. Logits and softmax in fp32.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
