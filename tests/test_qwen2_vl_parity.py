@@ -67,11 +67,14 @@ def test_two_images_of_different_sizes_in_one_sample(loaded):
     assert_logits_match(model(**batch), hf_logits(hf_model, batch), batch["attention_mask"])
 
 
-def test_batch_of_two_with_padding(loaded):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batch_of_two_with_padding(loaded, side, monkeypatch):
     model, processor, hf_model = loaded
+    monkeypatch.setattr(processor.tokenizer, "padding_side", side)
     texts = [chat("describe the image", 1), chat("what is this digit in the image then tell me why", 1)]
     batch = encode(processor, texts, [random_image(56, 56, seed=3), random_image(84, 56, seed=4)])
-    assert (batch["attention_mask"] == 0).any(), "the two prompts should differ in length"
+    pad_column = 0 if side == "left" else -1
+    assert (batch["attention_mask"][:, pad_column] == 0).any(), f"one prompt should be {side}-padded"
     assert_logits_match(model(**batch), hf_logits(hf_model, batch), batch["attention_mask"])
 
 

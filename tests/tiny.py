@@ -11,8 +11,12 @@ def build_hf_model(family, seed=0, **text_overrides):
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(CONFIGS[family](**text_overrides), dtype=torch.float32)
     # transformers' init leaves norms at 1 and biases at 0; randomise them so the parity test sees them.
+    # Its small init also makes attention nearly uniform, which would hide position (rotary) errors:
+    # larger query/key weights make attention depend on positions, as in a trained model.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv.weight")):
+                p.mul_(8.0)
     return model.eval()
