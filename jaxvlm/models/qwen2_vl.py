@@ -268,7 +268,8 @@ def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_val
                       else np.asarray(attention_mask).astype(np.int32))
     grid = None if image_grid_thw is None else np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
     positions, deltas = rope_index(cfg, input_ids, attention_mask, grid)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
+           "rope_deltas": deltas}
     image_pos = np.flatnonzero((input_ids == cfg.image_token_id) & (attention_mask > 0)).astype(np.int32)
     if pixel_values is None:
         if len(image_pos):
@@ -415,9 +416,10 @@ class PatchMerger(nnx.Module):
         return x
 
 
-def scan_blocks(stack: nnx.Module, carry: jax.Array, fn, *per_layer: jax.Array) -> jax.Array:
-    """Runs `fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked module."""
-    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=nnx.Carry)
+def scan_blocks(stack: nnx.Module, carry, fn, *per_layer):
+    """Runs `carry, y = fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked
+    module; returns the final carry and the per-layer outputs stacked (pytrees are fine for both)."""
+    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
     def step(block, c, *xs):
         return fn(block, c, *xs)
     return step(stack, carry, *per_layer)
@@ -444,9 +446,9 @@ class VisionTransformer(nnx.Module):
         is_full = np.array([cfg.window_size == 0 or i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
 
         def block(blk, h, full):
-            return blk(h, cos, sin, jnp.where(full, full_mask, window_mask))
+            return blk(h, cos, sin, jnp.where(full, full_mask, window_mask)), None
 
-        x = scan_blocks(self.blocks, x, block, jnp.asarray(is_full))
+        x, _ = scan_blocks(self.blocks, x, block, jnp.asarray(is_full))
         x = self.merger(x)
         if "reverse_index" in inputs:
             x = x[inputs["reverse_index"]]
@@ -455,6 +457,14 @@ class VisionTransformer(nnx.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Language model.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer: `[layers, batch, cache_len, kv_heads, head_dim]` each."""
+    k: jax.Array
+    v: jax.Array
 
 
 class Attention(nnx.Module):
@@ -466,13 +476,20 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, stack=stack)
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
+        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index`
+        and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (k, v)
+        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -483,9 +500,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class TextModel(nnx.Module):
@@ -495,14 +513,29 @@ class TextModel(nnx.Module):
         self.layers = DecoderLayer(cfg, dtype, stack=(cfg.num_layers,))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`."""
+    def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None, index=0):
+        """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`.
+
+        Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one, the step's
+        tokens go to cache slots index..index+seq, and `attention_mask [batch, cache_len]` marks the
+        slots holding real tokens. Returns (hidden, cache).
+        """
         cos, sin = mrope_cos_sin(self.cfg, position_ids)
         t = h.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
+        keys = attention_mask.shape[1]
+        causal = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)
         mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-        h = scan_blocks(self.layers, h, lambda layer, x: layer(x, cos, sin, mask))
-        return self.norm(h)
+
+        def layer_step(layer, x, kv):
+            return layer(x, cos, sin, mask, kv, index)
+
+        if cache is None:
+            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, mask)[0], None))
+        else:
+            h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
+            cache = KVCache(*kv)
+        return self.norm(h), cache
 
 
 class Qwen2VLModel(nnx.Module):
@@ -531,7 +564,14 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         return h
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
-        return self.model.language_model(self.embed(inputs), inputs["position_ids"], inputs["attention_mask"])
+        h, _ = self.model.language_model(self.embed(inputs), inputs["position_ids"], inputs["attention_mask"])
+        return h
+
+    def init_cache(self, batch: int, length: int, dtype) -> KVCache:
+        """An empty KV cache `[layers, batch, length, kv_heads, head_dim]` for generation."""
+        t = self.config.text
+        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Vocabulary logits `[..., vocab]` from final hidden states, in the compute dtype."""
@@ -545,6 +585,12 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
+
+    def generate(self, **kwargs) -> np.ndarray:
+        """Prompt + generated ids; see `jaxvlm.generate.generate` for the arguments."""
+        from jaxvlm.generate import generate
+        kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
+        return generate(self, **kwargs)
 
     def __call__(self, **processor_outputs: Any) -> jax.Array:
         """Logits for what the processor returned (input_ids, attention_mask, pixel_values, image_grid_thw...)."""

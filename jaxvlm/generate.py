@@ -1,0 +1,173 @@
+"""Generation with a static KV cache: one jit'd prefill, then a jit'd decode loop that stops at EOS.
+
+The sampler lives apart from the model: it needs only `embed`, `logits`, `init_cache` and the language
+model's cached call. Prompts are left-padded (right padding is converted), images sit in the prompt,
+and the M-RoPE positions of new tokens continue from each prompt's largest position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+
+def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next tokens `[batch]` from fp32 logits `[batch, vocab]`: greedy, or temperature -> top-k -> top-p
+    -> min-p filtering then a categorical draw (transformers' order of logits warpers)."""
+    if not cfg.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / max(cfg.temperature, 1e-6)
+    neg = jnp.finfo(logits.dtype).min
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cum <= 1 - cfg.top_p
+        remove_sorted = remove_sorted.at[..., -1].set(False)  # always keep the most likely token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    if cfg.min_p > 0.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < cfg.min_p * probs.max(-1, keepdims=True), neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id: int):
+    """Rows moved so that every prompt ends at the last column (generation appends on the right)."""
+    ids, mask = input_ids.copy(), attention_mask.copy()
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        real = input_ids[b][attention_mask[b].astype(bool)]
+        ids[b] = pad_token_id
+        ids[b, ids.shape[1] - n:] = real
+        mask[b] = 0
+        mask[b, ids.shape[1] - n:] = 1
+    return ids, mask
+
+
+@nnx.jit
+def _prefill(model, inputs, cache, key_mask):
+    h = model.embed(inputs)
+    h, cache = model.model.language_model(h, inputs["position_ids"], key_mask, cache, 0)
+    return model.logits(h[:, -1]).astype(jnp.float32), cache
+
+
+def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len):
+    """Logits `[batch, vocab]` after feeding `token [batch]` as generated token number `step`."""
+    pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, token.shape[0], 1))
+    h = model.model.language_model.embed_tokens(token[:, None])
+    h, cache = model.model.language_model(h, pos, key_mask, cache, prompt_len + step)
+    return model.logits(h[:, 0]).astype(jnp.float32), cache
+
+
+_decode_step = nnx.jit(_decode_logits, static_argnames=("prompt_len",))
+
+
+@nnx.jit(static_argnames=("prompt_len", "max_new_tokens", "sampling"))
+def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
+                 sampling):
+    batch = first.shape[0]
+    # NNX modules may not cross into a lax.while_loop body: carry their arrays through, rebuild inside.
+    graphdef, params = nnx.split(model)
+
+    def cond(state):
+        step, _, done, *_ = state
+        return (step < max_new_tokens) & ~done.all()
+
+    def body(state):
+        step, token, done, out, cache, rng, params = state
+        out = out.at[:, step].set(jnp.where(done, pad, token))
+        done = done | jnp.isin(token, eos)
+        logits, cache = _decode_logits(nnx.merge(graphdef, params), cache, token, step, key_mask, next_pos,
+                                       prompt_len)
+        rng, key = jax.random.split(rng)
+        return step + 1, sample(logits, key, sampling), done, out, cache, rng, params
+
+    out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
+    state = (jnp.int32(0), first, jnp.zeros((batch,), bool), out, cache, rng, params)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+             eos_token_id=None, pad_token_id: int | None = None, seed: int = 0, streamer=None,
+             max_seq_length: int | None = None, **processor_outputs) -> np.ndarray:
+    """Prompt + generated token ids `[batch, prompt_len + new]`, as transformers' generate returns them.
+
+    Takes what the processor returns (input_ids, attention_mask, pixel_values, image_grid_thw, ...).
+    Each sequence stops at its first EOS (`eos_token_id`: int or list); later slots hold `pad_token_id`.
+    `streamer`: an object with `put(token_ids)` / `end()` (transformers' TextStreamer works), fed after
+    each step; decoding then runs step by step from Python instead of one on-device loop.
+    """
+    input_ids = np.asarray(input_ids).astype(np.int32)
+    attention_mask = (np.ones_like(input_ids) if attention_mask is None
+                      else np.asarray(attention_mask).astype(np.int32))
+    eos = np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else -1, np.int32))
+    pad = int(pad_token_id if pad_token_id is not None else eos[0] if eos[0] >= 0 else 0)
+    batch, prompt_len = input_ids.shape
+    if max_seq_length is not None and prompt_len + max_new_tokens > max_seq_length:
+        allowed = max_seq_length - prompt_len
+        if allowed <= 0:
+            raise ValueError(f"the prompt ({prompt_len} tokens) already fills max_seq_length={max_seq_length}")
+        warnings.warn(f"max_new_tokens={max_new_tokens} + prompt {prompt_len} exceeds max_seq_length="
+                      f"{max_seq_length}; generating {allowed} tokens")
+        max_new_tokens = allowed
+    if (attention_mask[:, -1] == 0).any():
+        input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
+
+    inputs = model.prepare_inputs(input_ids=input_ids, attention_mask=attention_mask, **processor_outputs)
+    cache_len = -(-(prompt_len + max_new_tokens) // 64) * 64  # a few lengths -> a few compiled programs
+    key_mask = np.concatenate([attention_mask, np.ones((batch, cache_len - prompt_len), np.int32)], axis=1)
+    next_pos = inputs["position_ids"].max(axis=(0, 2)).astype(np.int32) + 1
+    dtype = model.model.language_model.embed_tokens.weight.get_value().dtype
+    logits, cache = _prefill(model, jax.tree.map(jnp.asarray, inputs), model.init_cache(batch, cache_len, dtype),
+                             jnp.asarray(key_mask))
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)
+    rng, key = jax.random.split(jax.random.key(seed))
+    first = sample(logits, key, sampling)
+
+    if streamer is None:
+        new = _decode_loop(model, cache, first, jnp.asarray(key_mask), jnp.asarray(next_pos), rng,
+                           jnp.asarray(eos), jnp.int32(pad), prompt_len=prompt_len,
+                           max_new_tokens=max_new_tokens, sampling=sampling)
+        return np.concatenate([input_ids, _trim(np.asarray(new), eos)], axis=1)
+
+    streamer.put(input_ids)  # as transformers does, so that TextStreamer(skip_prompt=True) skips it
+    token, done, out = first, np.zeros(batch, bool), []
+    for step in range(max_new_tokens):
+        token_np = np.where(done, pad, np.asarray(token))
+        out.append(token_np)
+        streamer.put(token_np)
+        done |= np.isin(token_np, eos)
+        if done.all():
+            break
+        logits, cache = _decode_step(model, cache, token, step, jnp.asarray(key_mask), jnp.asarray(next_pos),
+                                     prompt_len=prompt_len)
+        rng, key = jax.random.split(rng)
+        token = sample(logits, key, sampling)
+    streamer.end()
+    return np.concatenate([input_ids, np.stack(out, axis=1)], axis=1)
+
+
+def _trim(new: np.ndarray, eos: np.ndarray) -> np.ndarray:
+    """Drops the columns after every sequence has ended (transformers stops there too)."""
+    hit = np.isin(new, eos)
+    if not hit.any(axis=1).all():
+        return new
+    return new[:, :hit.argmax(axis=1).max() + 1]
