@@ -1,27 +1,91 @@
-"""jaxvlm param tree -> HF tensors (transformers' in-memory key names, stacked blocks split per layer)."""
+"""jaxvlm param tree -> HF tensors and safetensors files (stacked blocks split per layer).
+
+Tensors are produced one at a time and written shard by shard, so the host holds at most one shard.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 from converters.hf_import import path_key
 
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
-def hf_tensors(model: nnx.Module, stacked: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF key, host array) for every plain-array param, one tensor at a time.
+
+def hf_tensors(model: nnx.Module, stacked: Iterable[str],
+               to_array: Callable = np.asarray) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF in-memory key, host array) for every param, one tensor at a time.
 
     `model.language_model.layers.self_attn.q_proj.weight [L, out, in]` becomes L tensors
-    `model.language_model.layers.{i}.self_attn.q_proj.weight [out, in]`.
+    `model.language_model.layers.{i}.self_attn.q_proj.weight [out, in]`. `to_array(value)` turns a
+    param value (array, NF4, LoRA) into the host array to write.
     """
     prefixes = tuple(stacked)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, value = path_key(path), np.asarray(var.get_value())
+        key = path_key(path)
         prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
+        value = var.get_value()
         if prefix is None:
-            yield key, value
+            yield key, to_array(value)
             continue
         rest = key[len(prefix) + 1:]
-        for i in range(value.shape[0]):
-            yield f"{prefix}.{i}.{rest}", value[i]
+        stacked_value = to_array(value)
+        for i in range(stacked_value.shape[0]):
+            yield f"{prefix}.{i}.{rest}", stacked_value[i]
+
+
+def rename(key: str, renames: Iterable[tuple[str, str]]) -> str:
+    for pattern, repl in renames:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def parse_size(size) -> int:
+    """Bytes from 5_000_000, "5GB", "500MB", "2GiB" (transformers' max_shard_size forms)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB' / '500MB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, max_shard_size="5GB",
+                      sizes: list[int] | None = None) -> list[str]:
+    """Writes `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus their index when the
+    tensors exceed `max_shard_size`. `sizes` (bytes per tensor, in order) lets shards be named before the
+    tensors exist; without it the tensors are collected first. Returns the file names written."""
+    limit = parse_size(max_shard_size)
+    if sizes is None:
+        tensors = list(tensors)
+        sizes = [t.nbytes for _, t in tensors]
+    bounds, current = [0], 0
+    for i, size in enumerate(sizes):
+        if current and current + size > limit:
+            bounds.append(i)
+            current = 0
+        current += size
+    bounds.append(len(sizes))
+    n_shards = len(bounds) - 1
+    names = (["model.safetensors"] if n_shards == 1 else
+             [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
+    weight_map, it = {}, iter(tensors)
+    for shard, name in enumerate(names):
+        chunk = {}
+        for _ in range(bounds[shard + 1] - bounds[shard]):
+            key, array = next(it)
+            chunk[key] = np.ascontiguousarray(array)
+            weight_map[key] = name
+        save_file(chunk, os.path.join(out_dir, name), metadata={"format": "pt"})
+    if n_shards > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+    return names

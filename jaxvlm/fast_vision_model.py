@@ -99,6 +99,7 @@ class FastVisionModel:
         model = load_state(abstract, ckpt, stacked=family.STACKED, renames=family.LEGACY_KEYS, ignored=ignored)
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name
+        model.model_dir = model_dir
 
         from jaxvlm.processing import load_processor
         return model, load_processor(model_dir)

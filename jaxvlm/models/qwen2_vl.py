@@ -9,8 +9,6 @@ window attention with a few full-attention blocks); the flags in `VisionConfig` 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +25,7 @@ from jaxvlm.layers import (
     attention,
     linear,
 )
+from jaxvlm.models.base import VLM
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -38,6 +37,12 @@ LEGACY_KEYS = (
     (r"^visual\.", "model.visual."),
 )
 IGNORED_KEYS = (r"rotary_emb\.inv_freq$",)
+# Exports use the older names: what transformers 5's save_pretrained writes for this family, and the only
+# names transformers 4.x reads.
+EXPORT_KEYS = (
+    (r"^model\.language_model\.", "model."),
+    (r"^model\.visual\.", "visual."),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,7 +549,7 @@ class Qwen2VLModel(nnx.Module):
         self.language_model = TextModel(cfg.text, dtype)
 
 
-class Qwen2VLForConditionalGeneration(nnx.Module):
+class Qwen2VLForConditionalGeneration(VLM):
     """Qwen2-VL / Qwen2.5-VL: `model.visual`, `model.language_model`, `lm_head` (absent when tied)."""
 
     def __init__(self, cfg: Qwen2VLConfig, dtype=jnp.bfloat16):
@@ -585,19 +590,6 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
-
-    def generate(self, **kwargs) -> np.ndarray:
-        """Prompt + generated ids; see `jaxvlm.generate.generate` for the arguments."""
-        from jaxvlm.generate import generate
-        kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
-        return generate(self, **kwargs)
-
-    def __call__(self, **processor_outputs: Any) -> jax.Array:
-        """Logits for what the processor returned (input_ids, attention_mask, pixel_values, image_grid_thw...)."""
-        return _jit_forward(self, self.prepare_inputs(**processor_outputs))
-
-
-_jit_forward = nnx.jit(lambda model, inputs: model.forward(inputs))
 
 
 def build(cfg: Qwen2VLConfig, dtype) -> Qwen2VLForConditionalGeneration:
