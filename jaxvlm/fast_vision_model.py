@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import weakref
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from converters.hf_import import load_state
 from converters.safetensors_io import Checkpoint
+from jaxvlm.layers import REMAT_POLICIES
 from jaxvlm.models import family_for
+
+# The processor each loaded model came with, so that for_training / for_inference can set its padding side.
+_PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -100,9 +107,60 @@ class FastVisionModel:
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name
         model.model_dir = model_dir
+        model.use_gradient_checkpointing = use_gradient_checkpointing
 
         from jaxvlm.processing import load_processor
-        return model, load_processor(model_dir)
+        processor = load_processor(model_dir)
+        _PROCESSORS[model] = processor
+        return model, processor
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=None):
+        """Training mode: remat per block on (as chosen at load, or `use_gradient_checkpointing`: True,
+        "unsloth" (block inputs offloaded to host), "dots", or False), LoRA dropout active, and the
+        processor's tokenizer padding on the right. Returns the model."""
+        if use_gradient_checkpointing is None:
+            use_gradient_checkpointing = getattr(model, "use_gradient_checkpointing", "unsloth")
+        _set_remat(model, remat_policy(use_gradient_checkpointing))
+        model.training = True
+        _set_padding_side(model, "right")
+        return model
+
+    @staticmethod
+    def for_inference(model):
+        """Inference mode: no remat, no dropout, padding on the left for batched generation. Returns the model."""
+        _set_remat(model, None)
+        model.training = False
+        _set_padding_side(model, "left")
+        return model
+
+
+def remat_policy(use_gradient_checkpointing) -> str | None:
+    """Our remat policy for Unsloth's `use_gradient_checkpointing` values (True, False, "unsloth") or a
+    REMAT_POLICIES name. Host offload ("unsloth") needs an accelerator; on the CPU it becomes "full"."""
+    if use_gradient_checkpointing in (False, None):
+        return None
+    policy = {True: "full", "unsloth": "offload"}.get(use_gradient_checkpointing, use_gradient_checkpointing)
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: expected True, False, "
+                         f"'unsloth' or one of {REMAT_POLICIES}")
+    if policy == "offload" and jax.default_backend() == "cpu":
+        warnings.warn("use_gradient_checkpointing='unsloth' offloads to host memory, which the CPU backend "
+                      "cannot do: using full rematerialization instead")
+        policy = "full"
+    return policy
+
+
+def _set_remat(model, policy) -> None:
+    for _, module in model.iter_modules():
+        if hasattr(module, "remat"):
+            module.remat = policy
+
+
+def _set_padding_side(model, side: str) -> None:
+    processor = _PROCESSORS.get(model)
+    if processor is not None:
+        processor.tokenizer.padding_side = side
 
 
 FastModel = FastVisionModel

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def dense_weight(w, dtype) -> jax.Array:
@@ -131,3 +132,39 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     Returns [batch, q_len, heads, head_dim]. Logits and softmax in fp32.
     """
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+# Rematerialization of scanned blocks (jax.checkpoint per block):
+#   full: keep only each block's input, recompute the rest in the backward pass;
+#   dots: also keep matmul outputs (less recompute, more memory);
+#   offload: keep block inputs in pinned host memory (Unsloth's use_gradient_checkpointing="unsloth").
+REMAT_POLICIES = ("full", "dots", "offload")
+
+
+def _checkpoint_policy(name: str):
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=["block_input"],
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"remat policy {name!r}: expected one of {REMAT_POLICIES}")
+
+
+def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None):
+    """Runs `carry, y = fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked
+    module; returns the final carry and the per-layer outputs stacked (pytrees are fine for both).
+    With `remat` (a REMAT_POLICIES name) each block is rematerialized in the backward pass."""
+    body = fn
+    if remat is not None:
+        def named(block, c, *xs):
+            return fn(block, checkpoint_name(c, "block_input"), *xs)
+        body = nnx.remat(named, policy=_checkpoint_policy(remat), prevent_cse=False)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
+    def step(block, c, *xs):
+        return body(block, c, *xs)
+    return step(stack, carry, *per_layer)

@@ -24,6 +24,7 @@ from jaxvlm.layers import (
     apply_rotary,
     attention,
     linear,
+    scan_blocks,
 )
 from jaxvlm.models.base import VLM
 
@@ -421,18 +422,10 @@ class PatchMerger(nnx.Module):
         return x
 
 
-def scan_blocks(stack: nnx.Module, carry, fn, *per_layer):
-    """Runs `carry, y = fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked
-    module; returns the final carry and the per-layer outputs stacked (pytrees are fine for both)."""
-    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
-    def step(block, c, *xs):
-        return fn(block, c, *xs)
-    return step(stack, carry, *per_layer)
-
-
 class VisionTransformer(nnx.Module):
     def __init__(self, cfg: VisionConfig, dtype):
         self.cfg = cfg
+        self.remat = None  # a REMAT_POLICIES name while training (set by FastVisionModel.for_training)
         self.patch_embed = PatchEmbed(cfg, dtype)
         self.blocks = VisionBlock(cfg, dtype, stack=(cfg.depth,))
         self.merger = PatchMerger(cfg, dtype)
@@ -453,7 +446,7 @@ class VisionTransformer(nnx.Module):
         def block(blk, h, full):
             return blk(h, cos, sin, jnp.where(full, full_mask, window_mask)), None
 
-        x, _ = scan_blocks(self.blocks, x, block, jnp.asarray(is_full))
+        x, _ = scan_blocks(self.blocks, x, block, jnp.asarray(is_full), remat=self.remat)
         x = self.merger(x)
         if "reverse_index" in inputs:
             x = x[inputs["reverse_index"]]
@@ -514,6 +507,7 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype):
         self.cfg = cfg
+        self.remat = None
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = DecoderLayer(cfg, dtype, stack=(cfg.num_layers,))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -536,7 +530,7 @@ class TextModel(nnx.Module):
             return layer(x, cos, sin, mask, kv, index)
 
         if cache is None:
-            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, mask)[0], None))
+            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, mask)[0], None), remat=self.remat)
         else:
             h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
             cache = KVCache(*kv)
