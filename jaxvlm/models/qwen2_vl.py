@@ -260,7 +260,7 @@ def vision_layout(cfg: VisionConfig, grid_thw: np.ndarray) -> dict[str, np.ndarr
 
 
 def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_values=None,
-                   image_grid_thw=None, **unused) -> dict[str, np.ndarray]:
+                   image_grid_thw=None, n_pad_patches: int = 0, **unused) -> dict[str, np.ndarray]:
     """The arrays the jit'd forward takes, from what the processor returns (numpy or anything array-like).
 
     Extra processor outputs (mm_token_type_ids, ...) are accepted and derived here from input_ids.
@@ -284,14 +284,22 @@ def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_val
     if grid is None:
         raise ValueError("pixel_values given without image_grid_thw")
     pixel_values = np.asarray(pixel_values)
+    m = cfg.vision.spatial_merge_size
+    if n_pad_patches % (m * m):
+        raise ValueError(f"n_pad_patches={n_pad_patches}: expected a multiple of spatial_merge_size**2 = {m * m}")
     n_patches = int(np.prod(grid, axis=1).sum())
-    if pixel_values.shape != (n_patches, cfg.vision.patch_dim):
-        raise ValueError(f"pixel_values: expected shape {(n_patches, cfg.vision.patch_dim)} from image_grid_thw, "
-                         f"got {pixel_values.shape}")
-    n_merged = n_patches // cfg.vision.spatial_merge_size**2
+    if pixel_values.shape != (n_patches + n_pad_patches, cfg.vision.patch_dim):
+        raise ValueError(f"pixel_values: expected shape {(n_patches + n_pad_patches, cfg.vision.patch_dim)} from "
+                         f"image_grid_thw and n_pad_patches={n_pad_patches}, got {pixel_values.shape}")
+    n_merged = n_patches // m**2
     if len(image_pos) != n_merged:
         raise ValueError(f"Image features and image tokens do not match: {len(image_pos)} image tokens in "
                          f"input_ids, {n_merged} merged patches from image_grid_thw")
+    if n_pad_patches:
+        # The padding patches (a collator's bucket padding) form one more image, so they attend only among
+        # themselves; its merged tokens scatter to index batch*seq, out of range, which embed() drops.
+        grid = np.concatenate([grid, [[1, m, n_pad_patches // m]]])
+        image_pos = np.concatenate([image_pos, np.full(n_pad_patches // m**2, input_ids.size, np.int32)])
     out.update(pixel_values=pixel_values, image_pos=image_pos, **vision_layout(cfg.vision, grid))
     return out
 

@@ -1,0 +1,422 @@
+"""The vision data collator: chat records -> padded, bucketed numpy batches with masked labels.
+
+`VisionDataCollator(model, processor, ...)` (also exported as `UnslothVisionDataCollator`) takes
+unsloth_zoo's `UnslothVisionDataCollator` arguments with the same meanings, and returns numpy arrays:
+
+    input_ids          int32 [batch, seq]
+    attention_mask     int32 [batch, seq]      1 at tokens, 0 at padding
+    labels             int32 [batch, seq]      input_ids, or ignore_index (-100) where no loss is taken
+    mm_token_type_ids  int32 [batch, seq]      1 at image tokens (when the processor returns it)
+    pixel_values       float32 [patches, patch_dim]
+    image_grid_thw     int64 [images, 3]       the real images only, in order
+    n_pad_patches      int                     with pad_to_bucket: zero rows at the end of pixel_values
+
+Labels are NOT shifted: labels[b, t] is the target of the logits at t-1, and the loss shifts, as in
+transformers. They are ignore_index at padding, at the vision placeholder tokens (<|vision_start|>,
+<|image_pad|>, <|vision_end|>, ...), and with train_on_responses_only everywhere outside the assistant
+responses (so at the prompt and the response marker itself).
+
+Static shapes (pad_to_bucket=True, the default): the sequence axis is padded to the smallest bucket of
+64, 96, 128, 192, 256, 384, 512, 768, ... (powers of two and their midpoints, so at most a third is
+padding), with max_seq_length itself as the largest bucket; the patch axis of pixel_values is padded with
+zero rows to the same ladder, uncapped. A run then compiles a few programs (about two per doubling of
+length the data spans), and each new shape is logged at INFO. A batch with no image still carries
+pixel_values (all padding), so text-only batches do not add programs. The padding patches belong to no
+image: `n_pad_patches` says how many there are, and the model's `prepare_inputs` gives them their own
+vision attention segment and drops their merged outputs. pad_to_bucket=False gives the processor's own
+(unpadded) layout, with no n_pad_patches.
+
+Differences from Unsloth: padding is masked by the attention mask,
+not by token id (a pad id that is also the end-of-turn id stays trained); a sequence longer than
+max_seq_length keeps its first max_seq_length tokens unless that would cut an image's tokens, which
+`on_overflow` decides ("error", or "skip": the record's row becomes all padding and is counted in
+`skipped`); images are not fetched from URLs; markers are matched as exact token sequences (Unsloth's
+default force_match=True); pad_to_multiple_of, num_proc and snap_to_patch_size are not taken.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+from jinja2 import TemplateError
+from PIL import Image
+
+from jaxvlm.train.data import DataError, load_image
+
+logger = logging.getLogger(__name__)
+
+# Tokens that stand for image or video content; the loss never targets them (Unsloth masks the same).
+_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+_SMALLEST_BUCKET = 64
+# Unsloth's resize="min" falls back to 512 when the vision config names no image size (Qwen2-VL's does not).
+_DEFAULT_IMAGE_SIZE = 512
+_SIZE_OF = {0: lambda im: im.size[0], 1: lambda im: im.size[1],
+            "max": lambda im: max(im.size), "min": lambda im: min(im.size)}
+_OVERFLOW_POLICIES = ("error", "skip")
+
+
+def bucket_size(n: int, limit: int | None = None) -> int:
+    """The smallest bucket >= n of 64, 96, 128, 192, 256, ... (powers of two and 1.5x them), capped at `limit`."""
+    if limit is not None and n > limit:
+        raise ValueError(f"length {n} is over the bucket limit {limit}")
+    size = _SMALLEST_BUCKET
+    while True:
+        for bucket in (size, size * 3 // 2):
+            if bucket >= n:
+                return bucket if limit is None else min(bucket, limit)
+        size *= 2
+
+
+def bucket_sizes(limit: int) -> list[int]:
+    """Every sequence bucket for max_seq_length `limit`, ascending; the last is `limit`."""
+    sizes = [bucket_size(0, limit)]
+    while sizes[-1] < limit:
+        sizes.append(bucket_size(sizes[-1] + 1, limit))
+    return sizes
+
+
+def response_mask(input_ids: np.ndarray, instruction_ids: list[int], response_ids: list[int],
+                  last_only: bool = False) -> np.ndarray:
+    """bool [seq]: True on each assistant response, from just after a response marker up to the next
+    instruction marker (or the end). With `last_only`, on the last response only."""
+    starts, instructions = _find(input_ids, response_ids), _find(input_ids, instruction_ids)
+    spans, end = [], 0
+    for start in starts:
+        if start < end:  # a marker inside the response already found
+            continue
+        begin = start + len(response_ids)
+        later = instructions[instructions >= begin]
+        end = int(later[0]) if len(later) else len(input_ids)
+        spans.append((begin, end))
+    mask = np.zeros(len(input_ids), bool)
+    for begin, end in spans[-1:] if last_only else spans:
+        mask[begin:end] = True
+    return mask
+
+
+def _find(ids: np.ndarray, marker: list[int]) -> np.ndarray:
+    """Start positions of `marker` in `ids`."""
+    if len(ids) < len(marker):
+        return np.zeros(0, np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, len(marker))
+    return np.flatnonzero((windows == np.asarray(marker)).all(axis=1))
+
+
+@dataclasses.dataclass
+class _Row:
+    """One encoded record, unpadded."""
+    input_ids: np.ndarray  # int [seq]
+    labels: np.ndarray  # int [seq]
+    mm_token_type_ids: np.ndarray | None  # int [seq]
+    pixel_values: np.ndarray | None  # float32 [patches, patch_dim]
+    image_grid_thw: np.ndarray | None  # int64 [images, 3]
+
+
+class VisionDataCollator:
+    """Turns a list of chat records into one training batch (see the module docstring for its arrays).
+
+    model: the model being trained; its `max_seq_length` is the default for max_seq_length (None: no limit).
+    processor: the checkpoint's processor (jaxvlm.processing.load_processor).
+    formatting_func: applied to each record first.
+    resize: "min" (the default): shrink images whose `resize_dimension` side is over the model's image
+        size (512 for Qwen2-VL, as in Unsloth) to that size, keeping the aspect ratio; an int: the same
+        with that size; (width, height): resize every image to it; "max" or None: leave images as they are.
+    train_on_responses_only: take the loss only on assistant responses, found by the token sequences of
+        `instruction_part` and `response_part` (for Qwen: "<|im_start|>user\\n", "<|im_start|>assistant\\n");
+        `last_response_only` keeps the last response only.
+    completion_only_loss: for `prompt` / `completion` records, no loss on the prompt.
+    pad_to_bucket: pad the sequence and patch axes to buckets (static shapes under jit).
+    on_overflow: a record whose image tokens max_seq_length would cut: "error" raises, "skip" makes its
+        row all padding (no loss), logs a warning and counts it in `self.skipped`.
+    """
+
+    def __init__(self, model, processor, max_seq_length: int | None = None, formatting_func=None,
+                 resize="min", ignore_index: int = -100, train_on_responses_only: bool = False,
+                 instruction_part: str | None = None, response_part: str | None = None,
+                 completion_only_loss: bool = True, resize_dimension=0, last_response_only: bool = False,
+                 pad_to_bucket: bool = True, on_overflow: str = "error"):
+        if not hasattr(processor, "image_processor"):
+            raise TypeError(f"processor: expected a vision processor with an image_processor, "
+                            f"got {type(processor).__name__}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        if max_seq_length is None:
+            max_seq_length = getattr(model, "max_seq_length", None)
+        if max_seq_length is not None and max_seq_length < 1:
+            raise ValueError(f"max_seq_length={max_seq_length}: expected a positive int or None")
+        self.max_seq_length = max_seq_length
+        self.formatting_func = formatting_func
+        self.image_size = _image_size(resize, model)
+        if resize_dimension not in _SIZE_OF:
+            raise ValueError(f"resize_dimension={resize_dimension!r}: expected 0, 1, 'max' or 'min'")
+        self.size_of = _SIZE_OF[resize_dimension]
+        self.ignore_index = ignore_index
+        self.completion_only_loss = completion_only_loss
+        self.last_response_only = last_response_only
+        self.pad_to_bucket = pad_to_bucket
+        if on_overflow not in _OVERFLOW_POLICIES:
+            raise ValueError(f"on_overflow={on_overflow!r}: expected one of {_OVERFLOW_POLICIES}")
+        self.on_overflow = on_overflow
+        self.skipped = 0
+
+        self.instruction_ids = self.response_ids = None
+        if train_on_responses_only:
+            if not (isinstance(instruction_part, str) and isinstance(response_part, str)):
+                raise ValueError("train_on_responses_only=True needs instruction_part and response_part strings, "
+                                 "e.g. '<|im_start|>user\\n' and '<|im_start|>assistant\\n' for Qwen2-VL")
+            self.instruction_ids = self._marker_ids("instruction_part", instruction_part)
+            self.response_ids = self._marker_ids("response_part", response_part)
+
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token_id; set processor.tokenizer.pad_token")
+        self.pad_token_id = tok.pad_token_id
+        self.padding_side = tok.padding_side
+        self.image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+        names = [*_VISION_TOKENS, *(getattr(processor, a, None) for a in ("image_token", "video_token"))]
+        ids = tok.convert_tokens_to_ids([n for n in names if n])
+        self.vision_token_ids = np.array(sorted({i for i in ids if i is not None and i != tok.unk_token_id}))
+        image_processor = processor.image_processor
+        self.patch_dim = 3 * image_processor.temporal_patch_size * image_processor.patch_size**2
+        self._shapes = set()
+
+    def _marker_ids(self, name: str, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"{name}={text!r} tokenizes to nothing")
+        return list(ids)
+
+    def __call__(self, examples, indices=None) -> dict[str, np.ndarray | int]:
+        """The batch for `examples`; `indices` (their dataset indices) only make error messages name them."""
+        examples = list(examples)
+        if not examples:
+            raise DataError("empty batch: the collator was given no examples")
+        if indices is not None and len(indices) != len(examples):
+            raise ValueError(f"{len(indices)} indices for {len(examples)} examples")
+        rows = [self._encode(example, f"record {indices[i]}" if indices is not None else f"example {i} of the batch")
+                for i, example in enumerate(examples)]
+        return self._collate(rows)
+
+    # ------------------------------------------------------------------------------------------
+    # One record.
+
+    def _encode(self, example, where: str) -> _Row | None:
+        """The record's unpadded row, or None when on_overflow="skip" skips it."""
+        if self.formatting_func is not None:
+            example = self.formatting_func(example)
+        if isinstance(example, dict) and "prompt" in example and "completion" in example:
+            prompt_text, completion_text, images = self._render_prompt_completion(example, where)
+        else:
+            prompt_text, images = self._render_messages(example, where)
+            completion_text = None
+        images = [self._resize(load_image(value, where)) for value in images]
+        try:
+            out = self.processor(text=[prompt_text], images=images or None, return_tensors="np",
+                                 add_special_tokens=False)
+        except ValueError as e:
+            raise DataError(f"{where}: the processor rejected the record: {e}") from e
+        ids = out["input_ids"][0]
+        mm = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None
+        n_prompt = 0
+        if completion_text is not None:
+            completion = np.asarray(self.tokenizer(completion_text, add_special_tokens=False)["input_ids"], ids.dtype)
+            n_prompt = len(ids)
+            ids = np.concatenate([ids, completion])
+            mm = None if mm is None else np.concatenate([mm, np.zeros_like(completion)])
+
+        if self.max_seq_length is not None and len(ids) > self.max_seq_length:
+            image_at = np.flatnonzero(ids == self.image_token_id)
+            if len(image_at) and image_at[-1] >= self.max_seq_length:
+                message = (f"{where}: {len(ids)} tokens, and max_seq_length={self.max_seq_length} would cut its "
+                           f"image tokens (the last of {len(image_at)} is at position {image_at[-1]}); raise "
+                           f"max_seq_length or shrink the images (resize=)")
+                if self.on_overflow == "error":
+                    raise DataError(message + ", or pass on_overflow='skip'")
+                self.skipped += 1
+                logger.warning("%s; skipped (%d records skipped so far)", message, self.skipped)
+                return None
+            ids = ids[:self.max_seq_length]
+            mm = None if mm is None else mm[:self.max_seq_length]
+
+        trained = ~np.isin(ids, self.vision_token_ids)
+        if self.response_ids is not None:
+            responses = response_mask(ids, self.instruction_ids, self.response_ids, self.last_response_only)
+            if not responses.any():
+                logger.warning("%s: no response_part %r in its tokens, so nothing in it is trained on",
+                               where, self.tokenizer.decode(self.response_ids))
+            trained &= responses
+        if self.completion_only_loss:
+            trained[:n_prompt] = False
+        return _Row(input_ids=ids, labels=np.where(trained, ids, self.ignore_index), mm_token_type_ids=mm,
+                    pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"))
+
+    def _render_messages(self, example, where: str) -> tuple[str, list]:
+        """The chat-templated text of a `messages` record and its image values, in order."""
+        if isinstance(example, dict):
+            turns = example.get("messages", example.get("conversations"))
+            if turns is None:
+                raise DataError(f"{where}: no 'messages' (or 'conversations'); keys are {sorted(example)}")
+            images_column = example.get("images")
+        else:
+            turns, images_column = example, None
+        turns, images = _chat_turns(turns, images_column, where)
+        if not any(turn["role"] == "assistant" for turn in turns):
+            raise DataError(f"{where} has no assistant turn (roles: {[t['role'] for t in turns]}): "
+                            f"nothing to train on")
+        return self._template(turns, where), images
+
+    def _render_prompt_completion(self, example, where: str) -> tuple[str, str, list]:
+        """(prompt text, completion text, image values) of a TRL prompt/completion record."""
+        prompt, completion = example["prompt"], example["completion"]
+        images_column = example.get("images")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not completion:
+                raise DataError(f"{where} has no assistant turn: its completion is empty")
+            return prompt, completion, list(images_column or [])
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise DataError(f"{where}: prompt and completion must both be message lists or both strings")
+        turns, images = _chat_turns(prompt + completion, images_column, where)
+        if not any(turn["role"] == "assistant" for turn in turns[len(prompt):]):
+            raise DataError(f"{where} has no assistant turn in its completion")
+        if any(_is_image(item) for turn in turns[len(prompt):] if isinstance(turn["content"], list)
+               for item in turn["content"]):
+            raise DataError(f"{where}: images in the completion are not supported; put them in the prompt")
+        prompt_text = self._template(turns[:len(prompt)], where, add_generation_prompt=True)
+        full_text = self._template(turns, where)
+        # The template may render the end of the prompt differently once a reply follows (TRL does the same).
+        prompt_text = os.path.commonprefix([prompt_text, full_text])
+        return prompt_text, full_text[len(prompt_text):], images
+
+    def _template(self, turns: list[dict], where: str, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.processor.apply_chat_template(turns, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except (TypeError, KeyError, TemplateError) as e:
+            raise DataError(f"{where}: the chat template failed on the record ({type(e).__name__}: {e})") from e
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        if self.image_size is None:
+            return image
+        if isinstance(self.image_size, tuple):
+            return image.resize(self.image_size, Image.Resampling.LANCZOS)
+        side = self.size_of(image)
+        if side <= self.image_size:
+            return image
+        w, h = image.size
+        size = (max(1, (w * self.image_size + side // 2) // side), max(1, (h * self.image_size + side // 2) // side))
+        return image.resize(size, Image.Resampling.LANCZOS)
+
+    # ------------------------------------------------------------------------------------------
+    # The batch.
+
+    def _collate(self, rows: list[_Row | None]) -> dict[str, np.ndarray | int]:
+        kept = [row for row in rows if row is not None]
+        longest = max((len(row.input_ids) for row in kept), default=0)
+        seq = bucket_size(longest, self.max_seq_length) if self.pad_to_bucket else longest
+        empty = np.zeros(0, np.int32)
+        batch = {
+            "input_ids": self._pad([empty if r is None else r.input_ids for r in rows], seq, self.pad_token_id),
+            "attention_mask": self._pad([empty if r is None else np.ones(len(r.input_ids)) for r in rows], seq, 0),
+            "labels": self._pad([empty if r is None else r.labels for r in rows], seq, self.ignore_index),
+        }
+        if all(row.mm_token_type_ids is not None for row in kept):
+            batch["mm_token_type_ids"] = self._pad([empty if r is None else r.mm_token_type_ids for r in rows], seq, 0)
+
+        pixels = [row.pixel_values for row in kept if row.pixel_values is not None]
+        grids = [row.image_grid_thw for row in kept if row.image_grid_thw is not None]
+        if self.pad_to_bucket:
+            n_patches = sum(len(p) for p in pixels)
+            n_pad = bucket_size(n_patches) - n_patches
+            pixels.append(np.zeros((n_pad, self.patch_dim), np.float32))
+            batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
+            batch["image_grid_thw"] = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+            batch["n_pad_patches"] = n_pad
+            self._log_new_shape(len(rows), seq, n_patches + n_pad)
+        elif pixels:
+            batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
+            batch["image_grid_thw"] = np.concatenate(grids)
+        return batch
+
+    def _pad(self, seqs: list[np.ndarray], length: int, value: int) -> np.ndarray:
+        """int32 [len(seqs), length]: each sequence on the tokenizer's padding side, `value` elsewhere."""
+        out = np.full((len(seqs), length), value, np.int32)
+        for i, s in enumerate(seqs):
+            if len(s):
+                if self.padding_side == "right":
+                    out[i, :len(s)] = s
+                else:
+                    out[i, length - len(s):] = s
+        return out
+
+    def _log_new_shape(self, batch: int, seq: int, patches: int):
+        if (batch, seq, patches) not in self._shapes:
+            self._shapes.add((batch, seq, patches))
+            logger.info("new batch shape: %d x %d tokens, %d image patches (the train step compiles for it; "
+                        "%d shapes so far)", batch, seq, patches, len(self._shapes))
+
+
+UnslothVisionDataCollator = VisionDataCollator
+
+
+def _is_image(item) -> bool:
+    return isinstance(item, dict) and (item.get("type") == "image" or item.get("image") is not None)
+
+
+def _chat_turns(turns, images_column, where: str) -> tuple[list[dict], list]:
+    """The turns as the chat template wants them, and their image values in order.
+
+    Keys whose value is None are dropped (datasets stores every key of every content item; Qwen's
+    template would read a text item with `image: None` as an image), and image items become bare
+    `{"type": "image"}`. Images come from the items themselves or, for bare items, from `images_column`.
+    """
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: expected messages as a non-empty list of {{'role', 'content'}} dicts")
+    out, inline = [], []
+    for n, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and "role" in turn and "content" in turn):
+            raise DataError(f"{where}: message {n} is not a {{'role', 'content'}} dict: {str(turn)[:100]}")
+        content = turn["content"]
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if not isinstance(item, dict):
+                    raise DataError(f"{where}: message {n} has a content item that is not a dict: {str(item)[:100]}")
+                item = {k: v for k, v in item.items() if v is not None}
+                if _is_image(item):
+                    inline.append(item.get("image"))
+                    item = {"type": "image"}
+                items.append(item)
+            content = items
+        elif not isinstance(content, str):
+            raise DataError(f"{where}: message {n} content must be a string or a list of items, "
+                            f"got {type(content).__name__}")
+        out.append({"role": turn["role"], "content": content})
+    if images_column is not None:
+        images_column = list(images_column)
+        if any(value is not None for value in inline):
+            raise DataError(f"{where}: images both in the messages and in the 'images' column; use one")
+        if len(images_column) != len(inline):
+            raise DataError(f"{where}: {len(inline)} image items in the messages but {len(images_column)} "
+                            f"images in the 'images' column")
+        return out, images_column
+    if any(value is None for value in inline):
+        raise DataError(f"{where}: an image item has no 'image' value (and the record has no 'images' column)")
+    return out, inline
+
+
+def _image_size(resize, model):
+    """The resize target: None (no resizing), an int side, or a (width, height) tuple."""
+    if resize == "min":
+        config = getattr(model, "config", None)
+        vision = getattr(config, "vision", None) or getattr(config, "vision_config", None)
+        return getattr(vision, "image_size", None) or _DEFAULT_IMAGE_SIZE
+    if resize is None or resize == "max":
+        return None
+    if isinstance(resize, int) and not isinstance(resize, bool) and resize > 0:
+        return resize
+    if (isinstance(resize, (tuple, list)) and len(resize) == 2
+            and all(isinstance(x, int) and x > 0 for x in resize)):
+        return tuple(resize)
+    raise ValueError(f"resize={resize!r}: expected 'min', 'max', None, a positive int or a (width, height) tuple")
