@@ -1,0 +1,371 @@
+"""Supervised fine-tuning: one jit'd gradient step per batch shape, optax AdamW, orbax checkpoints.
+
+`SFTTrainer(model, processing_class, data_collator, train_dataset, args=SFTConfig(...)).train()` mirrors
+TRL's surface as Unsloth's notebooks use it. Gradients exist only for the trainable leaves (LoRA `a`/`b`
+and modules_to_save, or every float param when no LoRA is present); the frozen base gets neither
+gradient buffers nor optimizer state.
+
+Loss: cross entropy in fp32 over the tokens whose label is not -100, labels shifted by one inside the
+loss (as transformers does). With gradient accumulation the summed token losses of all micro-batches
+are divided by their total token count, as transformers' Trainer does since 4.46, so accumulating 4
+batches of 2 equals one batch of 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """TRL's SFTConfig fields that apply here (others are accepted and ignored)."""
+    output_dir: str = "outputs"
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    logging_steps: int = 1
+    optim: str = "adamw_8bit"
+    weight_decay: float = 0.01
+    lr_scheduler_type: str = "linear"
+    seed: int = 3407
+    max_seq_length: int | None = None
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    save_steps: int = 0
+    save_total_limit: int | None = None
+    report_to: str = "none"
+
+    def __init__(self, **kwargs):
+        names = {f.name for f in dataclasses.fields(type(self))}
+        for f in dataclasses.fields(type(self)):
+            setattr(self, f.name, f.default)
+        self.ignored = {}
+        for key, value in kwargs.items():
+            if key in names:
+                setattr(self, key, value)
+            else:
+                self.ignored[key] = value
+        if self.ignored:
+            logger.info("SFTConfig: ignoring %s", sorted(self.ignored))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, trainable split, optimizer.
+
+
+def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of token NLLs, number of tokens) for logits `[B, T, V]` and unshifted labels `[B, T]`, fp32."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def split_trainable(model: nnx.Module, is_trainable: Callable[[tuple], bool]):
+    """(graphdef, trainable leaves, frozen leaves, rebuild) where rebuild(trainable, frozen) -> model.
+
+    Leaves are those of the model's state pytree, typed weights (LoRA, NF4) opened up, so a LoRA's `a`
+    and `b` can be trainable while its base stays frozen. `is_trainable(key_path)` decides.
+    """
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    mask = [is_trainable(path) for path, _ in flat]
+    trainable = [leaf for (_, leaf), m in zip(flat, mask) if m]
+    frozen = [leaf for (_, leaf), m in zip(flat, mask) if not m]
+    paths = [path for (path, _), m in zip(flat, mask) if m]
+
+    def rebuild(trainable, frozen):
+        it_t, it_f = iter(trainable), iter(frozen)
+        leaves = [next(it_t) if m else next(it_f) for m in mask]
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+    return trainable, frozen, rebuild, paths
+
+
+def default_is_trainable(model: nnx.Module) -> Callable[[tuple], bool]:
+    """LoRA `a`/`b` (and modules_to_save) when the model has adapters, else every float param."""
+    try:
+        from jaxvlm.lora import is_trainable_path, has_lora
+    except ImportError:
+        has_lora = None
+    if has_lora is not None and has_lora(model):
+        return is_trainable_path
+    return lambda path: True
+
+
+def _decays(path) -> bool:
+    """transformers' Trainer applies weight decay to every trainable weight except biases and norms."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return not any(n == "bias" or "norm" in n or n == "ln_q" for n in names)
+
+
+def lr_schedule(args: SFTConfig, total_steps: int) -> optax.Schedule:
+    """transformers' schedules (get_scheduler): the lr used at optimizer step k (k = 0 first)."""
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    lr = args.learning_rate
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        kind = args.lr_scheduler_type
+        if kind == "linear":
+            after = jnp.maximum(0.0, 1.0 - progress)
+        elif kind == "cosine":
+            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        elif kind in ("constant", "constant_with_warmup"):
+            after = jnp.ones_like(step)
+            if kind == "constant":
+                return lr * after
+        else:
+            raise ValueError(f"lr_scheduler_type={kind!r}: expected linear, cosine, constant or constant_with_warmup")
+        return lr * jnp.where(step < warmup, warm, after)
+    return schedule
+
+
+_OPTIMIZERS = {
+    "adamw_torch": jnp.float32, "adamw_torch_fused": jnp.float32, "adamw": jnp.float32,
+    # 8-bit Adam "in spirit": the first moment in bf16 (half the state), the second in fp32.
+    "adamw_8bit": jnp.bfloat16, "paged_adamw_8bit": jnp.bfloat16, "adamw_bf16": jnp.bfloat16,
+}
+
+
+def make_optimizer(args: SFTConfig, total_steps: int, paths: Sequence[tuple]) -> optax.GradientTransformation:
+    if args.optim not in _OPTIMIZERS:
+        raise ValueError(f"optim={args.optim!r}: expected one of {sorted(_OPTIMIZERS)}")
+    decay_mask = [_decays(p) for p in paths]
+    return optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
+        optax.adamw(lr_schedule(args, total_steps), b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
+                    weight_decay=args.weight_decay, mask=decay_mask, mu_dtype=_OPTIMIZERS[args.optim]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer.
+
+
+@dataclasses.dataclass
+class TrainOutput:
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+class SFTTrainer:
+    """Fine-tunes `model` on `train_dataset` (list of records, datasets.Dataset, or a JSONL path)."""
+
+    def __init__(self, model, processing_class=None, data_collator=None, train_dataset=None,
+                 args: SFTConfig | None = None, tokenizer=None, is_trainable=None, **kwargs):
+        from jaxvlm.train.data import DataError, load_records
+        self.model = model
+        self.args = args or SFTConfig()
+        self.processor = processing_class or tokenizer
+        if data_collator is None:
+            from jaxvlm.train.collator import VisionDataCollator
+            data_collator = VisionDataCollator(model, self.processor, max_seq_length=self.args.max_seq_length)
+        self.collator = data_collator
+        if train_dataset is None:
+            raise DataError("train_dataset is required")
+        self.dataset = load_records(train_dataset)
+        if len(self.dataset) == 0:
+            raise DataError("train_dataset is empty")
+        self.is_trainable = is_trainable or default_is_trainable(model)
+        self.log_history: list[dict] = []
+        self._compiled_shapes: set = set()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / self.args.per_device_train_batch_size)
+
+    def total_steps(self) -> int:
+        a = self.args
+        if a.max_steps and a.max_steps > 0:
+            return a.max_steps
+        return max(1, math.ceil(self._batches_per_epoch() * a.num_train_epochs / a.gradient_accumulation_steps))
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.args.seed, epoch]).permutation(len(self.dataset))
+
+    def micro_batch(self, index: int) -> tuple[dict, list[int]]:
+        """Micro-batch number `index` of the run (epochs follow each other, each in its own seeded order)."""
+        per_epoch, size = self._batches_per_epoch(), self.args.per_device_train_batch_size
+        epoch, k = divmod(index, per_epoch)
+        ids = self._epoch_order(epoch)[k * size:(k + 1) * size].tolist()
+        return self.collator([self.dataset[i] for i in ids], indices=ids), ids
+
+    def model_inputs(self, batch: dict) -> dict:
+        arrays = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = self.model.prepare_inputs(**arrays)
+        inputs.pop("rope_deltas", None)
+        inputs["labels"] = np.asarray(batch["labels"], np.int32)
+        return inputs
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        from jaxvlm.fast_vision_model import FastVisionModel
+        a = self.args
+        if not getattr(self.model, "training", False):
+            FastVisionModel.for_training(self.model)
+        trainable, frozen, rebuild, paths = split_trainable(self.model, self.is_trainable)
+        if not trainable:
+            raise ValueError("the model has nothing to train: add LoRA adapters with get_peft_model first")
+        total = self.total_steps()
+        tx = make_optimizer(a, total, paths)
+        opt_state = tx.init(trainable)
+        step = 0
+        if resume_from_checkpoint:
+            path = (latest_checkpoint(a.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint)
+            trainable, opt_state, step = restore_checkpoint(path, trainable, opt_state)
+            logger.info("resumed from %s at step %d", path, step)
+
+        @jax.jit
+        def grad_step(trainable, frozen, inputs):
+            def loss_fn(t):
+                model = rebuild(t, frozen)
+                logits = model.forward({k: v for k, v in inputs.items() if k != "labels"})
+                return token_loss_sum(logits, inputs["labels"])
+            (loss_sum, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            return loss_sum, n_tokens, grads
+
+        @jax.jit
+        def apply_step(trainable, opt_state, grads, loss_sum, n_tokens):
+            n = jnp.maximum(n_tokens, 1).astype(jnp.float32)
+            grads = jax.tree.map(lambda g: g / n, grads)
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, loss_sum / n, grad_norm
+
+        schedule = lr_schedule(a, total)
+        progress = _progress(total, step)
+        losses, t_start, tokens_seen = [], time.perf_counter(), 0
+        while step < total:
+            t0 = time.perf_counter()
+            grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
+            for micro in range(a.gradient_accumulation_steps):
+                batch, _ = self.micro_batch(step * a.gradient_accumulation_steps + micro)
+                inputs = self.model_inputs(batch)
+                self._log_compile(inputs)
+                ls, nt, g = grad_step(trainable, frozen, inputs)
+                grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+                loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
+                n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
+            trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
+            loss = float(loss)
+            step += 1
+            tokens_seen += n_seq_tokens
+            losses.append(loss)
+            record = {"step": step, "loss": loss, "grad_norm": float(grad_norm),
+                      "learning_rate": float(schedule(step - 1)),
+                      "tokens_per_s": n_seq_tokens / (time.perf_counter() - t0)}
+            self.log_history.append(record)
+            progress.update(1)
+            if a.logging_steps and step % a.logging_steps == 0:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                logger.info(json.dumps(record))
+            if a.save_steps and step % a.save_steps == 0 and step < total:
+                save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
+        progress.close()
+        self.model = rebuild(trainable, frozen)
+        if a.save_steps:
+            save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
+        os.makedirs(a.output_dir, exist_ok=True)
+        plot_loss(self.log_history, os.path.join(a.output_dir, "loss.png"))
+        with open(os.path.join(a.output_dir, "log_history.json"), "w") as f:
+            json.dump(self.log_history, f, indent=1)
+        runtime = time.perf_counter() - t_start
+        return TrainOutput(step, float(np.mean(losses)) if losses else float("nan"),
+                           {"train_runtime": runtime, "train_tokens_per_second": tokens_seen / max(runtime, 1e-9)})
+
+    def _log_compile(self, inputs: dict) -> None:
+        shape = tuple(sorted((k, np.shape(v)) for k, v in inputs.items()))
+        if shape not in self._compiled_shapes:
+            self._compiled_shapes.add(shape)
+            logger.info("compiling the training step for a new batch shape (%d so far): input_ids %s, "
+                        "pixel_values %s", len(self._compiled_shapes), np.shape(inputs["input_ids"]),
+                        np.shape(inputs.get("pixel_values")))
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (orbax) and the loss plot.
+
+
+def _checkpoint_dir(output_dir: str, step: int) -> str:
+    return os.path.join(os.path.abspath(output_dir), f"checkpoint-{step}")
+
+
+def latest_checkpoint(output_dir: str) -> str:
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-")] \
+        if os.path.isdir(output_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"{output_dir}: no checkpoint-N directory to resume from")
+    return _checkpoint_dir(output_dir, max(steps))
+
+
+def save_checkpoint(output_dir: str, step: int, trainable, opt_state, keep: int | None = None) -> str:
+    """Writes the trainable leaves, the optimizer state and the step under output_dir/checkpoint-{step}."""
+    import orbax.checkpoint as ocp
+    path = _checkpoint_dir(output_dir, step)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, {"trainable": trainable, "opt_state": opt_state, "step": step}, force=True)
+    if keep:
+        steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-"))
+        for old in steps[:-keep]:
+            import shutil
+            shutil.rmtree(_checkpoint_dir(output_dir, old), ignore_errors=True)
+    return path
+
+
+def restore_checkpoint(path: str, trainable, opt_state):
+    import orbax.checkpoint as ocp
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    target = {"trainable": trainable, "opt_state": opt_state, "step": 0}
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+    return restored["trainable"], restored["opt_state"], int(restored["step"])
+
+
+def plot_loss(history: list[dict], path: str) -> None:
+    """A loss-curve PNG of the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
