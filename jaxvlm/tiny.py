@@ -16,25 +16,35 @@ VISION_END_ID = 289
 
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=VOCAB, rope_theta=1e6, max_position_embeddings=1024,
-             rms_norm_eps=1e-6, bos_token_id=285, eos_token_id=287, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+             rms_norm_eps=1e-6, bos_token_id=285, eos_token_id=287,
+             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+# "demo": twice as wide and deeper, still seconds per hundred steps on a CPU (scripts/demo.py).
+_DEMO_TEXT = dict(_TEXT, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
 _TOKENS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
                vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID)
+SIZES = ("test", "demo")
 
 
-def qwen2_vl_config(**text_overrides):
+def qwen2_vl_config(size="test", **text_overrides):
     from transformers import Qwen2VLConfig
+    text = _DEMO_TEXT if size == "demo" else _TEXT
     return Qwen2VLConfig(
-        text_config={**_TEXT, **text_overrides},
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config={**text, **text_overrides},
+        vision_config=dict(depth=2, embed_dim=32 if size == "test" else 64, hidden_size=text["hidden_size"],
+                           mlp_ratio=2, num_heads=2 if size == "test" else 4, in_channels=3, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
         **_TOKENS)
 
 
-def qwen2_5_vl_config(**text_overrides):
+def qwen2_5_vl_config(size="test", **text_overrides):
     from transformers import Qwen2_5_VLConfig
+    text = _DEMO_TEXT if size == "demo" else _TEXT
+    width = 32 if size == "test" else 64
     return Qwen2_5_VLConfig(
-        text_config={**_TEXT, **text_overrides},
-        vision_config=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+        text_config={**text, **text_overrides},
+        vision_config=dict(depth=4, hidden_size=width, intermediate_size=48 if size == "test" else 128,
+                           num_heads=2 if size == "test" else 4, out_hidden_size=text["hidden_size"],
                            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=56, fullatt_block_indexes=[1, 3], hidden_act="silu"),
         **_TOKENS)
@@ -108,7 +118,7 @@ def save_tiny_processor(path, family):
         json.dump(image_processor, f, indent=2)
 
 
-def save_random_model(path, family="qwen2_vl", seed=0, std=0.02):
+def save_random_model(path, family="qwen2_vl", seed=0, std=0.02, size="test"):
     """Writes a tiny random-weight model of `family` (config.json, model.safetensors, processor) to `path`.
 
     Needs neither torch nor the hub: the weights are drawn for the shapes jaxvlm's own model has and
@@ -122,7 +132,9 @@ def save_random_model(path, family="qwen2_vl", seed=0, std=0.02):
     from converters.hf_export import hf_tensors
     from jaxvlm.models import family_for
 
-    hf_config = CONFIGS[family]()
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}: expected one of {SIZES}")
+    hf_config = CONFIGS[family](size)
     module = family_for(hf_config.model_type, "jaxvlm.tiny")
     model = nnx.eval_shape(lambda: module.build(module.from_hf(hf_config), jnp.float32))
     rng = np.random.default_rng(seed)
