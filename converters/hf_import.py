@@ -4,7 +4,11 @@ The model's flat param paths, joined with dots, are transformers' in-memory key 
 index left out of stacked blocks: HF `model.language_model.layers.7.self_attn.q_proj.weight` is row 7
 of our `model.language_model.layers.self_attn.q_proj.weight`. Older on-disk names (`model.layers.*`,
 `visual.*`) are renamed by the family's regexes first. Each destination param is assembled from its
-tensors, cast, and put on device before the next one is read, so the host never holds the whole model.
+tensors, converted, and put on device before the next one is read, so the host never holds the model.
+
+bitsandbytes 4-bit checkpoints (`*-bnb-4bit`) store a quantized Linear weight as `<key>` (packed uint8)
+plus `<key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map` and
+`.quant_state.bitsandbytes__nf4`; such a weight arrives at `convert` as an NF4, never as floats.
 """
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ import numpy as np
 from flax import nnx
 
 from converters.safetensors_io import Checkpoint, CheckpointError
+
+# Suffixes of the tensors that carry a bitsandbytes-quantized weight's statistics.
+_BNB_PARTS = re.compile(r"^(.*)(\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"
+                        r"\.quant_state\.bitsandbytes__\w+|\.SCB|\.weight_format)$")
 
 
 def path_key(path: tuple) -> str:
@@ -40,6 +48,14 @@ def _split_stacked(key: str, stacked: Iterable[str]) -> tuple[str, int | None]:
     return key, None
 
 
+def default_convert(key: str, value, spec) -> jax.Array:
+    """A float array, cast to the param's dtype, on device; a quantized weight is dequantized."""
+    if hasattr(value, "dequantize"):
+        from jaxvlm.layers import dense_weight
+        return dense_weight(jax.device_put(value), spec.dtype)
+    return jax.device_put(np.asarray(value).astype(spec.dtype))
+
+
 def load_state(
     abstract: nnx.Module,
     ckpt: Checkpoint,
@@ -47,21 +63,26 @@ def load_state(
     stacked: Iterable[str],
     renames: Iterable[tuple[str, str]],
     ignored: Iterable[str] = (),
-    convert: Callable[[str, np.ndarray], object] | None = None,
+    convert: Callable[[str, object, jax.ShapeDtypeStruct], object] = default_convert,
 ) -> nnx.Module:
     """The model `abstract` (built under nnx.eval_shape) with every param read from `ckpt`.
 
     Raises CheckpointError naming the key for a missing, unexpected or mis-shaped tensor: a model
-    is never returned partly loaded. `convert(key, array)` may turn a float array into another
-    weight type (e.g. NF4) once it is on device; by default arrays are cast to the param's dtype.
+    is never returned partly loaded. `convert(key, value, spec)` turns what was read (a host array
+    [*stack, ...], or an NF4 of host arrays for a bnb-quantized weight) into the param's value.
     """
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     wanted = {path_key(p): v for p, v in flat}
 
     sources: dict[str, dict[int | None, str]] = {}  # our key -> {layer index or None: checkpoint key}
+    quantized: dict[str, dict[str, str]] = {}  # checkpoint weight key -> {suffix: checkpoint key}
     unexpected = []
     for disk_key in ckpt.keys():
+        part = _BNB_PARTS.match(disk_key)
+        if part:
+            quantized.setdefault(part.group(1), {})[part.group(2)] = disk_key
+            continue
         key = normalize_key(disk_key, renames)
         if any(re.search(p, key) for p in ignored):
             continue
@@ -70,14 +91,21 @@ def load_state(
             unexpected.append(disk_key)
             continue
         sources.setdefault(ours, {})[layer] = disk_key
-    if unexpected:
+    orphans = [k for k in quantized if not any(k in src.values() for src in sources.values())]
+    if unexpected or orphans:
+        bad = unexpected + [f"{k} (quantization statistics)" for k in orphans]
         raise CheckpointError(
-            f"{ckpt.model_dir}: {len(unexpected)} unexpected tensors that this model has no place for, e.g. "
-            f"{', '.join(unexpected[:5])}")
+            f"{ckpt.model_dir}: {len(bad)} unexpected tensors that this model has no place for, e.g. "
+            f"{', '.join(bad[:5])}")
     missing = [k for k in wanted if k not in sources]
     if missing:
         raise CheckpointError(f"{ckpt.model_dir}: missing tensors for {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
+
+    def read(disk_key: str, shape: tuple, ours: str):
+        if disk_key in quantized:
+            return _read_bnb(ckpt, disk_key, quantized[disk_key], shape, ours)
+        return _checked(ckpt, disk_key, shape, ours)
 
     loaded = []
     for path, var in flat:
@@ -87,7 +115,7 @@ def load_state(
         if None in src:
             if len(src) > 1:
                 raise CheckpointError(f"{ckpt.model_dir}: {key} is given both stacked and per layer")
-            array = _checked(ckpt, src[None], spec.shape, key)
+            value = read(src[None], spec.shape, key)
         else:
             n = spec.shape[0]
             absent = [i for i in range(n) if i not in src]
@@ -96,11 +124,9 @@ def load_state(
                 raise CheckpointError(
                     f"{ckpt.model_dir}: {key}: expected layers 0..{n - 1}, "
                     f"{'missing ' + str(absent[:5]) if absent else 'got extra ' + str(extra[:5])}")
-            array = np.stack([_checked(ckpt, src[i], spec.shape[1:], key) for i in range(n)])
-        value = convert(key, array) if convert else None
-        if value is None:
-            value = jax.device_put(np.asarray(array).astype(spec.dtype))
-        loaded.append((path, var.replace(value)))
+            layers = [read(src[i], spec.shape[1:], key) for i in range(n)]
+            value = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+        loaded.append((path, var.replace(convert(key, value, spec))))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
@@ -111,3 +137,21 @@ def _checked(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.nda
             f"{ckpt.model_dir}: tensor {disk_key!r} has shape {tuple(got)}, the model expects {tuple(shape)} "
             f"(for {ours})")
     return ckpt.get(disk_key)
+
+
+def _read_bnb(ckpt: Checkpoint, disk_key: str, parts: dict[str, str], shape: tuple, ours: str):
+    """The NF4 of a bitsandbytes-quantized weight (host arrays), its shape checked against the model's."""
+    from jaxvlm.quant import nf4_from_bnb
+    if not any(s.startswith(".quant_state.") for s in parts):
+        raise CheckpointError(f"{ckpt.model_dir}: {disk_key} has quantization statistics "
+                              f"({', '.join(sorted(parts))}) but no 4-bit quant_state; 8-bit (SCB) checkpoints "
+                              f"are not supported")
+    tensors = {"": ckpt.get(disk_key), **{suffix: ckpt.get(k) for suffix, k in parts.items()}}
+    try:
+        q = nf4_from_bnb(tensors, name=disk_key)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.model_dir}: {e}") from None
+    if tuple(q.shape) != tuple(shape):
+        raise CheckpointError(f"{ckpt.model_dir}: quantized tensor {disk_key!r} has shape {tuple(q.shape)}, "
+                              f"the model expects {tuple(shape)} (for {ours})")
+    return q

@@ -8,11 +8,12 @@ import weakref
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from converters.hf_import import load_state
+from converters.hf_import import default_convert, load_state
 from converters.safetensors_io import Checkpoint
-from jaxvlm.layers import REMAT_POLICIES
+from jaxvlm.layers import REMAT_POLICIES, Linear, dense_weight
 from jaxvlm.models import family_for
 
 # The processor each loaded model came with, so that for_training / for_inference can set its padding side.
@@ -92,18 +93,19 @@ class FastVisionModel:
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit cannot both be True")
         sixteen = load_in_16bit or full_finetuning
-        if not sixteen and (load_in_4bit or load_in_8bit):
-            raise NotImplementedError(
-                "4-bit and 8-bit bases are not implemented yet; pass load_in_4bit=False (or load_in_16bit=True)")
+        quant = None if sixteen else "nf4" if load_in_4bit else "int8" if load_in_8bit else None
         compute_dtype = _compute_dtype(dtype)
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
         family, hf_config = read_config(model_dir)
         cfg = family.from_hf(hf_config)
+        prequantized = _check_quantization_config(hf_config, model_dir)
         ckpt = Checkpoint(model_dir)
         abstract = nnx.eval_shape(lambda: family.build(cfg, compute_dtype))
         ignored = family.IGNORED_KEYS + ((r"^lm_head\.",) if cfg.tie_word_embeddings else ())
-        model = load_state(abstract, ckpt, stacked=family.STACKED, renames=family.LEGACY_KEYS, ignored=ignored)
+        targets = linear_weight_keys(abstract, family.QUANT_SKIP) if quant else set()
+        model = load_state(abstract, ckpt, stacked=family.STACKED, renames=family.LEGACY_KEYS, ignored=ignored,
+                           convert=_quantizing_convert(quant, targets, compute_dtype, prequantized))
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name
         model.model_dir = model_dir
@@ -133,6 +135,62 @@ class FastVisionModel:
         model.training = False
         _set_padding_side(model, "left")
         return model
+
+
+def linear_weight_keys(model, skip: tuple[str, ...]) -> set[str]:
+    """The param keys of the model's Linear weights, except modules whose path contains a `skip` name."""
+    keys = set()
+    for path, module in model.iter_modules():
+        name = ".".join(str(p) for p in path)
+        if isinstance(module, Linear) and not any(s in name.split(".") for s in skip):
+            keys.add(f"{name}.weight")
+    return keys
+
+
+def _check_quantization_config(hf_config, model_dir: str) -> bool:
+    """True for a bitsandbytes 4-bit checkpoint; a clear error for quantizations we cannot read."""
+    q = getattr(hf_config, "quantization_config", None)
+    if not q:
+        return False
+    q = q if isinstance(q, dict) else q.to_dict()
+    where = os.path.join(model_dir, "config.json")
+    if q.get("quant_method") != "bitsandbytes":
+        raise ValueError(f"{where}: quantization_config.quant_method={q.get('quant_method')!r} is not supported; "
+                         f"expected 'bitsandbytes' (4-bit NF4)")
+    if not q.get("load_in_4bit"):
+        raise ValueError(f"{where}: only bitsandbytes 4-bit checkpoints can be imported (load_in_4bit is not set)")
+    if q.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ValueError(f"{where}: quantization_config.bnb_4bit_quant_type={q.get('bnb_4bit_quant_type')!r} is "
+                         f"not supported; expected 'nf4'")
+    return True
+
+
+def _quantizing_convert(quant: str | None, targets: set[str], compute_dtype, prequantized: bool):
+    """The importer's convert hook: Linear weights in `targets` become NF4 / Int8 on device as they stream in.
+
+    A checkpoint that is already 4-bit keeps its NF4 weights as they are and its float weights in float
+    (its creator chose which modules to leave unquantized); with quant=None everything is dequantized.
+    """
+    from jaxvlm.quant import NF4, quantize_int8, quantize_nf4
+
+    def convert(key, value, spec):
+        if quant is None or key not in targets:
+            return default_convert(key, value, spec)
+        if isinstance(value, NF4):
+            if quant == "nf4":
+                return jax.device_put(value)
+            dense = dense_weight(jax.device_put(value), compute_dtype)
+        elif prequantized:
+            return default_convert(key, value, spec)
+        else:
+            dense = jax.device_put(np.asarray(value).astype(compute_dtype))
+        if quant == "int8":
+            return quantize_int8(dense)
+        quantize = quantize_nf4
+        for _ in range(dense.ndim - 2):  # one NF4 per layer of a stacked weight
+            quantize = jax.vmap(quantize)
+        return quantize(dense)
+    return convert
 
 
 def remat_policy(use_gradient_checkpointing) -> str | None:

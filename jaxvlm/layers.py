@@ -18,7 +18,10 @@ def dense_weight(w, dtype) -> jax.Array:
     weight plug in here and in `linear`.
     """
     if hasattr(w, "dequantize"):
-        return w.dequantize(dtype)
+        dequantize = lambda q: q.dequantize(dtype)  # noqa: E731
+        for _ in range(getattr(w, "stack_ndim", 0)):  # a stacked weight outside the layer scan
+            dequantize = jax.vmap(dequantize)
+        return dequantize(w)
     return w.astype(dtype)
 
 

@@ -38,6 +38,10 @@ LEGACY_KEYS = (
     (r"^visual\.", "model.visual."),
 )
 IGNORED_KEYS = (r"rotary_emb\.inv_freq$",)
+# Linear weights kept in 16 bit under load_in_4bit / load_in_8bit: the output head and the vision-to-text
+# merger, as Unsloth (SKIP_QUANTIZATION_MODULES) and its bnb-4bit Qwen2-VL checkpoints do; the patch
+# embedding is a convolution in transformers, which bitsandbytes does not quantize either.
+QUANT_SKIP = ("lm_head", "merger", "patch_embed")
 # Exports use the older names: what transformers 5's save_pretrained writes for this family, and the only
 # names transformers 4.x reads.
 EXPORT_KEYS = (
