@@ -19,16 +19,20 @@ from flax import nnx
 from jaxvlm.models import qwen2_vl
 
 
-def qwen2_vl_2b_config():
+def qwen2_vl_2b_hf_config():
+    """transformers' config of the Qwen2-VL-2B geometry (the benchmark workload)."""
     from transformers import Qwen2VLConfig
-    hf = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
                          rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         tie_word_embeddings=True)
-    return qwen2_vl.from_hf(hf)
+
+
+def qwen2_vl_2b_config():
+    return qwen2_vl.from_hf(qwen2_vl_2b_hf_config())
 
 
 def random_model(cfg, dtype, seed=0):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_forward import batch_inputs, qwen2_vl_2b_config, random_model
+from scripts.bench_forward import batch_inputs, qwen2_vl_2b_config, qwen2_vl_2b_hf_config, random_model
 
 
 def timed(fn, repeats=3):
@@ -43,14 +43,8 @@ def bench_jaxvlm(cfg, model, batch, new, label):
 
 def bench_hf(batch, new):
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    hf_cfg = Qwen2VLConfig(
-        text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=True)
+    from transformers import Qwen2VLForConditionalGeneration
+    hf_cfg = qwen2_vl_2b_hf_config()
     with torch.device("cuda"):
         model = Qwen2VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
     cfg = qwen2_vl_2b_config()
@@ -75,6 +69,21 @@ def bench_hf(batch, new):
     return out
 
 
+def quantize_nf4_model(model):
+    """The model with its Linear weights in NF4, as load_in_4bit stores them."""
+    from flax import nnx
+
+    from converters.hf_import import path_key
+    from jaxvlm.fast_vision_model import linear_weight_keys
+    from jaxvlm.models import qwen2_vl
+    from jaxvlm.quant import quantize_nf4
+    targets = linear_weight_keys(model, qwen2_vl.QUANT_SKIP)
+    graphdef, state = nnx.split(model)
+    flat = [(p, v.replace(jax.vmap(quantize_nf4)(v.get_value()) if path_key(p) in targets else v.get_value()))
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -87,8 +96,7 @@ def main():
     for quant in args.quant:
         model = random_model(cfg, jnp.bfloat16)
         if quant == "nf4":
-            from jaxvlm.quant import quantize_model
-            model = quantize_model(model)
+            model = quantize_nf4_model(model)
         for b in args.batch:
             results.append(bench_jaxvlm(cfg, model, b, args.new, quant))
             print(json.dumps(results[-1]), flush=True)
