@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -49,7 +51,7 @@ def bench_hf(batch, new):
         model = Qwen2VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
     cfg = qwen2_vl_2b_config()
     inputs = batch_inputs(cfg, batch, 32, 448)
-    ids = torch.tensor(inputs["input_ids"], device="cuda")
+    ids = torch.tensor(inputs["input_ids"], device="cuda", dtype=torch.long)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
               pixel_values=torch.tensor(inputs["pixel_values"], device="cuda", dtype=torch.bfloat16),
               image_grid_thw=torch.tensor([[1, 32, 32]] * batch, device="cuda"),
@@ -90,21 +92,24 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--quant", nargs="+", default=["16bit"], choices=["16bit", "nf4"])
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (needs torch+cuda)")
+    ap.add_argument("--one", help="(internal) run one implementation/weights in this process")
     args = ap.parse_args()
+    if args.one is None:
+        # One process per configuration, so that each peak-memory reading is its own.
+        for one in [*args.quant, *(["hf"] if args.hf else [])]:
+            subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--one", one, "--new", str(args.new),
+                            "--batch", *map(str, args.batch)], check=True)
+        return
+    if args.one == "hf":
+        for b in args.batch:
+            print(json.dumps(bench_hf(b, args.new)), flush=True)
+        return
     cfg = qwen2_vl_2b_config()
-    results = []
-    for quant in args.quant:
-        model = random_model(cfg, jnp.bfloat16)
-        if quant == "nf4":
-            model = quantize_nf4_model(model)
-        for b in args.batch:
-            results.append(bench_jaxvlm(cfg, model, b, args.new, quant))
-            print(json.dumps(results[-1]), flush=True)
-        del model
-    if args.hf:
-        for b in args.batch:
-            results.append(bench_hf(b, args.new))
-            print(json.dumps(results[-1]), flush=True)
+    model = random_model(cfg, jnp.bfloat16)
+    if args.one == "nf4":
+        model = quantize_nf4_model(model)
+    for b in args.batch:
+        print(json.dumps(bench_jaxvlm(cfg, model, b, args.new, args.one)), flush=True)
 
 
 if __name__ == "__main__":
