@@ -92,22 +92,29 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--quant", nargs="+", default=["16bit"], choices=["16bit", "nf4"])
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (needs torch+cuda)")
+    ap.add_argument("--dir", help="load this checkpoint (scripts/bench_load.py writes one) instead of random "
+                                  "weights, so that the NF4 run's peak memory never holds a 16-bit copy")
     ap.add_argument("--one", help="(internal) run one implementation/weights in this process")
     args = ap.parse_args()
     if args.one is None:
         # One process per configuration, so that each peak-memory reading is its own.
         for one in [*args.quant, *(["hf"] if args.hf else [])]:
             subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--one", one, "--new", str(args.new),
-                            "--batch", *map(str, args.batch)], check=True)
+                            "--batch", *map(str, args.batch), *(["--dir", args.dir] if args.dir else [])],
+                           check=True)
         return
     if args.one == "hf":
         for b in args.batch:
             print(json.dumps(bench_hf(b, args.new)), flush=True)
         return
     cfg = qwen2_vl_2b_config()
-    model = random_model(cfg, jnp.bfloat16)
-    if args.one == "nf4":
-        model = quantize_nf4_model(model)
+    if args.dir:
+        from jaxvlm import FastVisionModel
+        model, _ = FastVisionModel.from_pretrained(args.dir, load_in_4bit=args.one == "nf4")
+    else:
+        model = random_model(cfg, jnp.bfloat16)
+        if args.one == "nf4":
+            model = quantize_nf4_model(model)
     for b in args.batch:
         print(json.dumps(bench_jaxvlm(cfg, model, b, args.new, args.one)), flush=True)
 
