@@ -96,6 +96,17 @@ class Checkpoint:
                     f"{missing[0]!r} (expected in {weight_map[missing[0]]})")
         self._maps: dict[str, np.memmap] = {}
 
+    @classmethod
+    def from_file(cls, path: str) -> "Checkpoint":
+        """The tensors of one safetensors file (e.g. a PEFT adapter's)."""
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing")
+        ckpt = cls.__new__(cls)
+        ckpt.model_dir = os.path.dirname(path)
+        ckpt.entries = _read_header(path)
+        ckpt._maps = {}
+        return ckpt
+
     def keys(self):
         return self.entries.keys()
 

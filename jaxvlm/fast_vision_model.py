@@ -117,6 +117,27 @@ class FastVisionModel:
         return model, processor
 
     @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", finetune_vision_layers: bool = True, finetune_language_layers: bool = True,
+                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
+                       layers_to_transform=None, layers_pattern=None, use_gradient_checkpointing="unsloth",
+                       random_state: int = 3407, max_seq_length: int = 2048, use_rslora: bool = False,
+                       modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):  # noqa: B006
+        """LoRA on the model's Linear weights, chosen as Unsloth chooses them; see `jaxvlm.lora.get_peft_model`."""
+        from jaxvlm.lora import get_peft_model
+        peft_model = get_peft_model(
+            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+            finetune_vision_layers=finetune_vision_layers, finetune_language_layers=finetune_language_layers,
+            finetune_attention_modules=finetune_attention_modules, finetune_mlp_modules=finetune_mlp_modules,
+            layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+            use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+            max_seq_length=max_seq_length, use_rslora=use_rslora, modules_to_save=modules_to_save,
+            init_lora_weights=init_lora_weights, loftq_config=loftq_config, **kwargs)
+        if model in _PROCESSORS:
+            _PROCESSORS[peft_model] = _PROCESSORS[model]
+        return peft_model
+
+    @staticmethod
     def for_training(model, use_gradient_checkpointing=None):
         """Training mode: remat per block on (as chosen at load, or `use_gradient_checkpointing`: True,
         "unsloth" (block inputs offloaded to host), "dots", or False), LoRA dropout active, and the

@@ -57,6 +57,14 @@ class Linear(nnx.Module):
         return linear(x, self.weight.get_value(), None if self.bias is None else self.bias.get_value())
 
 
+class ConvWeight(nnx.Module):
+    """A convolution's `weight [out, in, *kernel]` (HF layout); its callers apply it. Not a Linear:
+    LoRA targets and 4-bit quantization leave it alone, as PEFT and bitsandbytes do with HF's Conv3d."""
+
+    def __init__(self, shape: tuple[int, ...], *, dtype):
+        self.weight = _param(shape, dtype)
+
+
 class Embedding(nnx.Module):
     """Token embedding table `weight [vocab, hidden]`."""
 

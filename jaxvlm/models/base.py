@@ -23,6 +23,15 @@ class VLM(nnx.Module):
         kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
         return generate(self, **kwargs)
 
+    def save_pretrained(self, save_directory: str, tokenizer=None, overwrite: bool = False, **kwargs) -> None:
+        """Writes the LoRA adapter as a PEFT adapter directory (plus the processor, if given), as
+        Unsloth's `model.save_pretrained` does after get_peft_model."""
+        self.save_pretrained_merged(save_directory, tokenizer, save_method="lora", overwrite=overwrite)
+
+    def print_trainable_parameters(self) -> None:
+        from jaxvlm.lora import print_trainable_parameters
+        print_trainable_parameters(self)
+
     def save_pretrained_merged(self, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
                                **kwargs) -> None:
         """See `jaxvlm.export.save_pretrained_merged`."""

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxvlm.layers import (
     ACTIVATIONS,
     Activation,
+    ConvWeight,
     Embedding,
     LayerNorm,
     Linear,
@@ -345,9 +346,8 @@ class PatchEmbed(nnx.Module):
     """The 3D-conv patch embedding as one matmul: each patch row is already (C, T, P, P) flattened."""
 
     def __init__(self, cfg: VisionConfig, dtype):
-        self.proj = Linear(1, 1, bias=False, dtype=dtype)
-        self.proj.weight = nnx.Param(jnp.zeros(
-            (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), dtype))
+        self.proj = ConvWeight((cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
+                                cfg.patch_size), dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.proj.weight.get_value()

@@ -105,13 +105,10 @@ def split_trainable(model: nnx.Module, is_trainable: Callable[[tuple], bool]):
 
 
 def default_is_trainable(model: nnx.Module) -> Callable[[tuple], bool]:
-    """LoRA `a`/`b` (and modules_to_save) when the model has adapters, else every float param."""
-    try:
-        from jaxvlm.lora import is_trainable_path, has_lora
-    except ImportError:
-        has_lora = None
-    if has_lora is not None and has_lora(model):
-        return is_trainable_path
+    """LoRA factors (and modules_to_save) when the model has adapters, else every param (full fine-tuning)."""
+    from jaxvlm.lora import has_lora, trainable_filter
+    if has_lora(model):
+        return trainable_filter(model)
     return lambda path: True
 
 

@@ -1,0 +1,214 @@
+"""LoRA: the modules Unsloth + PEFT adapt, PEFT adapter round trips, gradients, merge, bad input."""
+import dataclasses
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxvlm import FastVisionModel
+from jaxvlm.lora import LoRA, get_peft_regex, linear_modules, load_adapter, merge, select_modules, unmerge
+from tests.conftest import chat, random_image
+from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
+from tests.tiny import build_hf_model
+
+FLAGS = list(itertools.product([True, False], repeat=4))
+
+
+def peft_adapted(hf_model, target_modules, **kw):
+    """Module names PEFT wraps with LoRA for `target_modules` on the transformers model."""
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(hf_model, LoraConfig(r=2, target_modules=target_modules, **kw))
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)}
+
+
+@pytest.fixture(scope="module")
+def base(tiny):
+    family, path, hf_model = tiny
+    model, processor = load(path)
+    return family, path, model, processor
+
+
+def with_random_b(model, seed=1):
+    """The model with every LoRA's B drawn at random, so that the adapter changes the logits."""
+    graphdef, state = nnx.split(model)
+    flat = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        value = var.get_value()
+        if isinstance(value, LoRA):
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            value = dataclasses.replace(value, lora_B=0.1 * jax.random.normal(key, value.lora_B.shape))
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def batch_for(processor):
+    return encode(processor, [chat("describe the image", 1)], [random_image(56, 84)])
+
+
+@pytest.mark.parametrize("vision,language,attention,mlp", FLAGS)
+def test_adapted_modules_equal_peft_with_unsloths_regex(base, vision, language, attention, mlp):
+    family, path, model, processor = base
+    flags = dict(finetune_vision_layers=vision, finetune_language_layers=language,
+                 finetune_attention_modules=attention, finetune_mlp_modules=mlp)
+    names = list(linear_modules(model))
+    if not (vision or language) or not (attention or mlp):
+        with pytest.raises(ValueError, match="no (layers|modules) to finetune"):
+            FastVisionModel.get_peft_model(model, **flags)
+        return
+    regex = get_peft_regex(names, vision, language, attention, mlp)
+    adapted = FastVisionModel.get_peft_model(model, r=2, **flags)
+    ours = {name for name, (param, layer) in linear_modules(adapted).items() if _is_adapted(adapted, param, layer)}
+    assert ours == set(select_modules(names, regex))
+    assert ours == peft_adapted(build_hf_model(family), regex)
+    assert "lm_head" not in ours and not any(".merger." in n for n in ours)
+
+
+def _is_adapted(model, param, layer):
+    module = model
+    for part in param.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    w = module.weight.get_value()
+    return isinstance(w, LoRA) and (w.mask is None or bool(w.mask[layer]))
+
+
+def test_list_targets_and_layers_to_transform_match_peft(base):
+    family, path, model, processor = base
+    adapted = FastVisionModel.get_peft_model(model, r=2, target_modules=["q_proj", "qkv"], layers_to_transform=[1])
+    ours = {n for n, (p, layer) in linear_modules(adapted).items() if _is_adapted(adapted, p, layer)}
+    assert ours and all(".1." in n for n in ours)
+    assert ours == peft_adapted(build_hf_model(family), ["q_proj", "qkv"], layers_to_transform=[1])
+
+
+def test_our_adapter_loads_in_peft_with_our_logits(base, tmp_path):
+    from peft import PeftModel
+    family, path, model, processor = base
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_rslora=True))
+    adapted.save_pretrained(str(tmp_path / "adapter"), processor)
+    peft_model = PeftModel.from_pretrained(build_hf_model(family), str(tmp_path / "adapter")).eval()
+    batch = batch_for(processor)
+    ref = hf_logits(peft_model, batch)
+    assert np.abs(np.asarray(model(**batch)) - ref).max() > 1e-2, "the adapter should change the logits"
+    assert_logits_match(adapted(**batch), ref, batch["attention_mask"])
+
+
+def test_peft_adapter_loads_here_with_peft_logits(base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    family, path, model, processor = base
+    regex = get_peft_regex(list(linear_modules(model)))
+    peft_model = get_peft_model(build_hf_model(family), LoraConfig(
+        r=4, lora_alpha=16, target_modules=regex, init_lora_weights=False, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    peft_model.save_pretrained(tmp_path)
+    ours = load_adapter(model, str(tmp_path))
+    batch = batch_for(processor)
+    assert_logits_match(ours(**batch), hf_logits(peft_model.eval(), batch), batch["attention_mask"])
+
+
+def test_lora_gradients_match_peft(base):
+    from peft import LoraConfig, get_peft_model
+    from jaxvlm.train.trainer import split_trainable, token_loss_sum
+    family, path, model, processor = base
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, layers_to_transform=[0, 2],
+                                                          target_modules=["q_proj", "down_proj", "qkv", "fc1", "up_proj"]))
+    batch = batch_for(processor)
+    labels = batch["input_ids"].copy()
+    inputs = {k: jnp.asarray(v) for k, v in adapted.prepare_inputs(**batch).items() if k != "rope_deltas"}
+    trainable, frozen, rebuild, paths = split_trainable(adapted, lambda p: p[-1].name in ("lora_A", "lora_B"))
+
+    def loss(t):
+        s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
+        return s / n
+    grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        adapted.save_pretrained(d)
+        from peft import PeftModel
+        peft_model = PeftModel.from_pretrained(build_hf_model(family), d, is_trainable=True)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    out = peft_model(**tensors, labels=torch.from_numpy(labels))
+    out.loss.backward()
+    checked, worst = 0, 0.0
+    for path, g in grads.items():
+        key = ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        m = re.match(r"(.*)\.weight\.value\.(lora_A|lora_B)$", key) or re.match(r"(.*)\.weight\.(lora_A|lora_B)$", key)
+        module, part = m.group(1), m.group(2)
+        stacked = re.match(r"(model\.language_model\.layers|model\.visual\.blocks)\.(.*)", module)
+        layers = [(f"{stacked.group(1)}.{i}.{stacked.group(2)}", i) for i in (0, 2)] if stacked else [(module, None)]
+        for name, i in layers:
+            torch_param = dict(peft_model.named_parameters()).get(f"base_model.model.{name}.{part}.default.weight")
+            if torch_param is None:
+                continue
+            ours = np.asarray(g if i is None else g[i])
+            err = np.abs(ours - torch_param.grad.numpy()).max() / np.abs(ours).max()
+            worst = max(worst, err)
+            checked += 1
+    assert checked >= 8
+    assert worst < 1e-4, f"LoRA gradients differ from PEFT's by {worst:.2g} of their scale"
+
+
+def test_merged_logits_equal_unmerged(base):
+    family, path, model, processor = base
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4))
+    batch = batch_for(processor)
+    merged = merge(adapted)
+    assert not any(isinstance(v.get_value(), LoRA) for _, v in nnx.to_flat_state(nnx.state(merged)))
+    assert_logits_match(merged(**batch), np.asarray(adapted(**batch)), batch["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(unmerge(adapted)(**batch)), np.asarray(model(**batch)))
+
+
+def test_lora_on_an_nf4_base_merges_to_16_bit(tiny):
+    from jaxvlm.quant import NF4
+    family, path, hf_model = tiny
+    model, processor = load(path, load_in_4bit=True)
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4))
+    w = adapted.model.language_model.layers.mlp.up_proj.weight.get_value()
+    assert isinstance(w, LoRA) and isinstance(w.base, NF4)
+    merged = merge(adapted)
+    assert merged.model.language_model.layers.mlp.up_proj.weight.get_value().dtype == jnp.float32
+    batch = batch_for(processor)
+    assert_logits_match(merged(**batch), np.asarray(adapted(**batch)), batch["attention_mask"])
+
+
+def test_target_that_matches_nothing_lists_close_names(base):
+    family, path, model, processor = base
+    with pytest.raises(ValueError, match=r"matches no Linear module; close module names: .*q_proj"):
+        FastVisionModel.get_peft_model(model, target_modules=["q_prj"])
+
+
+@pytest.mark.parametrize("r", [0, -4])
+def test_rank_must_be_positive(base, r):
+    family, path, model, processor = base
+    with pytest.raises(ValueError, match=f"r={r}: expected a positive int"):
+        FastVisionModel.get_peft_model(model, r=r)
+
+
+def test_adapter_of_another_base_names_the_first_mismatch(base, tmp_path):
+    family, path, model, processor = base
+    adapted = FastVisionModel.get_peft_model(model, r=4, target_modules=["q_proj"])
+    adapted.save_pretrained(str(tmp_path))
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = np.zeros((4, 48), np.float32)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(key) + r" has shape \(4, 48\), the model expects \(4, 64\)"):
+        load_adapter(model, str(tmp_path))
+
+
+def test_trainable_parameter_count_matches_peft(base, capsys):
+    from peft import LoraConfig, get_peft_model
+    family, path, model, processor = base
+    adapted = FastVisionModel.get_peft_model(model, r=8, layers_to_transform=[1], target_modules=["q_proj", "qkv"])
+    adapted.print_trainable_parameters()
+    ours = capsys.readouterr().out.strip()
+    get_peft_model(build_hf_model(family), LoraConfig(r=8, target_modules=["q_proj", "qkv"],
+                                                      layers_to_transform=[1])).print_trainable_parameters()
+    assert ours == capsys.readouterr().out.strip()
