@@ -17,6 +17,7 @@ def records(n=8):
 
 
 def make_trainer(path, steps, output_dir, is_trainable=lambda p: True, **config):
+    """A trainer over 8 image records; full fine-tuning unless is_trainable is None (then LoRA's split)."""
     model, processor = load(path)
     collator = VisionDataCollator(model, processor, train_on_responses_only=True,
                                   instruction_part="<|im_start|>user\n", response_part="<|im_start|>assistant\n")
@@ -30,8 +31,9 @@ def torch_reference_losses(hf_model, trainer, steps):
     """The same batches through transformers with torch AdamW, HF's linear warmup schedule and clipping."""
     from transformers import get_linear_schedule_with_warmup
     a = trainer.args
-    decay = [p for n, p in hf_model.named_parameters() if not ("bias" in n or "norm" in n or "ln_q" in n)]
-    no_decay = [p for n, p in hf_model.named_parameters() if "bias" in n or "norm" in n or "ln_q" in n]
+    params = [(n, p) for n, p in hf_model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if not ("bias" in n or "norm" in n or "ln_q" in n)]
+    no_decay = [p for n, p in params if "bias" in n or "norm" in n or "ln_q" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.learning_rate, eps=a.adam_epsilon)
     sched = get_linear_schedule_with_warmup(opt, a.warmup_steps, steps)
@@ -54,7 +56,7 @@ def torch_reference_losses(hf_model, trainer, steps):
                                                          ignore_index=-100, reduction="sum")
             (loss_sum / n_tokens).backward()
             total += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), a.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], a.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -71,6 +73,23 @@ def test_full_finetuning_losses_match_torch_for_10_steps(tiny, tmp_path):
     ref = torch_reference_losses(build_hf_model(family), trainer, 10)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     assert ours[-1] < ours[0] - 0.5, "the loss should fall over 10 steps at this learning rate"
+
+
+def test_lora_losses_match_transformers_and_peft_for_10_steps(tiny, tmp_path):
+    """The same LoRA init (our adapter loaded into PEFT), data and AdamW: the same per-step losses."""
+    from peft import PeftModel
+    from jaxvlm import FastVisionModel
+    from tests.tiny import build_hf_model
+    family, path, _ = tiny
+    trainer = make_trainer(path, 10, tmp_path / "out", is_trainable=None)
+    trainer.model = FastVisionModel.get_peft_model(trainer.model, r=8, lora_alpha=16, random_state=0)
+    trainer.model.save_pretrained(str(tmp_path / "init"))
+    peft_model = PeftModel.from_pretrained(build_hf_model(family), str(tmp_path / "init"), is_trainable=True)
+    trainer.train()
+    ours = np.array([r["loss"] for r in trainer.log_history])
+    ref = torch_reference_losses(peft_model, trainer, 10)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    assert ours[-1] < ours[0] - 0.3, "the loss should fall over 10 steps at this learning rate"
 
 
 def test_resume_from_a_checkpoint_continues_the_same_losses(tiny, tmp_path):

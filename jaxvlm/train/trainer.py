@@ -189,7 +189,7 @@ class SFTTrainer:
         self.dataset = load_records(train_dataset)
         if len(self.dataset) == 0:
             raise DataError("train_dataset is empty")
-        self.is_trainable = is_trainable or default_is_trainable(model)
+        self.is_trainable = is_trainable  # None: decided from the model when training starts
         self.log_history: list[dict] = []
         self._compiled_shapes: set = set()
 
@@ -228,7 +228,8 @@ class SFTTrainer:
         a = self.args
         if not getattr(self.model, "training", False):
             FastVisionModel.for_training(self.model)
-        trainable, frozen, rebuild, paths = split_trainable(self.model, self.is_trainable)
+        trainable, frozen, rebuild, paths = split_trainable(
+            self.model, self.is_trainable or default_is_trainable(self.model))
         if not trainable:
             raise ValueError("the model has nothing to train: add LoRA adapters with get_peft_model first")
         total = self.total_steps()
