@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -57,7 +58,7 @@ def model_dtype(model):
     return model.model.language_model.embed_tokens.weight.get_value().dtype
 
 
-def _copy_configs(model, out_dir: str, dtype) -> None:
+def _copy_configs(model, out_dir: str, dtype, quantization_config: dict | None = None) -> None:
     src = getattr(model, "model_dir", None)
     if src is None:
         raise ValueError("the model has no model_dir (it was not loaded with from_pretrained): "
@@ -65,6 +66,8 @@ def _copy_configs(model, out_dir: str, dtype) -> None:
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     config.pop("quantization_config", None)
+    if quantization_config:
+        config["quantization_config"] = quantization_config
     config["dtype"] = jnp.dtype(dtype).name
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -79,6 +82,37 @@ def merged_tensors(model, dtype):
     dense = jax.jit(lambda v: dense_weight(v, dtype))
     for key, array in hf_tensors(model, family.STACKED, lambda v: np.asarray(dense(v))):
         yield rename(key, family.EXPORT_KEYS), array
+
+
+def merged_4bit_tensors(model, dtype):
+    """As merged_tensors, with the Linear weights (but the family's QUANT_SKIP modules) quantized to NF4
+    and written as bitsandbytes writes them (`<key>`, `<key>.absmax`, ..., `.quant_state.bitsandbytes__nf4`)."""
+    from jaxvlm.fast_vision_model import linear_weight_keys
+    from jaxvlm.quant import nf4_to_bnb, quantize_nf4
+    family = _family(model)
+    targets = {rename(_per_layer_pattern(k, family.STACKED), family.EXPORT_KEYS)
+               for k in linear_weight_keys(model, family.QUANT_SKIP)}
+    quantize = jax.jit(quantize_nf4)
+    for key, array in merged_tensors(model, dtype):
+        if re.sub(r"\.\d+\.", ".N.", key) not in targets:
+            yield key, array
+            continue
+        for suffix, tensor in nf4_to_bnb(quantize(jnp.asarray(array))).items():
+            yield key + suffix, np.asarray(tensor)
+
+
+def _per_layer_pattern(key: str, stacked) -> str:
+    prefix = next((p for p in stacked if key.startswith(p + ".")), None)
+    return key if prefix is None else f"{prefix}.N.{key[len(prefix) + 1:]}"
+
+
+def _quantization_config(model, dtype) -> dict:
+    """config.json's quantization_config for a merged_4bit export, as transformers + bitsandbytes write it."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": jnp.dtype(dtype).name, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": list(_family(model).QUANT_SKIP), "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
 def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
@@ -98,12 +132,15 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         return
-    if save_method == "merged_4bit":
-        raise NotImplementedError("merged_4bit export needs the NF4 weight type (issue 3)")
     dtype = model_dtype(model)
     with atomic_dir(save_directory, overwrite) as tmp:
-        write_safetensors(merged_tensors(model, dtype), tmp, max_shard_size, sizes=_sizes(model, dtype))
-        _copy_configs(model, tmp, dtype)
+        if save_method == "merged_4bit":
+            # Shard sizes are known only once quantized; 4-bit tensors are a quarter of the 16-bit ones.
+            write_safetensors(merged_4bit_tensors(model, dtype), tmp, max_shard_size)
+            _copy_configs(model, tmp, dtype, quantization_config=_quantization_config(model, dtype))
+        else:
+            write_safetensors(merged_tensors(model, dtype), tmp, max_shard_size, sizes=_sizes(model, dtype))
+            _copy_configs(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

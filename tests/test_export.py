@@ -107,3 +107,45 @@ def test_push_to_hub_uploads_the_merged_directory(loaded, monkeypatch):
     url = model.push_to_hub_merged("someone/tiny", processor, token="t", private=True)
     assert url.endswith("someone/tiny") and calls["repo"] == ("someone/tiny", True) and calls["token"] == "t"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(calls["files"])
+
+
+def test_merged_4bit_loads_with_bitsandbytes_and_reimports(loaded, tmp_path):
+    import bitsandbytes as bnb
+    import transformers
+    from jaxvlm import FastVisionModel
+    from jaxvlm.quant import NF4
+    from tests.test_quantized_import import bnb_dequantized
+    family, model, processor = loaded
+    model.save_pretrained_merged(str(tmp_path / "q4"), processor, save_method="merged_4bit")
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q4", dtype=torch.float32)
+    quantized = {n: m for n, m in hf_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert "model.language_model.layers.0.mlp.up_proj" in quantized and "lm_head" not in quantized
+    ours, _ = FastVisionModel.from_pretrained(str(tmp_path / "q4"), dtype="float32", load_in_4bit=True)
+    w = ours.model.language_model.layers.mlp.up_proj.weight.get_value()
+    assert isinstance(w, NF4)
+    from jaxvlm.layers import dense_weight
+    np.testing.assert_array_equal(np.asarray(dense_weight(w, np.float32))[0],
+                                  bnb_dequantized(quantized["model.language_model.layers.0.mlp.up_proj"].weight).numpy())
+    # The export quantizes the same weights load_in_4bit would: the reimported model is that model.
+    direct, _ = FastVisionModel.from_pretrained(model.model_dir, dtype="float32", load_in_4bit=True)
+    batch = batch_for(processor)
+    np.testing.assert_allclose(np.asarray(ours(**batch)), np.asarray(direct(**batch)), rtol=0, atol=1e-6)
+
+
+def test_merged_16bit_after_lora_training_matches_in_transformers(tiny, tmp_path):
+    import transformers
+    from jaxvlm import FastVisionModel
+    from tests.test_trainer import make_trainer
+    family, path, _ = tiny
+    trainer = make_trainer(path, 3, tmp_path / "run", is_trainable=None)
+    trainer.model = FastVisionModel.get_peft_model(trainer.model, r=8, lora_alpha=16)
+    trainer.train()
+    model, processor = trainer.model, trainer.processor
+    model.save_pretrained_merged(str(tmp_path / "merged"), processor)
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    batch = batch_for(processor)
+    base, _ = load(path)
+    assert np.abs(np.asarray(base(**batch)) - np.asarray(model(**batch))).max() > 1e-3, "training changed nothing"
+    assert_logits_match(model(**batch), hf_logits(hf_model, batch), batch["attention_mask"])
