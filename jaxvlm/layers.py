@@ -145,6 +145,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
+    """Attention of packed tokens `q, k, v [tokens, heads, head_dim]` within segments only.
+
+    index [segments, length]: the token positions of each segment, padded with `tokens` (out of range).
+    Tokens are gathered into one padded row per segment, attended with a key mask, and scattered back,
+    so the cost is the sum of the segments' squared lengths rather than the square of all tokens.
+    """
+    n = q.shape[0]
+    valid = index < n
+    rows = [jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[index] for x in (q, k, v)]
+    out = attention(*rows, valid[:, None, None, :])  # [segments, length, heads, head_dim]
+    return jnp.zeros_like(q).at[index.reshape(-1)].set(out.reshape(-1, *q.shape[1:]), mode="drop")
+
+
 # Rematerialization of scanned blocks (jax.checkpoint per block):
 #   full: keep only each block's input, recompute the rest in the backward pass;
 #   dots: also keep matmul outputs (less recompute, more memory);

@@ -26,6 +26,7 @@ from jaxvlm.layers import (
     attention,
     linear,
     scan_blocks,
+    segment_attention,
 )
 from jaxvlm.models.base import VLM
 
@@ -219,9 +220,10 @@ def vision_layout(cfg: VisionConfig, grid_thw: np.ndarray) -> dict[str, np.ndarr
 
     Patches come from the processor in merge-block-major order (each run of merge**2 patches forms one
     merged token). Returns, in the order the blocks see the patches:
-      rot_pos [patches, 2] (row, col), image_seg [patches] (one segment per image frame),
-      window_seg [patches] (one per window; equal to image_seg without windows), and with windows
-      window_index [merged] (the permutation of merged tokens) and reverse_index [merged].
+      rot_pos [patches, 2] (row, col); full_attn_index [segments, length] (the patches of each image
+      frame, padded with the out-of-range index `patches`: see `segment_attention`); and with windows
+      window_attn_index [windows, length] likewise per window, window_index [merged] (the permutation
+      of merged tokens that makes windows contiguous) and reverse_index [merged].
     """
     m = cfg.spatial_merge_size
     rot, seg, windows, wseg = [], [], [], []
@@ -249,19 +251,42 @@ def vision_layout(cfg: VisionConfig, grid_thw: np.ndarray) -> dict[str, np.ndarr
                     wseg.append(np.full(len(row) * m * m, n_windows))
                     n_windows += 1
             offset += t * gh * gw
-    out = {"rot_pos": np.concatenate(rot).astype(np.int32), "image_seg": np.concatenate(seg).astype(np.int32)}
+    rot_pos, image_seg = np.concatenate(rot).astype(np.int32), np.concatenate(seg)
+    out = {}
     if win:
         window_index = np.concatenate(windows).astype(np.int32)
         unit = m * m
         patch_perm = (window_index[:, None] * unit + np.arange(unit)).ravel()
-        out["rot_pos"] = out["rot_pos"][patch_perm]
-        out["image_seg"] = out["image_seg"][patch_perm]
-        out["window_seg"] = np.concatenate(wseg).astype(np.int32)
+        rot_pos, image_seg = rot_pos[patch_perm], image_seg[patch_perm]
+        out["window_attn_index"] = segment_index(np.concatenate(wseg))
         out["window_index"] = window_index
         out["reverse_index"] = np.argsort(window_index).astype(np.int32)
-    else:
-        out["window_seg"] = out["image_seg"]
+    out["rot_pos"] = rot_pos
+    out["full_attn_index"] = segment_index(image_seg)
     return out
+
+
+def _ladder(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) that is >= n:
+    padding wastes at most a third, and a run meets few distinct shapes (few compiled programs)."""
+    size = 1
+    while True:
+        for candidate in (size, size * 3 // 2):
+            if candidate >= n:
+                return max(candidate, 1)
+        size *= 2
+
+
+def segment_index(seg: np.ndarray) -> np.ndarray:
+    """index [segments, length]: the positions of each run of equal ids in `seg` (runs are contiguous),
+    padded with len(seg); both axes rounded up by `_ladder`, padding segments all len(seg)."""
+    n = len(seg)
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    index = np.full((_ladder(len(starts)), _ladder(int(lengths.max()))), n, np.int32)
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        index[row, :length] = np.arange(start, start + length)
+    return index
 
 
 def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_values=None,
@@ -361,12 +386,18 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(d, 3 * d, bias=True, dtype=dtype, stack=stack)
         self.proj = Linear(d, d, bias=True, dtype=dtype, stack=stack)
 
-    def __call__(self, x: jax.Array, cos, sin, mask) -> jax.Array:
+    def __call__(self, x: jax.Array, cos, sin, segments, use_first) -> jax.Array:
+        """Attention within segments: `segments` is one or two `segment_attention` index arrays, and
+        `use_first` (a traced bool) picks between two (Qwen2.5-VL's full vs window blocks)."""
         n, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [N, heads, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q[None], k[None], v[None], mask[None, None])[0]
+        if len(segments) == 1:
+            out = segment_attention(q, k, v, segments[0])
+        else:
+            out = jax.lax.cond(use_first, lambda: segment_attention(q, k, v, segments[0]),
+                               lambda: segment_attention(q, k, v, segments[1]))
         return self.proj(out.reshape(n, d))
 
 
@@ -412,8 +443,8 @@ class VisionBlock(nnx.Module):
         else:
             self.mlp = VisionMLP(cfg, dtype, stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segments, use_first):
+        x = x + self.attn(self.norm1(x), cos, sin, segments, use_first)
         return x + self.mlp(self.norm2(x))
 
 
@@ -450,13 +481,13 @@ class VisionTransformer(nnx.Module):
         if "window_index" in inputs:
             x = x.reshape(-1, unit, x.shape[-1])[inputs["window_index"]].reshape(x.shape)
         cos, sin = vision_cos_sin(cfg, inputs["rot_pos"])
-        image_seg, window_seg = inputs["image_seg"], inputs["window_seg"]
-        full_mask = image_seg[:, None] == image_seg[None, :]
-        window_mask = window_seg[:, None] == window_seg[None, :]
+        segments = [inputs["full_attn_index"]]
+        if "window_attn_index" in inputs:
+            segments.append(inputs["window_attn_index"])
         is_full = np.array([cfg.window_size == 0 or i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
 
         def block(blk, h, full):
-            return blk(h, cos, sin, jnp.where(full, full_mask, window_mask)), None
+            return blk(h, cos, sin, segments, full), None
 
         x, _ = scan_blocks(self.blocks, x, block, jnp.asarray(is_full), remat=self.remat)
         x = self.merger(x)
