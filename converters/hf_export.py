@@ -40,14 +40,6 @@ def hf_tensors(model: nnx.Module, stacked: Iterable[str],
             yield f"{prefix}.{i}.{rest}", stacked_value[i]
 
 
-def rename(key: str, renames: Iterable[tuple[str, str]]) -> str:
-    for pattern, repl in renames:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
 def parse_size(size) -> int:
     """Bytes from 5_000_000, "5GB", "500MB", "2GiB" (transformers' max_shard_size forms)."""
     if isinstance(size, int):

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters.hf_export import hf_tensors, rename, write_safetensors
+from converters.hf_export import hf_tensors, write_safetensors
+from converters.hf_import import normalize_key
 from jaxvlm.layers import dense_weight
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
@@ -81,7 +82,7 @@ def merged_tensors(model, dtype):
     family = _family(model)
     dense = jax.jit(lambda v: dense_weight(v, dtype))
     for key, array in hf_tensors(model, family.STACKED, lambda v: np.asarray(dense(v))):
-        yield rename(key, family.EXPORT_KEYS), array
+        yield normalize_key(key, family.EXPORT_KEYS), array
 
 
 def merged_4bit_tensors(model, dtype):
@@ -90,7 +91,7 @@ def merged_4bit_tensors(model, dtype):
     from jaxvlm.fast_vision_model import linear_weight_keys
     from jaxvlm.quant import nf4_to_bnb, quantize_nf4
     family = _family(model)
-    targets = {rename(_per_layer_pattern(k, family.STACKED), family.EXPORT_KEYS)
+    targets = {normalize_key(_per_layer_pattern(k, family.STACKED), family.EXPORT_KEYS)
                for k in linear_weight_keys(model, family.QUANT_SKIP)}
     quantize = jax.jit(quantize_nf4)
     for key, array in merged_tensors(model, dtype):

@@ -1,6 +1,7 @@
 """`FastVisionModel` (= `FastModel`): Unsloth's entry points, for JAX."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -13,6 +14,7 @@ from flax import nnx
 
 from converters.hf_import import default_convert, load_state
 from converters.safetensors_io import Checkpoint
+from jaxvlm import lora
 from jaxvlm.layers import REMAT_POLICIES, Linear, dense_weight
 from jaxvlm.models import family_for
 
@@ -117,22 +119,9 @@ class FastVisionModel:
         return model, processor
 
     @staticmethod
-    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                       bias: str = "none", finetune_vision_layers: bool = True, finetune_language_layers: bool = True,
-                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
-                       layers_to_transform=None, layers_pattern=None, use_gradient_checkpointing="unsloth",
-                       random_state: int = 3407, max_seq_length: int = 2048, use_rslora: bool = False,
-                       modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):  # noqa: B006
-        """LoRA on the model's Linear weights, chosen as Unsloth chooses them; see `jaxvlm.lora.get_peft_model`."""
-        from jaxvlm.lora import get_peft_model
-        peft_model = get_peft_model(
-            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
-            finetune_vision_layers=finetune_vision_layers, finetune_language_layers=finetune_language_layers,
-            finetune_attention_modules=finetune_attention_modules, finetune_mlp_modules=finetune_mlp_modules,
-            layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-            use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
-            max_seq_length=max_seq_length, use_rslora=use_rslora, modules_to_save=modules_to_save,
-            init_lora_weights=init_lora_weights, loftq_config=loftq_config, **kwargs)
+    @functools.wraps(lora.get_peft_model)
+    def get_peft_model(model, *args, **kwargs):
+        peft_model = lora.get_peft_model(model, *args, **kwargs)
         if model in _PROCESSORS:
             _PROCESSORS[peft_model] = _PROCESSORS[model]
         return peft_model
