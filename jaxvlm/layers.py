@@ -5,6 +5,8 @@ scanned layer), so that a model's attribute paths and weight shapes mirror trans
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -135,27 +137,61 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+# Attention implementation: "auto" picks cuDNN's fused (flash) attention on a GPU for bf16/fp16 inputs
+# and XLA's reference elsewhere; "xla" or "cudnn" force one. Read at trace time.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+attention_implementation = os.environ.get("JAXVLM_ATTENTION", "auto")
+
+
+def _use_cudnn(q: jax.Array) -> bool:
+    impl = attention_implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if impl == "xla":
+        return False
+    supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+    if impl == "cudnn":
+        if not supported:
+            raise ValueError(f"cuDNN attention needs bf16/fp16 and head_dim a multiple of 8 up to 128; got "
+                             f"{q.dtype} and head_dim {q.shape[-1]}")
+        return True
+    # One query (a decode step) reads the cache once; XLA's plain product is as good there.
+    return supported and q.shape[1] > 1 and jax.default_backend() == "gpu"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+              causal: bool = False, lengths: jax.Array | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads.
 
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-    mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend).
-    Returns [batch, q_len, heads, head_dim]. Logits and softmax in fp32.
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend); causal: query i also
+    attends only keys j <= i; lengths [batch]: only the first lengths[b] queries and keys of row b are
+    real (the outputs of the other queries are unspecified). Returns [batch, q_len, heads, head_dim];
+    logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
+    memory); elsewhere XLA's.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if _use_cudnn(q):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    if lengths is not None:
+        key_ok = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+        key_ok = key_ok[:, None, None, :]
+        mask = key_ok if mask is None else mask & key_ok
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
     """Attention of packed tokens `q, k, v [tokens, heads, head_dim]` within segments only.
 
-    index [segments, length]: the token positions of each segment, padded with `tokens` (out of range).
-    Tokens are gathered into one padded row per segment, attended with a key mask, and scattered back,
-    so the cost is the sum of the segments' squared lengths rather than the square of all tokens.
+    index [segments, length]: the token positions of each segment, padded at the end with `tokens`
+    (out of range). Tokens are gathered into one padded row per segment, attended with the row's length,
+    and scattered back, so the cost is the sum of the segments' squared lengths rather than the square
+    of all tokens.
     """
     n = q.shape[0]
-    valid = index < n
+    lengths = jnp.sum(index < n, axis=-1).astype(jnp.int32)
     rows = [jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[index] for x in (q, k, v)]
-    out = attention(*rows, valid[:, None, None, :])  # [segments, length, heads, head_dim]
+    out = attention(*rows, lengths=lengths)  # [segments, length, heads, head_dim]
     return jnp.zeros_like(q).at[index.reshape(-1)].set(out.reshape(-1, *q.shape[1:]), mode="drop")
 
 

@@ -530,7 +530,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
-        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1)), kv
+        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -566,15 +566,16 @@ class TextModel(nnx.Module):
         cos, sin = mrope_cos_sin(self.cfg, position_ids)
         t = h.shape[1]
         keys = attention_mask.shape[1]
-        causal = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)
-        mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-
-        def layer_step(layer, x, kv):
-            return layer(x, cos, sin, mask, kv, index)
-
-        if cache is None:
-            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, mask)[0], None), remat=self.remat)
+        key_ok = jnp.broadcast_to(attention_mask[:, None, None, :] > 0, (h.shape[0], 1, t, keys))
+        if cache is None:  # causal over the sequence itself: the attention kernel applies it
+            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, key_ok)[0], None),
+                               remat=self.remat)
         else:
+            mask = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None] & key_ok
+
+            def layer_step(layer, x, kv):
+                return layer(x, cos, sin, mask, kv, index)
+
             h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
             cache = KVCache(*kv)
         return self.norm(h), cache

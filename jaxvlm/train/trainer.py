@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-logger = logging.getLogger(__name__)
+from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum  # noqa: F401
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -55,6 +55,9 @@ class SFTConfig:
     save_steps: int = 0
     save_total_limit: int | None = None
     report_to: str = "none"
+    # jaxvlm: the loss runs over chunks of this many tokens, so the fp32 logits of the whole batch never
+    # exist (0: form all logits at once, the reference).
+    loss_chunk_size: int = 512
 
     def __init__(self, **kwargs):
         names = {f.name for f in dataclasses.fields(type(self))}
@@ -72,16 +75,6 @@ class SFTConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Loss, trainable split, optimizer.
-
-
-def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of token NLLs, number of tokens) for logits `[B, T, V]` and unshifted labels `[B, T]`, fp32."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
 def split_trainable(model: nnx.Module, is_trainable: Callable[[tuple], bool]):
@@ -245,8 +238,11 @@ class SFTTrainer:
         def grad_step(trainable, frozen, inputs):
             def loss_fn(t):
                 model = rebuild(t, frozen)
-                logits = model.forward({k: v for k, v in inputs.items() if k != "labels"})
-                return token_loss_sum(logits, inputs["labels"])
+                features = {k: v for k, v in inputs.items() if k != "labels"}
+                if not a.loss_chunk_size:
+                    return token_loss_sum(model.forward(features), inputs["labels"])
+                return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
+                                              a.loss_chunk_size)
             (loss_sum, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
             return loss_sum, n_tokens, grads
 

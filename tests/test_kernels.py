@@ -1,0 +1,85 @@
+"""Fused/chunked computations against their plain references (CPU; Pallas kernels in interpret mode)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm import layers
+from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    rng = np.random.default_rng(chunk)
+    b, t, d, v = 3, 11, 16, 50
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
+    labels = rng.integers(0, v, (b, t))
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, -3:] = IGNORE_INDEX
+    labels = jnp.asarray(labels)
+    logits_fn = lambda w, x: x @ w.T  # noqa: E731
+
+    def ref(h, w):
+        return token_loss_sum(logits_fn(w, h), labels)
+
+    def chunked(h, w):
+        return chunked_token_loss_sum(lambda x: logits_fn(w, x), h, labels, chunk)
+
+    (s_ref, n_ref), (s, n) = ref(h, w), jax.jit(chunked)(h, w)
+    assert int(n) == int(n_ref) == int(np.sum(np.asarray(labels)[:, 1:] != IGNORE_INDEX))
+    np.testing.assert_allclose(s, s_ref, rtol=1e-5)
+    g_ref = jax.grad(lambda h, w: ref(h, w)[0], argnums=(0, 1))(h, w)
+    g = jax.jit(jax.grad(lambda h, w: chunked(h, w)[0], argnums=(0, 1)))(h, w)
+    for a, b_ in zip(g, g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(g[0][0, :3]).max()) == 0.0  # positions whose next label is ignored get no gradient
+
+
+def _reference_attention(q, k, v, allowed):
+    """float64 softmax attention with an explicit [b, q, k] boolean mask; grouped kv heads repeated."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(allowed[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_attention_causal_with_key_padding_and_lengths():
+    rng = np.random.default_rng(0)
+    b, t, h, kvh, d = 2, 9, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for n in (h, kvh, kvh))
+    # causal + key padding on the left (a generation prompt): every real query sees >= 1 key
+    real = np.ones((b, t), bool)
+    real[1, :3] = False
+    causal = np.tril(np.ones((t, t), bool))
+    allowed = causal[None] & real[:, None, :]
+    out = layers.attention(q, k, v, jnp.asarray(real[:, None, None, :]), causal=True)
+    ref = _reference_attention(q, k, v, allowed)
+    np.testing.assert_allclose(np.asarray(out)[1, 3:], ref[1, 3:], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out)[0], ref[0], atol=1e-5)
+    # lengths: rows padded at the end; outputs of real queries only
+    lengths = np.array([9, 5])
+    out = layers.attention(q, k, v, lengths=jnp.asarray(lengths))
+    allowed = np.arange(t)[None, None, :] < lengths[:, None, None]
+    ref = _reference_attention(q, k, v, np.broadcast_to(allowed, (b, t, t)))
+    np.testing.assert_allclose(np.asarray(out)[0], ref[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out)[1, :5], ref[1, :5], atol=1e-5)
+
+
+def test_attention_implementation_choice(monkeypatch):
+    q = jnp.zeros((1, 4, 2, 80), jnp.bfloat16)
+    monkeypatch.setattr(layers, "attention_implementation", "auto")
+    assert layers._use_cudnn(q) == (jax.default_backend() == "gpu")
+    assert not layers._use_cudnn(q.astype(jnp.float32))  # fp32: XLA, also on a GPU
+    monkeypatch.setattr(layers, "attention_implementation", "xla")
+    assert not layers._use_cudnn(q)
+    monkeypatch.setattr(layers, "attention_implementation", "cudnn")
+    with pytest.raises(ValueError, match="head_dim"):
+        layers._use_cudnn(jnp.zeros((1, 4, 2, 81), jnp.bfloat16))
+    monkeypatch.setattr(layers, "attention_implementation", "fast")
+    with pytest.raises(ValueError, match="expected one of"):
+        layers._use_cudnn(q)
