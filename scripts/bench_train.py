@@ -61,9 +61,14 @@ def summarize_trace(trace_dir: str, steps: int) -> dict:
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", "")).upper()}
     per_name: dict[str, float] = {}
+    count: dict[str, int] = {}
+    hlo: dict[str, str] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             per_name[e["name"]] = per_name.get(e["name"], 0.0) + e.get("dur", 0.0)
+            count[e["name"]] = count.get(e["name"], 0) + 1
+            hlo.setdefault(e["name"], str({k: v for k, v in e.get("args", {}).items()
+                                           if k in ("hlo_op", "hlo_module", "long_name", "tf_op")})[:200])
     by_kind: dict[str, float] = {}
     for name, us in per_name.items():
         low = name.lower()
@@ -73,7 +78,7 @@ def summarize_trace(trace_dir: str, steps: int) -> dict:
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:40]
     return dict(gpu_ms_per_step=ms(sum(per_name.values())),
                 by_kind_ms={k: ms(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top_kernels_ms=[(name[:120], ms(us)) for name, us in top])
+                top_kernels_ms=[(name[:120], ms(us), count[name] // steps, hlo[name]) for name, us in top])
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
