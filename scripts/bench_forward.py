@@ -31,16 +31,46 @@ def qwen2_vl_2b_hf_config():
         tie_word_embeddings=True)
 
 
+def qwen2_vl_7b_hf_config():
+    """transformers' config of the Qwen2-VL-7B geometry (text 3584 wide, 28 layers, 28 heads, 4 kv heads)."""
+    from transformers import Qwen2VLConfig
+    return Qwen2VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, max_position_embeddings=32768,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, in_channels=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        tie_word_embeddings=False)
+
+
 def qwen2_vl_2b_config():
     return qwen2_vl.from_hf(qwen2_vl_2b_hf_config())
 
 
-def random_model(cfg, dtype, seed=0):
+GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config}
+
+
+def geometry_config(name: str):
+    return qwen2_vl.from_hf(GEOMETRIES[name]())
+
+
+def random_model(cfg, dtype, seed=0, nf4=False):
+    """Random weights drawn on the device; with `nf4`, each Linear weight is quantized as soon as it is
+    drawn (as load_in_4bit does), so the 16-bit model never exists whole."""
+    from converters.hf_import import path_key
+    from jaxvlm.fast_vision_model import linear_weight_keys
+    from jaxvlm.quant import quantize_nf4
     abstract = nnx.eval_shape(lambda: qwen2_vl.build(cfg, dtype))
+    targets = linear_weight_keys(abstract, qwen2_vl.QUANT_SKIP) if nf4 else set()
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     keys = jax.random.split(jax.random.key(seed), len(flat))
-    filled = [(p, v.replace(0.02 * jax.random.normal(k, v.get_value().shape, dtype))) for (p, v), k in zip(flat, keys)]
+    filled = []
+    for (p, v), k in zip(flat, keys):
+        w = 0.02 * jax.random.normal(k, v.get_value().shape, dtype)
+        if path_key(p) in targets:
+            w = jax.block_until_ready(jax.vmap(quantize_nf4)(w))
+        filled.append((p, v.replace(w)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -71,21 +71,6 @@ def bench_hf(batch, new):
     return out
 
 
-def quantize_nf4_model(model):
-    """The model with its Linear weights in NF4, as load_in_4bit stores them."""
-    from flax import nnx
-
-    from converters.hf_import import path_key
-    from jaxvlm.fast_vision_model import linear_weight_keys
-    from jaxvlm.models import qwen2_vl
-    from jaxvlm.quant import quantize_nf4
-    targets = linear_weight_keys(model, qwen2_vl.QUANT_SKIP)
-    graphdef, state = nnx.split(model)
-    flat = [(p, v.replace(jax.vmap(quantize_nf4)(v.get_value()) if path_key(p) in targets else v.get_value()))
-            for p, v in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -112,9 +97,7 @@ def main():
         from jaxvlm import FastVisionModel
         model, _ = FastVisionModel.from_pretrained(args.dir, load_in_4bit=args.one == "nf4")
     else:
-        model = random_model(cfg, jnp.bfloat16)
-        if args.one == "nf4":
-            model = quantize_nf4_model(model)
+        model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4")
     for b in args.batch:
         print(json.dumps(bench_jaxvlm(cfg, model, b, args.new, args.one)), flush=True)
 

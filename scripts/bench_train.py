@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_forward import batch_inputs, qwen2_vl_2b_config, random_model
+from scripts.bench_forward import GEOMETRIES, batch_inputs, geometry_config, random_model
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 
@@ -82,15 +82,12 @@ def summarize_trace(trace_dir: str, steps: int) -> dict:
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
-            trace: str | None = None) -> dict:
+            trace: str | None = None, geometry: str = "qwen2-vl-2b") -> dict:
     from jaxvlm import FastVisionModel, layers
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
-    cfg = qwen2_vl_2b_config()
-    model = random_model(cfg, jnp.bfloat16)
-    if weights == "nf4":
-        from scripts.bench_generate import quantize_nf4_model
-        model = quantize_nf4_model(model)
+    cfg = geometry_config(geometry)
+    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4")
     model.max_seq_length = max(2048, text + 258)
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
     FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
@@ -118,7 +115,7 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     step_s = float(np.median([batch * seq / r["tokens_per_s"] for r in tr.log_history[3:]]))
     stats = jax.devices()[0].memory_stats() or {}
     flops = model_flops_per_step(cfg, batch, seq, 1024)
-    out = dict(bench="train", impl="jaxvlm", geometry="qwen2-vl-2b", weights=weights, remat=remat, attn=attn,
+    out = dict(bench="train", impl="jaxvlm", geometry=geometry, weights=weights, remat=remat, attn=attn,
                loss_chunk=loss_chunk, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
                step_s=round(step_s, 4), tokens_per_s=round(batch * seq / step_s),
                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
@@ -144,6 +141,7 @@ def main():
     ap.add_argument("--attn", nargs="+", default=["auto"], help="auto (cuDNN on a GPU), xla, cudnn")
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[512], help="tokens per loss chunk; 0: all logits")
     ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside 256 image tokens)")
+    ap.add_argument("--geometry", default="qwen2-vl-2b", choices=sorted(GEOMETRIES))
     ap.add_argument("--trace", help="profile the first configuration into this directory")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
     args = ap.parse_args()
@@ -153,7 +151,8 @@ def main():
     trace = args.trace
     for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn, args.loss_chunk,
                                                              args.batch):
-        one = dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text, trace=trace)
+        one = dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text, trace=trace,
+                   geometry=args.geometry)
         trace = None
         r = subprocess.run([sys.executable, "-m", "scripts.bench_train", "--one", json.dumps(one)])
         if r.returncode:

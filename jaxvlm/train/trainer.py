@@ -257,8 +257,28 @@ class SFTTrainer:
         schedule = lr_schedule(a, total)
         progress = _progress(total, step)
         losses, t_start, tokens_seen = [], time.perf_counter(), 0
+        last = {"t": t_start}
+
+        def finish(pending):
+            """Log a dispatched step. Called after the next step is dispatched, so that reading its loss
+            (which waits for the device) overlaps the next step's host work with device compute."""
+            step_no, loss, grad_norm, n_seq_tokens = pending
+            loss = float(loss)
+            now = time.perf_counter()
+            losses.append(loss)
+            record = {"step": step_no, "loss": loss, "grad_norm": float(grad_norm),
+                      "learning_rate": float(schedule(step_no - 1)),
+                      "tokens_per_s": n_seq_tokens / (now - last["t"])}
+            last["t"] = now
+            self.log_history.append(record)
+            progress.update(1)
+            if a.logging_steps and step_no % a.logging_steps == 0:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                logger.info(json.dumps(record))
+
+        pending = None
         while step < total:
-            t0 = time.perf_counter()
             grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
             for micro in range(a.gradient_accumulation_steps):
                 batch, _ = self.micro_batch(step * a.gradient_accumulation_steps + micro)
@@ -269,21 +289,15 @@ class SFTTrainer:
                 loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
                 n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
             trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
-            loss = float(loss)
             step += 1
             tokens_seen += n_seq_tokens
-            losses.append(loss)
-            record = {"step": step, "loss": loss, "grad_norm": float(grad_norm),
-                      "learning_rate": float(schedule(step - 1)),
-                      "tokens_per_s": n_seq_tokens / (time.perf_counter() - t0)}
-            self.log_history.append(record)
-            progress.update(1)
-            if a.logging_steps and step % a.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                logger.info(json.dumps(record))
+            if pending is not None:
+                finish(pending)
+            pending = (step, loss, grad_norm, n_seq_tokens)
             if a.save_steps and step % a.save_steps == 0 and step < total:
                 save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
+        if pending is not None:
+            finish(pending)
         progress.close()
         self.model = rebuild(trainable, frozen)
         if a.save_steps:
