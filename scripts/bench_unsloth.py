@@ -167,13 +167,13 @@ def child():
             out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return out.loss
 
-        losses = [float(step()) for _ in range(3)]
+        losses = [float(step().detach()) for _ in range(3)]
         torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(10):
             torch.cuda.synchronize(); t = time.perf_counter(); loss = step(); torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         times.sort(); med = times[len(times) // 2]
         res.update(seq=seq, img=IMG, step_s=med, tokens_per_s=B * seq / med,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=[round(x, 4) for x in losses])
