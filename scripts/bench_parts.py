@@ -57,40 +57,42 @@ def main():
     pix = x["pixel_values"].astype(jnp.bfloat16)
     extra = dict(batch=args.batch, remat=args.remat, device=jax.devices()[0].device_kind)
 
+    # Everything a piece reads is an argument: closed-over arrays would become constants of the program.
     if "step" in args.pieces:
-        def loss(t):
+        def loss(t, frozen, x):
             m = rebuild(t, frozen)
-            return chunked_token_loss_sum(m.logits, m.hidden_states(x), labels)[0]
-        timed("step: grad of the loss w.r.t. LoRA", jax.jit(jax.grad(loss)), trainable, **extra)
+            return chunked_token_loss_sum(m.logits, m.hidden_states(x), x["labels"])[0]
+        timed("step: grad of the loss w.r.t. LoRA", jax.jit(jax.grad(loss)), trainable, frozen,
+              {**x, "labels": labels}, **extra)
     if "vision" in args.pieces:
-        def vis(t, p):
+        def vis(t, p, frozen, x):
             m = rebuild(t, frozen)
             return jnp.sum(m.model.visual(p, x).astype(jnp.float32))
-        timed("vision: grad w.r.t. LoRA", jax.jit(jax.grad(vis)), trainable, pix, **extra)
+        timed("vision: grad w.r.t. LoRA", jax.jit(jax.grad(vis)), trainable, pix, frozen, x, **extra)
 
-        def vis_base(p):
+        def vis_base(p, bfrozen, x):
             return jnp.sum(brebuild([], bfrozen).model.visual(p, x).astype(jnp.float32))
-        timed("vision without LoRA: grad w.r.t. pixels", jax.jit(jax.grad(vis_base)), pix, **extra)
-        timed("vision forward", jax.jit(lambda p: brebuild([], bfrozen).model.visual(p, x)), pix, **extra)
+        timed("vision without LoRA: grad w.r.t. pixels", jax.jit(jax.grad(vis_base)), pix, bfrozen, x, **extra)
+        timed("vision forward", jax.jit(lambda p, bfrozen, x: brebuild([], bfrozen).model.visual(p, x)), pix,
+              bfrozen, x, **extra)
     h0 = jnp.asarray(np.random.default_rng(0).standard_normal((*x["input_ids"].shape, cfg.text.hidden_size)) * 0.02,
                      jnp.bfloat16)
     if "text" in args.pieces:
-        def txt(t, h):
+        def txt(t, h, frozen, x):
             m = rebuild(t, frozen)
             out, _ = m.model.language_model(h, x["position_ids"], x["attention_mask"])
             return jnp.sum(out.astype(jnp.float32))
-        timed("text layers: grad w.r.t. LoRA", jax.jit(jax.grad(txt)), trainable, h0, **extra)
+        timed("text layers: grad w.r.t. LoRA", jax.jit(jax.grad(txt)), trainable, h0, frozen, x, **extra)
 
-        def txt_base(h):
+        def txt_base(h, bfrozen, x):
             out, _ = brebuild([], bfrozen).model.language_model(h, x["position_ids"], x["attention_mask"])
             return jnp.sum(out.astype(jnp.float32))
-        timed("text layers without LoRA: grad w.r.t. input", jax.jit(jax.grad(txt_base)), h0, **extra)
+        timed("text layers without LoRA: grad w.r.t. input", jax.jit(jax.grad(txt_base)), h0, bfrozen, x, **extra)
     if "loss" in args.pieces:
-        m = brebuild([], bfrozen)
         timed("loss chunked 512: grad w.r.t. hidden", jax.jit(jax.grad(
-            lambda h: chunked_token_loss_sum(m.logits, h, labels)[0])), h0, **extra)
+            lambda h, f, y: chunked_token_loss_sum(brebuild([], f).logits, h, y)[0])), h0, bfrozen, labels, **extra)
         timed("loss all logits: grad w.r.t. hidden", jax.jit(jax.grad(
-            lambda h: token_loss_sum(m.logits(h), labels)[0])), h0, **extra)
+            lambda h, f, y: token_loss_sum(brebuild([], f).logits(h), y)[0])), h0, bfrozen, labels, **extra)
 
 
 if __name__ == "__main__":
