@@ -12,6 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxvlm.kernels import nf4_matmul
+from jaxvlm.quant.nf4 import NF4
+
 
 def dense_weight(w, dtype) -> jax.Array:
     """The weight `w` as a plain array in `dtype`, whatever its type (array, NF4, ...).
@@ -27,13 +30,21 @@ def dense_weight(w, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
+# The fused NF4 decode kernel: "auto" (on a GPU, for the products it supports) or "off". Read at trace time.
+nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "auto")
+
+
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
+    An NF4 weight times a few rows (a decode step) goes through the Pallas kernel on a GPU.
     """
     if hasattr(w, "linear"):
         y = w.linear(x)
+    elif (isinstance(w, NF4) and nf4_kernel == "auto" and jax.default_backend() == "gpu"
+          and nf4_matmul.supported(x, w)):
+        y = nf4_matmul.nf4_matmul(x, w)
     else:
         w = dense_weight(w, x.dtype)
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))

@@ -238,6 +238,13 @@ def quantize_nf4(w: jax.Array, blocksize: int = BLOCKSIZE, compress_statistics: 
                nested_table=jnp.asarray(DYNAMIC_8BIT_TABLE), offset=offset, **static)
 
 
+def block_absmax(q: NF4) -> jax.Array:
+    """The float32 absmax of each 64-block of one weight, the nested statistics dequantized."""
+    if not q.double_quantized:
+        return q.absmax
+    return _round_before_add(dequantize_blockwise(q.absmax, q.nested_absmax, q.nested_table)) + q.offset
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     """The weight of q, [*q.shape], in `dtype` (default q.dtype), computed in float32 as bitsandbytes does.
@@ -247,9 +254,7 @@ def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     if q.codes.ndim != 1:
         raise ValueError(f"dequantize_nf4: codes have shape {q.codes.shape}, expected one weight's "
                          f"[{-(-int(np.prod(q.shape)) // 2)}]; use jax.vmap for a stack of layers")
-    absmax = q.absmax
-    if q.double_quantized:
-        absmax = _round_before_add(dequantize_blockwise(absmax, q.nested_absmax, q.nested_table)) + q.offset
+    absmax = block_absmax(q)
     n = int(np.prod(q.shape))
     nibbles = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
     values = _pad_to_blocks(jnp.asarray(NF4_TABLE)[nibbles], q.blocksize) * absmax[:, None]
