@@ -30,19 +30,22 @@ def dense_weight(w, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
-# The fused NF4 decode kernel: "auto" (on a GPU, for the products it supports) or "off". Read at trace time.
-nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "auto")
+# The Pallas NF4 decode kernel: "on" (on a GPU, for the products it supports) or "off". Read at trace
+# time. Off by default: on an H100 it was slower than XLA's dequantize + matmul for most decode shapes
+# (docs/BENCHMARKS.md, "NF4 decode kernel").
+nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 
 
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
-    An NF4 weight times a few rows (a decode step) goes through the Pallas kernel on a GPU.
+    With JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows (a decode step) goes through the Pallas
+    kernel on a GPU.
     """
     if hasattr(w, "linear"):
         y = w.linear(x)
-    elif (isinstance(w, NF4) and nf4_kernel == "auto" and jax.default_backend() == "gpu"
+    elif (isinstance(w, NF4) and nf4_kernel == "on" and jax.default_backend() == "gpu"
           and nf4_matmul.supported(x, w)):
         y = nf4_matmul.nf4_matmul(x, w)
     else:

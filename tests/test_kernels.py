@@ -83,3 +83,31 @@ def test_attention_implementation_choice(monkeypatch):
     monkeypatch.setattr(layers, "attention_implementation", "fast")
     with pytest.raises(ValueError, match="expected one of"):
         layers._use_cudnn(q)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 64, 128), (3, 96, 320), (8, 48, 64 * 7)])
+def test_nf4_matmul_kernel_matches_xla_reference(rows, n, k):
+    """The Pallas NF4 kernel (interpret mode) against XLA's dequantize-then-multiply, fp32."""
+    from jaxvlm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference, supported
+    from jaxvlm.quant import quantize_nf4
+    rng = np.random.default_rng(rows * n)
+    w = quantize_nf4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    assert supported(x, w)
+    want = nf4_matmul_reference(x, w)
+    got = nf4_matmul(x, w, block_n=32, unroll=4, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+    x3 = x.reshape(rows, 1, k)  # a decode step's [batch, 1, K]
+    np.testing.assert_allclose(nf4_matmul(x3, w, interpret=True), want.reshape(rows, 1, n),
+                               rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_nf4_matmul_kernel_refuses_unsupported_products():
+    from jaxvlm.kernels.nf4_matmul import nf4_matmul, supported
+    from jaxvlm.quant import quantize_nf4
+    w = quantize_nf4(jnp.ones((32, 100), jnp.float32))  # rows of 100: not whole 64-blocks
+    assert not supported(jnp.ones((1, 100)), w)
+    with pytest.raises(ValueError, match="not a supported product"):
+        nf4_matmul(jnp.ones((1, 100)), w, interpret=True)
+    w = quantize_nf4(jnp.ones((32, 128), jnp.float32))
+    assert not supported(jnp.ones((17, 128)), w)  # more rows than a decode step: XLA's path
