@@ -194,19 +194,46 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """`x [n, ...]` with a zero row appended, taken at `index [*idx]` -> `[*idx, ...]`.
+
+    `inverse [n]` is where each row of x sits in the flattened index (x's rows appear there at most once;
+    `index.size` for a row that does not appear). The transpose is then a gather as well, rather than
+    the scatter-add that autodiff would make of it.
+    """
+    return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[index]
+
+
+def _gather_rows_fwd(x, index, inverse):
+    return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(res, g):
+    index, inverse = res
+    flat = index.reshape(-1)
+    return gather_rows(g.reshape(flat.shape[0], *g.shape[index.ndim:]), inverse, flat), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
     """Attention of packed tokens `q, k, v [tokens, heads, head_dim]` within segments only.
 
-    index [segments, length]: the token positions of each segment, padded at the end with `tokens`
-    (out of range). Tokens are gathered into one padded row per segment, attended with the row's length,
-    and scattered back, so the cost is the sum of the segments' squared lengths rather than the square
-    of all tokens.
+    index [segments, length]: the token positions of each segment (each token in one segment), padded
+    at the end with `tokens` (out of range). Tokens are gathered into one padded row per segment,
+    attended with the row's length, and gathered back, so the cost is the sum of the segments' squared
+    lengths rather than the square of all tokens.
     """
     n = q.shape[0]
+    flat = index.reshape(-1)
+    inverse = jnp.full((n,), flat.shape[0], jnp.int32).at[flat].set(
+        jnp.arange(flat.shape[0], dtype=jnp.int32), mode="drop")
     lengths = jnp.sum(index < n, axis=-1).astype(jnp.int32)
-    rows = [jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])[index] for x in (q, k, v)]
+    rows = [gather_rows(x, index, inverse) for x in (q, k, v)]
     out = attention(*rows, lengths=lengths)  # [segments, length, heads, head_dim]
-    return jnp.zeros_like(q).at[index.reshape(-1)].set(out.reshape(-1, *q.shape[1:]), mode="drop")
+    return gather_rows(out.reshape(flat.shape[0], *q.shape[1:]), inverse, flat)
 
 
 # Rematerialization of scanned blocks (jax.checkpoint per block):

@@ -7,8 +7,8 @@ Workload (the benchmark issue's): each sample one 448x448 image (256 merged toke
 tokens, LoRA r=16 on every Linear Unsloth's default regex picks (vision and language, attention and
 MLP), AdamW, remat per block. Each configuration runs in its own process; one JSON line each: median
 step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
-With --trace DIR the first configuration is also profiled (3 steps) and its GPU kernel time is
-summarised by kind and by kernel (DIR/summary.json, and printed).
+With --trace DIR the first configuration is also profiled (3 steps) and its GPU time is summarised
+by kernel kind, kernel and HLO op (DIR/summary.json, and printed).
 """
 from __future__ import annotations
 
@@ -53,32 +53,37 @@ KINDS = (("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
 
 
 def summarize_trace(trace_dir: str, steps: int) -> dict:
-    """GPU kernel time per step from a jax.profiler perfetto trace: by kind and the top kernels."""
+    """GPU time per step from a jax.profiler trace (xplane.pb): by kernel kind, the top kernels of the
+    stream lines, and the top HLO ops of the "XLA Ops" line (the op that launched each kernel)."""
     import glob
-    import gzip
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
-    events = json.load(gzip.open(path))["traceEvents"]
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in str(e.get("args", {}).get("name", "")).upper()}
-    per_name: dict[str, float] = {}
-    count: dict[str, int] = {}
-    hlo: dict[str, str] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            per_name[e["name"]] = per_name.get(e["name"], 0.0) + e.get("dur", 0.0)
-            count[e["name"]] = count.get(e["name"], 0) + 1
-            hlo.setdefault(e["name"], str({k: v for k, v in e.get("args", {}).items()
-                                           if k in ("hlo_op", "hlo_module", "long_name", "tf_op")})[:200])
+
+    from jax.profiler import ProfileData
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    kernels: dict[str, list] = {}
+    ops: dict[str, list] = {}
+    for plane in ProfileData.from_file(path).planes:
+        if "GPU" not in plane.name.upper():
+            continue
+        for line in plane.lines:
+            table = ops if line.name == "XLA Ops" else kernels if line.name.startswith("Stream") else None
+            if table is None:
+                continue
+            for ev in line.events:
+                entry = table.setdefault(ev.name, [0.0, 0])
+                entry[0] += ev.duration_ns / 1e6
+                entry[1] += 1
     by_kind: dict[str, float] = {}
-    for name, us in per_name.items():
+    for name, (ms, _) in kernels.items():
         low = name.lower()
         kind = next(k for k, keys in KINDS if any(key in low for key in keys))
-        by_kind[kind] = by_kind.get(kind, 0.0) + us
-    ms = lambda us: round(us / 1000 / steps, 3)  # noqa: E731
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:40]
-    return dict(gpu_ms_per_step=ms(sum(per_name.values())),
-                by_kind_ms={k: ms(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top_kernels_ms=[(name[:120], ms(us), count[name] // steps, hlo[name]) for name, us in top])
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+
+    def top(table, n=40):
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+        return [(name[:140], round(ms / steps, 3), count // steps) for name, (ms, count) in rows]
+    return dict(gpu_kernel_ms_per_step=round(sum(v[0] for v in kernels.values()) / steps, 3),
+                by_kind_ms={k: round(v / steps, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                top_kernels_ms=top(kernels), top_ops_ms=top(ops))
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
@@ -123,7 +128,7 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     if trace:
         tr = trainer(2)  # compiled again (a new jit); then profile 3 steps of a warm one
         tr.train()
-        jax.profiler.start_trace(trace, create_perfetto_trace=True)
+        jax.profiler.start_trace(trace)
         trainer(3).train()
         jax.profiler.stop_trace()
         summary = summarize_trace(trace, 3)

@@ -111,3 +111,31 @@ def test_nf4_matmul_kernel_refuses_unsupported_products():
         nf4_matmul(jnp.ones((1, 100)), w, interpret=True)
     w = quantize_nf4(jnp.ones((32, 128), jnp.float32))
     assert not supported(jnp.ones((17, 128)), w)  # more rows than a decode step: XLA's path
+
+
+def test_gather_rows_transpose_is_the_scatter_add():
+    """gather_rows' custom transpose (a gather by the inverse index) equals autodiff's scatter-add."""
+    rng = np.random.default_rng(1)
+    n = 10
+    perm = rng.permutation(n)
+    index = np.full((3, 5), n, np.int32)  # segments of 4, 3 and 3 tokens in a shuffled order, padded
+    index[0, :4], index[1, :3], index[2, :3] = perm[:4], perm[4:7], perm[7:]
+    flat = index.reshape(-1)
+    inverse = np.full(n, flat.size, np.int32)
+    inverse[flat[flat < n]] = np.flatnonzero(flat < n)
+    x = jnp.asarray(rng.standard_normal((n, 2, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 5, 2, 3)), jnp.float32)
+
+    def plain(x):
+        return jnp.concatenate([x, jnp.zeros((1, 2, 3))])[index]
+
+    np.testing.assert_array_equal(layers.gather_rows(x, jnp.asarray(index), jnp.asarray(inverse)), plain(x))
+    g = jax.grad(lambda x: jnp.sum(layers.gather_rows(x, jnp.asarray(index), jnp.asarray(inverse)) * w))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(plain(x) * w))(x), rtol=1e-6)
+    # and back: segment_attention's output equals per-segment attention done by hand
+    q, k, v = (jnp.asarray(rng.standard_normal((n, 2, 8)), jnp.float32) for _ in range(3))
+    out = layers.segment_attention(q, k, v, jnp.asarray(index))
+    for row, length in zip(index, (4, 3, 3)):
+        toks = row[:length]
+        ref = _reference_attention(q[toks][None], k[toks][None], v[toks][None], np.ones((1, length, length), bool))
+        np.testing.assert_allclose(np.asarray(out)[toks], ref[0], atol=1e-5)
