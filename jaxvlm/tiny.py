@@ -62,7 +62,7 @@ _WORDS = ["<unk>", "\n", *"abcdefghijklmnopqrstuvwxyz0123456789", *".,?!:;'\"-()
 
 # Qwen2-VL's template, minus tools and vision ids: a default system turn, then each message with its
 # images/videos as <|vision_start|><|image_pad|><|vision_end|> in content order.
-_CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
@@ -93,7 +93,7 @@ def _tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", chat_template=_CHAT_TEMPLATE)
+                                   eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
 
 
 _PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}

@@ -19,28 +19,25 @@ from flax import nnx
 from jaxvlm.models import qwen2_vl
 
 
-def qwen2_vl_2b_hf_config():
-    """transformers' config of the Qwen2-VL-2B geometry (the benchmark workload)."""
+def _qwen2_vl_hf_config(hidden, intermediate, heads, kv_heads, vocab, tied):
     from transformers import Qwen2VLConfig
     return Qwen2VLConfig(
-        text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
+        text_config=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=28,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=1e6,
+                         max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=hidden, mlp_ratio=4, num_heads=16, in_channels=3,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=True)
+        tie_word_embeddings=tied)
+
+
+def qwen2_vl_2b_hf_config():
+    """transformers' config of the Qwen2-VL-2B geometry (the benchmark workload)."""
+    return _qwen2_vl_hf_config(1536, 8960, 12, 2, 151936, tied=True)
 
 
 def qwen2_vl_7b_hf_config():
     """transformers' config of the Qwen2-VL-7B geometry (text 3584 wide, 28 layers, 28 heads, 4 kv heads)."""
-    from transformers import Qwen2VLConfig
-    return Qwen2VLConfig(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, max_position_embeddings=32768,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=False)
+    return _qwen2_vl_hf_config(3584, 18944, 28, 4, 152064, tied=False)
 
 
 def qwen2_vl_2b_config():

@@ -37,39 +37,13 @@ _SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 15164
             "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649,
             "<|quad_start|>": 151650, "<|quad_end|>": 151651, "<|vision_start|>": 151652,
             "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def qwen2_vl_2b_config():
-    from transformers import Qwen2VLConfig
-    return Qwen2VLConfig(
-        text_config=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768,
-                         tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
-
-
 def save_processor(path):
     """An offline Qwen2-VL processor: a word-level tokenizer whose 151,643 plain ids are placeholders and whose
     special tokens sit at Qwen2's ids, the chat template, and the Qwen2-VL image/video processors."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
+
+    from jaxvlm.tiny import CHAT_TEMPLATE as _CHAT_TEMPLATE  # Qwen2-VL's template (no tools)
     vocab = {f"t{i}": i for i in range(151643)}
     vocab.update(_SPECIAL)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -104,11 +78,13 @@ def prep(path):
     """Saves the random bf16 Qwen2-VL-2B-shaped model and the processor to `path` (no unsloth in this process)."""
     import torch
     from transformers import Qwen2VLForConditionalGeneration
+
+    from scripts.bench_forward import qwen2_vl_2b_hf_config  # the workload's geometry
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev):
-        model = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_config(), dtype=torch.bfloat16)
+        model = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_hf_config(), dtype=torch.bfloat16)
     model.save_pretrained(path)
     save_processor(path)
     open(os.path.join(path, "DONE"), "w").close()
