@@ -5,6 +5,7 @@ scanned layer), so that a model's attribute paths and weight shapes mirror trans
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -236,6 +237,32 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
     return gather_rows(out.reshape(flat.shape[0], *q.shape[1:]), inverse, flat)
 
 
+# Randomness of a training step (LoRA dropout). The trainer opens `dropout_key(key)` around the loss;
+# each draw takes its own key: the step's key, folded with the layer index inside a layer scan and with
+# a counter of the draws traced so far (the same in the forward pass and in its rematerialization).
+_dropout: dict = {"key": None, "draws": 0}
+
+
+@contextlib.contextmanager
+def dropout_key(key: jax.Array | None):
+    """Within this context, `next_dropout_key()` gives fresh keys derived from `key` (None: no dropout)."""
+    saved = dict(_dropout)
+    _dropout.update(key=key, draws=0)
+    try:
+        yield
+    finally:
+        _dropout.clear()
+        _dropout.update(saved)
+
+
+def next_dropout_key() -> jax.Array | None:
+    """A key for one dropout draw, or None outside `dropout_key` (inference, evaluation)."""
+    if _dropout["key"] is None:
+        return None
+    _dropout["draws"] += 1
+    return jax.random.fold_in(_dropout["key"], _dropout["draws"])
+
+
 # Rematerialization of scanned blocks (jax.checkpoint per block):
 #   full: keep only each block's input, recompute the rest in the backward pass;
 #   dots: also keep matmul outputs (less recompute, more memory);
@@ -266,7 +293,17 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
             return fn(block, checkpoint_name(c, "block_input"), *xs)
         body = nnx.remat(named, policy=_checkpoint_policy(remat), prevent_cse=False)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
-    def step(block, c, *xs):
-        return body(block, c, *xs)
-    return step(stack, carry, *per_layer)
+    if _dropout["key"] is None:
+        @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
+        def step(block, c, *xs):
+            return body(block, c, *xs)
+        return step(stack, carry, *per_layer)
+
+    # With dropout, each layer folds its index into the step's key, so layers draw different masks.
+    n_layers = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+
+    @nnx.scan(in_axes=(0, nnx.Carry, 0, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
+    def step_with_dropout(block, c, i, *xs):
+        with dropout_key(jax.random.fold_in(_dropout["key"], i)):
+            return body(block, c, *xs)
+    return step_with_dropout(stack, carry, jnp.arange(n_layers), *per_layer)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from converters.hf_import import path_key
-from jaxvlm.layers import Linear, dense_weight, linear
+from jaxvlm.layers import Linear, dense_weight, linear, next_dropout_key
 
 VISION_TAGS = ("vision", "image", "visual", "patch")
 LANGUAGE_TAGS = ("language", "text")
@@ -38,7 +38,8 @@ class LoRA:
     """base [*stack, out, in] (array, NF4 or Int8, frozen) + scale * lora_B [*stack, out, r] @ lora_A [*stack, r, in].
 
     `mask [*stack]` is 1.0 on the layers the adapter applies to (None for an unstacked weight). The LoRA
-    factors are fp32; products are formed in the input's dtype.
+    factors are fp32; products are formed in the input's dtype. `dropout` applies to the adapter's input
+    inside `layers.dropout_key` (the trainer's step), never in inference.
     """
 
     base: Any
@@ -46,6 +47,7 @@ class LoRA:
     lora_B: jax.Array
     mask: jax.Array | None = None
     scale: float = dataclasses.field(metadata={"static": True})
+    dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
 
     @property
     def stack_ndim(self) -> int:
@@ -54,6 +56,10 @@ class LoRA:
     def linear(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] for one layer (inside the layer scan)."""
         y = linear(x, self.base)
+        key = next_dropout_key() if self.dropout else None
+        if key is not None:  # training: dropout on the adapter's input, as PEFT applies it
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         h = linear(linear(x, self.lora_A.astype(x.dtype)), self.lora_B.astype(x.dtype))
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
         return y + scale * h
@@ -154,7 +160,8 @@ def _init_a(key, shape, init, r):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=True, random_state: int = 3407):
+def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=True, random_state: int = 3407,
+             dropout: float = 0.0):
     """The model with the Linear weights of `chosen` HF module names wrapped in LoRA (B = 0)."""
     modules = linear_modules(model)
     layers: dict[str, list[int | None]] = {}
@@ -181,7 +188,7 @@ def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=T
             mask[[i for i in layers[ours]]] = 1.0
             mask = jnp.asarray(mask)
         flat.append((path, var.replace(LoRA(base=base, lora_A=a, lora_B=jnp.zeros((*stack, out_f, r), jnp.float32),
-                                            mask=mask, scale=scale))))
+                                            mask=mask, scale=scale, dropout=dropout))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -193,8 +200,8 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
                    modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):  # noqa: B006
     """Unsloth's `FastVisionModel.get_peft_model`: the model with LoRA on the chosen Linear weights.
 
-    Only the LoRA factors (and `modules_to_save`) are trainable afterwards. `lora_dropout` is recorded
-    in the adapter config but not applied (Unsloth's default, and recommendation, is 0).
+    Only the LoRA factors (and `modules_to_save`) are trainable afterwards. `lora_dropout` drops the
+    adapters' inputs in training steps (SFTTrainer), as PEFT does; Unsloth's default, and advice, is 0.
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r}: expected a positive int")
@@ -204,13 +211,15 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
         raise NotImplementedError("loftq_config is not supported")
     if init_lora_weights not in (True, "gaussian"):
         raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected True or 'gaussian'")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
     modules = linear_modules(model)
     if target_modules is None:
         target_modules = get_peft_regex(list(modules), finetune_vision_layers, finetune_language_layers,
                                         finetune_attention_modules, finetune_mlp_modules)
     chosen = select_modules(list(modules), target_modules, layers_to_transform)
     scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-    model = add_lora(model, chosen, r, scale, init_lora_weights, random_state)
+    model = add_lora(model, chosen, r, scale, init_lora_weights, random_state, float(lora_dropout))
     model.peft_config = _freeze({
         "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "bias": bias,
         "target_modules": target_modules if isinstance(target_modules, str) else sorted(target_modules),
@@ -389,7 +398,7 @@ def load_adapter(model, directory: str):
             saved[key[len(_PREFIX):]] = ckpt.get(key)
         else:
             raise ValueError(f"{weights}: unexpected tensor {key!r}")
-    model = add_lora(model, sorted(pairs), r, scale)
+    model = add_lora(model, sorted(pairs), r, scale, dropout=float(config.get("lora_dropout") or 0.0))
     model = _fill_lora(model, modules, pairs, weights)
     model = _fill_saved(model, saved, weights)
     config["base_model_name_or_path"] = config.get("base_model_name_or_path") or getattr(model, "name_or_path", None)

@@ -1,6 +1,7 @@
 """LoRA: the modules Unsloth + PEFT adapt, PEFT adapter round trips, gradients, merge, bad input."""
 import dataclasses
 import itertools
+import json
 import re
 
 import jax
@@ -212,3 +213,40 @@ def test_trainable_parameter_count_matches_peft(base, capsys):
     get_peft_model(build_hf_model(family), LoraConfig(r=8, target_modules=["q_proj", "qkv"],
                                                       layers_to_transform=[1])).print_trainable_parameters()
     assert ours == capsys.readouterr().out.strip()
+
+
+def test_lora_dropout_drops_the_adapter_input_in_training_only(base):
+    from jaxvlm import layers
+    from jaxvlm.lora import LoRA
+    family, path, model, processor = base
+    with pytest.raises(ValueError, match="lora_dropout=1.0: expected a probability"):
+        FastVisionModel.get_peft_model(model, r=4, lora_dropout=1.0)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_dropout=0.5)
+    assert json.loads(model.peft_config)["lora_dropout"] == 0.5
+    rng = np.random.default_rng(0)
+    lora = LoRA(base=jnp.asarray(rng.standard_normal((6, 8)), jnp.float32),
+                lora_A=jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
+                lora_B=jnp.asarray(rng.standard_normal((6, 4)), jnp.float32), scale=2.0, dropout=0.5)
+    x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    plain = lora.linear(x)  # no dropout_key: inference, no dropout
+    np.testing.assert_allclose(plain, x @ lora.base.T + 2.0 * (x @ lora.lora_A.T) @ lora.lora_B.T, rtol=1e-5)
+    drop = jax.jit(lambda k: _in_dropout(layers, k, lambda: lora.linear(x)))
+    a, b = drop(jax.random.key(1)), drop(jax.random.key(2))
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, drop(jax.random.key(1)))  # a key gives one mask
+    # inverted dropout: the mean over masks is the undropped output
+    mean = jnp.mean(jax.vmap(drop)(jax.random.split(jax.random.key(3), 4000)), axis=0)
+    np.testing.assert_allclose(mean, plain, atol=0.1 * float(jnp.abs(plain).max()))
+    # different layers of a scan draw different masks
+    with layers.dropout_key(jax.random.key(0)):
+        with layers.dropout_key(jax.random.fold_in(jax.random.key(0), 0)):
+            k0 = layers.next_dropout_key()
+        with layers.dropout_key(jax.random.fold_in(jax.random.key(0), 1)):
+            k1 = layers.next_dropout_key()
+    assert not np.array_equal(jax.random.key_data(k0), jax.random.key_data(k1))
+    assert layers.next_dropout_key() is None
+
+
+def _in_dropout(layers, key, fn):
+    with layers.dropout_key(key):
+        return fn()

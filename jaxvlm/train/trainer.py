@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum  # noqa: F401
+from jaxvlm.layers import dropout_key
 
 logger = logging.getLogger(__name__)
 
@@ -235,14 +236,15 @@ class SFTTrainer:
             logger.info("resumed from %s at step %d", path, step)
 
         @jax.jit
-        def grad_step(trainable, frozen, inputs):
+        def grad_step(trainable, frozen, inputs, key):
             def loss_fn(t):
                 model = rebuild(t, frozen)
                 features = {k: v for k, v in inputs.items() if k != "labels"}
-                if not a.loss_chunk_size:
-                    return token_loss_sum(model.forward(features), inputs["labels"])
-                return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
-                                              a.loss_chunk_size)
+                with dropout_key(key):  # LoRA dropout, if the adapters have it
+                    if not a.loss_chunk_size:
+                        return token_loss_sum(model.forward(features), inputs["labels"])
+                    return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
+                                                  a.loss_chunk_size)
             (loss_sum, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
             return loss_sum, n_tokens, grads
 
@@ -277,6 +279,8 @@ class SFTTrainer:
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 logger.info(json.dumps(record))
 
+        # Each micro-batch's dropout key is this folded with its index (None when no adapter has dropout).
+        dropout_root = jax.random.key(a.seed) if _has_dropout(self.model) else None
         pending = None
         while step < total:
             grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
@@ -284,7 +288,9 @@ class SFTTrainer:
                 batch, _ = self.micro_batch(step * a.gradient_accumulation_steps + micro)
                 inputs = self.model_inputs(batch)
                 self._log_compile(inputs)
-                ls, nt, g = grad_step(trainable, frozen, inputs)
+                index = step * a.gradient_accumulation_steps + micro
+                key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
+                ls, nt, g = grad_step(trainable, frozen, inputs, key)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
                 n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
@@ -317,6 +323,12 @@ class SFTTrainer:
             logger.info("compiling the training step for a new batch shape (%d so far): input_ids %s, "
                         "pixel_values %s", len(self._compiled_shapes), np.shape(inputs["input_ids"]),
                         np.shape(inputs.get("pixel_values")))
+
+
+def _has_dropout(model) -> bool:
+    from jaxvlm.lora import LoRA
+    return any(isinstance(v.get_value(), LoRA) and v.get_value().dropout
+               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def _progress(total: int, initial: int):
