@@ -7,8 +7,9 @@ Workload (the benchmark issue's): each sample one 448x448 image (256 merged toke
 tokens, LoRA r=16 on every Linear Unsloth's default regex picks (vision and language, attention and
 MLP), AdamW, remat per block. Each configuration runs in its own process; one JSON line each: median
 step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
-With --trace DIR the first configuration is also profiled (3 steps) and its GPU time is summarised
-by kernel kind, kernel and HLO op (DIR/summary.json, and printed).
+With --trace DIR the first configuration runs once more, in its own process after the measurements,
+under the profiler (3 steps); its GPU time is summarised by kernel kind, kernel and HLO op
+(DIR/summary.json, and printed). On the lent H100 of 2026-11-23 the profiler crashed the process.
 """
 from __future__ import annotations
 
@@ -112,6 +113,17 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                                     per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                                     max_steps=n, learning_rate=1e-4, optim="adamw_torch", logging_steps=0,
                                     output_dir="/tmp/bench_train", loss_chunk_size=loss_chunk))
+    if trace:  # profile only (its own process: the profiler has crashed a lent H100 process)
+        trainer(2).train()  # compile and warm up; then profile 3 steps of a warm trainer
+        jax.profiler.start_trace(trace)
+        trainer(3).train()
+        jax.profiler.stop_trace()
+        summary = summarize_trace(trace, 3)
+        out = dict(bench="train-trace", geometry=geometry, weights=weights, remat=remat, attn=attn,
+                   loss_chunk=loss_chunk, batch=batch, device=jax.devices()[0].device_kind, **summary)
+        with open(os.path.join(trace, "summary.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        return out
     t0 = time.perf_counter()
     tr = trainer(steps)
     tr.train()
@@ -125,16 +137,6 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                step_s=round(step_s, 4), tokens_per_s=round(batch * seq / step_s),
                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
                mfu=round(flops / step_s / H100_BF16_FLOPS, 3), run_s=round(wall, 1))
-    if trace:
-        tr = trainer(2)  # compiled again (a new jit); then profile 3 steps of a warm one
-        tr.train()
-        jax.profiler.start_trace(trace)
-        trainer(3).train()
-        jax.profiler.stop_trace()
-        summary = summarize_trace(trace, 3)
-        with open(os.path.join(trace, "summary.json"), "w") as f:
-            json.dump({"config": out, **summary}, f, indent=1)
-        out["trace"] = summary
     return out
 
 
@@ -153,12 +155,13 @@ def main():
     if args.one:
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
-    trace = args.trace
-    for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn, args.loss_chunk,
-                                                             args.batch):
-        one = dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text, trace=trace,
-                   geometry=args.geometry)
-        trace = None
+    runs = [dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text,
+                 geometry=args.geometry)
+            for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn,
+                                                                     args.loss_chunk, args.batch)]
+    if args.trace:  # the first configuration once more, under the profiler, after all measurements
+        runs.append(dict(runs[0], trace=args.trace))
+    for one in runs:
         r = subprocess.run([sys.executable, "-m", "scripts.bench_train", "--one", json.dumps(one)])
         if r.returncode:
             print(json.dumps(dict(bench="train", error=f"exit {r.returncode}", **one)), flush=True)
