@@ -293,17 +293,14 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
             return fn(block, checkpoint_name(c, "block_input"), *xs)
         body = nnx.remat(named, policy=_checkpoint_policy(remat), prevent_cse=False)
 
-    if _dropout["key"] is None:
-        @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
-        def step(block, c, *xs):
-            return body(block, c, *xs)
-        return step(stack, carry, *per_layer)
-
     # With dropout, each layer folds its index into the step's key, so layers draw different masks.
-    n_layers = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+    key = _dropout["key"]
+    index = () if key is None else (jnp.arange(jax.tree.leaves(nnx.state(stack))[0].shape[0]),)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0, *(0,) * len(per_layer)), out_axes=(nnx.Carry, 0))
-    def step_with_dropout(block, c, i, *xs):
-        with dropout_key(jax.random.fold_in(_dropout["key"], i)):
+    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0))
+    def step(block, c, *xs):
+        if key is None:
             return body(block, c, *xs)
-    return step_with_dropout(stack, carry, jnp.arange(n_layers), *per_layer)
+        with dropout_key(jax.random.fold_in(key, xs[0])):
+            return body(block, c, *xs[1:])
+    return step(stack, carry, *index, *per_layer)

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.}
 RES=$OUT/results.jsonl
 export PYTHONPATH=$PWD:$PWD/.peers/bnb:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-json() { grep -o '{".*' | grep -v '^{"bench": "parts"' | tee -a "$RES"; }
+json() { grep -o '{".*' | tee -a "$RES"; }
 hf() {  # B TXT Q4
   B=$1 TXT=$2 Q4=$3 python3 .shared_bench/hf_peft_step.py 2>"$OUT/hf_err_$1_$2_$3.txt" \
     | python3 -c "import json,sys; [print(json.dumps({'bench': 'train', **json.loads(l)})) for l in sys.stdin if l.startswith('{')]" | json

@@ -114,7 +114,8 @@ def test_peft_adapter_loads_here_with_peft_logits(base, tmp_path):
 
 def test_lora_gradients_match_peft(base):
     from peft import LoraConfig, get_peft_model
-    from jaxvlm.train.trainer import split_trainable, token_loss_sum
+    from jaxvlm.kernels.cross_entropy import token_loss_sum
+    from jaxvlm.train.trainer import split_trainable
     family, path, model, processor = base
     adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, layers_to_transform=[0, 2],
                                                           target_modules=["q_proj", "down_proj", "qkv", "fc1", "up_proj"]))

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum  # noqa: F401
+from jaxvlm.kernels.cross_entropy import chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import dropout_key
 
 logger = logging.getLogger(__name__)
