@@ -219,15 +219,21 @@ def _gather_rows_bwd(res, g):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array, *,
+                      contiguous: bool = False) -> jax.Array:
     """Attention of packed tokens `q, k, v [tokens, heads, head_dim]` within segments only.
 
     index [segments, length]: the token positions of each segment (each token in one segment), padded
     at the end with `tokens` (out of range). Tokens are gathered into one padded row per segment,
     attended with the row's length, and gathered back, so the cost is the sum of the segments' squared
-    lengths rather than the square of all tokens.
+    lengths rather than the square of all tokens. `contiguous`: the caller guarantees that the rows are
+    consecutive runs of positions, in order (as `qwen2_vl.segment_index` builds them); then, when the
+    segments fill all tokens at equal length (same-size images), the gathers are reshapes.
     """
     n = q.shape[0]
+    if contiguous and index.shape[0] * index.shape[1] == n:
+        out = attention(*(x.reshape(*index.shape, *x.shape[1:]) for x in (q, k, v)))
+        return out.reshape(q.shape)
     flat = index.reshape(-1)
     inverse = jnp.full((n,), flat.shape[0], jnp.int32).at[flat].set(
         jnp.arange(flat.shape[0], dtype=jnp.int32), mode="drop")

@@ -32,6 +32,34 @@ ATTENTION_TAGS = ("self_attn", "attention", "attn")
 MLP_TAGS = ("mlp", "feed_forward", "ffn", "dense")
 
 
+@jax.custom_vjp
+def concat_linear(x: jax.Array, xa: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w.T + xa @ b.T as one matmul, [x | xa] @ [w | b].T (K = in + r): the base product and the
+    adapter's B product share the pass over the output. x [..., in], xa [..., r], w [out, in], b [out, r].
+    The backward pass reads the output's cotangent g once for dx and dxa together (g @ [w | b]); dw
+    (g.T @ x) is formed only if w is differentiated (a frozen base's is dropped as dead code)."""
+    xc = jnp.concatenate([x, xa], axis=-1)
+    wc = jnp.concatenate([w, b], axis=-1)
+    return jax.lax.dot_general(xc, wc, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _concat_linear_fwd(x, xa, w, b):
+    return concat_linear(x, xa, w, b), (x, xa, w, b)
+
+
+def _concat_linear_bwd(res, g):
+    x, xa, w, b = res
+    n = w.shape[1]
+    gc = jax.lax.dot_general(g, jnp.concatenate([w, b], axis=-1), (((g.ndim - 1,), (0,)), ((), ())))
+    lead = tuple(range(g.ndim - 1))
+    dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
+    db = jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))
+    return gc[..., :n], gc[..., n:], dw, db
+
+
+concat_linear.defvjp(_concat_linear_fwd, _concat_linear_bwd)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA:
@@ -55,14 +83,23 @@ class LoRA:
 
     def linear(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] for one layer (inside the layer scan)."""
-        y = linear(x, self.base)
+        xd = x
         key = next_dropout_key() if self.dropout else None
         if key is not None:  # training: dropout on the adapter's input, as PEFT applies it
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        h = linear(linear(x, self.lora_A.astype(x.dtype)), self.lora_B.astype(x.dtype))
+            xd = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
-        return y + scale * h
+        xa = linear(xd, self.lora_A.astype(x.dtype)) * scale  # [..., r]: scaled here, B's product stays plain
+        b = self.lora_B.astype(x.dtype)
+        # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
+        # copying the narrow input into the concatenation costs less than a second pass over the wide
+        # output. Square or narrowing (q/o, k/v, proj, fc2, down), or few rows (a decode step, where
+        # copying the weight into [w | b] would cost more than the product): two products and an add
+        # (docs/BENCHMARKS.md, "LoRA product").
+        rows = math.prod(x.shape[:-1])
+        if x.shape[-1] < b.shape[0] and rows >= x.shape[-1]:
+            return concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
+        return linear(x, self.base) + linear(xa, b)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The merged weight base + scale * B @ A [out, in] of one layer, in `dtype`."""

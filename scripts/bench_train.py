@@ -8,8 +8,10 @@ tokens, LoRA r=16 on every Linear Unsloth's default regex picks (vision and lang
 MLP), AdamW, remat per block. Each configuration runs in its own process; one JSON line each: median
 step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
 With --trace DIR the first configuration runs once more, in its own process after the measurements,
-under the profiler (3 steps); its GPU time is summarised by kernel kind, kernel and HLO op
-(DIR/summary.json, and printed). On the lent H100 of 2026-11-23 the profiler crashed the process.
+under a profiler (3 steps); its GPU time is summarised by kernel kind and kernel, with the GPU's busy
+share (DIR/summary.json, and printed), and the step's optimized HLO is kept (DIR/step_hlo.txt.gz) to
+name XLA's fusion kernels. --trace-tool jax uses jax.profiler (it crashed on the lent H100 of
+2026-11-23); torch (default) reads the same CUPTI records through torch's profiler.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -53,7 +56,26 @@ KINDS = (("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
          ("other (XLA fusions)", ("",)))
 
 
-def summarize_trace(trace_dir: str, steps: int) -> dict:
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next(k for k, keys in KINDS if any(key in low for key in keys))
+
+
+def _summary(kernels: dict, ops: dict, steps: int, **extra) -> dict:
+    """kernels/ops: name -> [total ms, count] over `steps` steps."""
+    by_kind: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms
+
+    def top(table, n=300):
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+        return [(name[:140], round(ms / steps, 3), count // steps) for name, (ms, count) in rows]
+    return dict(gpu_kernel_ms_per_step=round(sum(v[0] for v in kernels.values()) / steps, 3),
+                by_kind_ms={k: round(v / steps, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                top_kernels_ms=top(kernels), top_ops_ms=top(ops), **extra)
+
+
+def summarize_jax_trace(trace_dir: str, steps: int) -> dict:
     """GPU time per step from a jax.profiler trace (xplane.pb): by kernel kind, the top kernels of the
     stream lines, and the top HLO ops of the "XLA Ops" line (the op that launched each kernel)."""
     import glob
@@ -73,22 +95,59 @@ def summarize_trace(trace_dir: str, steps: int) -> dict:
                 entry = table.setdefault(ev.name, [0.0, 0])
                 entry[0] += ev.duration_ns / 1e6
                 entry[1] += 1
-    by_kind: dict[str, float] = {}
-    for name, (ms, _) in kernels.items():
-        low = name.lower()
-        kind = next(k for k, keys in KINDS if any(key in low for key in keys))
-        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    return _summary(kernels, ops, steps)
 
-    def top(table, n=40):
-        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
-        return [(name[:140], round(ms / steps, 3), count // steps) for name, (ms, count) in rows]
-    return dict(gpu_kernel_ms_per_step=round(sum(v[0] for v in kernels.values()) / steps, 3),
-                by_kind_ms={k: round(v / steps, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top_kernels_ms=top(kernels), top_ops_ms=top(ops))
+
+def torch_cupti_trace(run, steps: int) -> dict:
+    """GPU kernels of `run()` (JAX's included: CUPTI sees the whole process) through torch's profiler,
+    for where jax.profiler crashes. Kernel names are XLA's fusion names (see the HLO dump) or library
+    kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the GPU's idle share of the window."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    kernels: dict[str, list] = {}
+    spans = []
+    for ev in prof.events():
+        dt = getattr(ev, "device_time", None)
+        if dt is None or not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+            continue
+        entry = kernels.setdefault(ev.name, [0.0, 0])
+        entry[0] += dt / 1e3
+        entry[1] += 1
+        spans.append((ev.time_range.start, ev.time_range.end))
+    spans.sort()
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    window = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    del torch
+    return _summary(kernels, {}, steps, window_ms_per_step=round(window / 1e3 / steps, 3),
+                    busy_ms_per_step=round(busy / 1e3 / steps, 3))
+
+
+def keep_hlo_dump(dump_dir: str, out_dir: str) -> str | None:
+    """The largest optimized HLO module of an XLA dump (the training step), gzipped into out_dir."""
+    import glob
+    import gzip
+    import shutil
+    files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+    if not files:
+        return None
+    big = max(files, key=os.path.getsize)
+    dest = os.path.join(out_dir, "step_hlo.txt.gz")
+    with open(big, "rb") as src, gzip.open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return dest
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
-            trace: str | None = None, geometry: str = "qwen2-vl-2b") -> dict:
+            trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b") -> dict:
     from jaxvlm import FastVisionModel, layers
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
@@ -114,13 +173,20 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                                     max_steps=n, learning_rate=1e-4, optim="adamw_torch", logging_steps=0,
                                     output_dir="/tmp/bench_train", loss_chunk_size=loss_chunk))
     if trace:  # profile only (its own process: the profiler has crashed a lent H100 process)
+        os.makedirs(trace, exist_ok=True)
         trainer(2).train()  # compile and warm up; then profile 3 steps of a warm trainer
-        jax.profiler.start_trace(trace)
-        trainer(3).train()
-        jax.profiler.stop_trace()
-        summary = summarize_trace(trace, 3)
-        out = dict(bench="train-trace", geometry=geometry, weights=weights, remat=remat, attn=attn,
-                   loss_chunk=loss_chunk, batch=batch, device=jax.devices()[0].device_kind, **summary)
+        if trace_tool == "jax":
+            jax.profiler.start_trace(trace)
+            trainer(3).train()
+            jax.profiler.stop_trace()
+            summary = summarize_jax_trace(trace, 3)
+        else:
+            tr = trainer(3)
+            summary = torch_cupti_trace(tr.train, 3)
+        hlo = keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), trace)
+        out = dict(bench="train-trace", tool=trace_tool, geometry=geometry, weights=weights, remat=remat,
+                   attn=attn, loss_chunk=loss_chunk, batch=batch, device=jax.devices()[0].device_kind,
+                   hlo=hlo, **summary)
         with open(os.path.join(trace, "summary.json"), "w") as f:
             json.dump(out, f, indent=1)
         return out
@@ -150,6 +216,8 @@ def main():
     ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside 256 image tokens)")
     ap.add_argument("--geometry", default="qwen2-vl-2b", choices=sorted(GEOMETRIES))
     ap.add_argument("--trace", help="profile the first configuration into this directory")
+    ap.add_argument("--trace-tool", default="torch", choices=["torch", "jax"],
+                    help="torch: CUPTI through torch's profiler (jax.profiler crashed on the lent H100)")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
     args = ap.parse_args()
     if args.one:
@@ -160,9 +228,14 @@ def main():
             for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn,
                                                                      args.loss_chunk, args.batch)]
     if args.trace:  # the first configuration once more, under the profiler, after all measurements
-        runs.append(dict(runs[0], trace=args.trace))
+        runs.append(dict(runs[0], trace=args.trace, trace_tool=args.trace_tool))
     for one in runs:
-        r = subprocess.run([sys.executable, "-m", "scripts.bench_train", "--one", json.dumps(one)])
+        env = dict(os.environ)
+        if one.get("trace"):  # keep the optimized HLO, to name the kernels of the profile
+            dump = tempfile.mkdtemp(prefix="xla_dump_")
+            env["JAXVLM_BENCH_DUMP"] = dump
+            env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
+        r = subprocess.run([sys.executable, "-m", "scripts.bench_train", "--one", json.dumps(one)], env=env)
         if r.returncode:
             print(json.dumps(dict(bench="train", error=f"exit {r.returncode}", **one)), flush=True)
 

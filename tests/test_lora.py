@@ -3,6 +3,7 @@ import dataclasses
 import itertools
 import json
 import re
+import unittest.mock
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import torch
 from flax import nnx
 
 from jaxvlm import FastVisionModel
-from jaxvlm.lora import LoRA, get_peft_regex, linear_modules, load_adapter, merge, select_modules, unmerge
+from jaxvlm.lora import LoRA, concat_linear, get_peft_regex, linear_modules, load_adapter, merge, select_modules, unmerge
 from tests.conftest import chat, random_image
 from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
 from tests.tiny import build_hf_model
@@ -119,7 +120,9 @@ def test_lora_gradients_match_peft(base):
     family, path, model, processor = base
     adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, layers_to_transform=[0, 2],
                                                           target_modules=["q_proj", "down_proj", "qkv", "fc1", "up_proj"]))
-    batch = batch_for(processor)
+    # At least as many vision patches and text tokens as the Linears' input widths, so that the widening
+    # ones take the one-matmul path (`lora.concat_linear`), as in training.
+    batch = encode(processor, [chat("describe the image in detail, " * 8, 1)], [random_image(112, 84)])
     labels = batch["input_ids"].copy()
     inputs = {k: jnp.asarray(v) for k, v in adapted.prepare_inputs(**batch).items() if k != "rope_deltas"}
     trainable, frozen, rebuild, paths = split_trainable(adapted, lambda p: p[-1].name in ("lora_A", "lora_B"))
@@ -127,7 +130,10 @@ def test_lora_gradients_match_peft(base):
     def loss(t):
         s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
         return s / n
-    grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
+    fused = []  # the widening Linears (qkv, fc1, up_proj) take the one-matmul path; the others two products
+    with unittest.mock.patch("jaxvlm.lora.concat_linear", lambda *a: fused.append(a[2].shape) or concat_linear(*a)):
+        grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
+    assert len({shape[-2:] for shape in fused}) == 3, fused
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -251,3 +257,20 @@ def test_lora_dropout_drops_the_adapter_input_in_training_only(base):
 def _in_dropout(layers, key, fn):
     with layers.dropout_key(key):
         return fn()
+
+
+def test_concat_linear_value_and_gradients_equal_the_two_products():
+    # The fused LoRA product (one matmul over [x | xa]) and its hand-written backward pass against
+    # autodiff of x @ w.T + xa @ b.T, for every argument (w included, should a base be trained).
+    ks = jax.random.split(jax.random.key(0), 5)
+    x, xa = jax.random.normal(ks[0], (2, 5, 12)), jax.random.normal(ks[1], (2, 5, 4))
+    w, b = jax.random.normal(ks[2], (20, 12)), jax.random.normal(ks[3], (20, 4))
+    g = jax.random.normal(ks[4], (2, 5, 20))
+
+    def plain(x, xa, w, b):
+        return x @ w.T + xa @ b.T
+    np.testing.assert_allclose(concat_linear(x, xa, w, b), plain(x, xa, w, b), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda *a: jnp.sum(concat_linear(*a) * g), argnums=(0, 1, 2, 3))(x, xa, w, b)
+    ref = jax.grad(lambda *a: jnp.sum(plain(*a) * g), argnums=(0, 1, 2, 3))(x, xa, w, b)
+    for o, r in zip(ours, ref):
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)

@@ -394,10 +394,10 @@ class VisionAttention(nnx.Module):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [N, heads, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if len(segments) == 1:
-            out = segment_attention(q, k, v, segments[0])
+            out = segment_attention(q, k, v, segments[0], contiguous=True)
         else:
-            out = jax.lax.cond(use_first, lambda: segment_attention(q, k, v, segments[0]),
-                               lambda: segment_attention(q, k, v, segments[1]))
+            out = jax.lax.cond(use_first, lambda: segment_attention(q, k, v, segments[0], contiguous=True),
+                               lambda: segment_attention(q, k, v, segments[1], contiguous=True))
         return self.proj(out.reshape(n, d))
 
 

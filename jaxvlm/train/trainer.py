@@ -56,8 +56,8 @@ class SFTConfig:
     save_steps: int = 0
     save_total_limit: int | None = None
     report_to: str = "none"
-    # jaxvlm: the loss runs over chunks of this many tokens, so the fp32 logits of the whole batch never
-    # exist (0: form all logits at once, the reference).
+    # jaxvlm: the loss runs over equal chunks of at most this many tokens, so the fp32 logits of the
+    # whole batch never exist (0: form all logits at once, the reference).
     loss_chunk_size: int = 512
 
     def __init__(self, **kwargs):
