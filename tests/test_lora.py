@@ -114,7 +114,6 @@ def test_peft_adapter_loads_here_with_peft_logits(base, tmp_path):
 
 
 def test_lora_gradients_match_peft(base):
-    from peft import LoraConfig, get_peft_model
     from jaxvlm.kernels.cross_entropy import token_loss_sum
     from jaxvlm.train.trainer import split_trainable
     family, path, model, processor = base
