@@ -52,7 +52,7 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
 
 KINDS = (("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
          ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "triton_gemm")),
-         ("copy host<->device", ("memcpy", "dtoh", "htod", "d2h", "h2d")),
+         ("copies (memcpy, memset)", ("memcpy", "memset")),
          ("other (XLA fusions)", ("",)))
 
 
@@ -100,9 +100,8 @@ def summarize_jax_trace(trace_dir: str, steps: int) -> dict:
 
 def torch_cupti_trace(run, steps: int) -> dict:
     """GPU kernels of `run()` (JAX's included: CUPTI sees the whole process) through torch's profiler,
-    for where jax.profiler crashes. Kernel names are XLA's fusion names (see the HLO dump) or library
-    kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the GPU's idle share of the window."""
-    import torch
+    for where jax.profiler crashes. Kernel names are XLA's fusion names (see `name_kernels`) or library
+    kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the time the GPU was busy (any kernel)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -116,34 +115,39 @@ def torch_cupti_trace(run, steps: int) -> dict:
         entry[0] += dt / 1e3
         entry[1] += 1
         spans.append((ev.time_range.start, ev.time_range.end))
-    spans.sort()
     busy, end = 0.0, None
-    for a, b in spans:
+    for a, b in sorted(spans):  # the union of the kernels' intervals
         if end is None or a > end:
-            busy += b - a
-            end = b
+            busy, end = busy + b - a, b
         elif b > end:
-            busy += b - end
-            end = b
-    window = (spans[-1][1] - spans[0][0]) if spans else 0.0
-    del torch
-    return _summary(kernels, {}, steps, window_ms_per_step=round(window / 1e3 / steps, 3),
-                    busy_ms_per_step=round(busy / 1e3 / steps, 3))
+            busy, end = busy + b - end, b
+    return _summary(kernels, {}, steps, busy_ms_per_step=round(busy / 1e3 / steps, 3))
 
 
 def keep_hlo_dump(dump_dir: str, out_dir: str) -> str | None:
-    """The largest optimized HLO module of an XLA dump (the training step), gzipped into out_dir."""
+    """The largest optimized HLO module of an XLA dump (the training step), gzipped into out_dir; returns
+    its text."""
     import glob
     import gzip
-    import shutil
     files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
     if not files:
         return None
-    big = max(files, key=os.path.getsize)
-    dest = os.path.join(out_dir, "step_hlo.txt.gz")
-    with open(big, "rb") as src, gzip.open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return dest
+    with open(max(files, key=os.path.getsize)) as f:
+        text = f.read()
+    with gzip.open(os.path.join(out_dir, "step_hlo.txt.gz"), "wt") as f:
+        f.write(text)
+    return text
+
+
+def name_kernels(rows: list, hlo: str) -> list:
+    """Each [kernel, ms, count] row of XLA's own kernels (fusion `loop_add_fusion_2` is HLO instruction
+    `%loop_add_fusion.2`) with the instruction's shape and the jax op it came from."""
+    import re
+    found = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) [\w-]+\((.*)$", hlo, re.M):
+        op = re.search(r'op_name="([^"]*)"', m.group(3))
+        found[m.group(1)] = (m.group(2)[:60], op.group(1)[-100:] if op else "")
+    return [[*row, *found.get(re.sub(r"_(\d+)$", r".\1", row[0]), found.get(row[0], ()))] for row in rows]
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
@@ -184,9 +188,11 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
             tr = trainer(3)
             summary = torch_cupti_trace(tr.train, 3)
         hlo = keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), trace)
+        if hlo:
+            summary["top_kernels_ms"] = name_kernels(summary["top_kernels_ms"], hlo)
         out = dict(bench="train-trace", tool=trace_tool, geometry=geometry, weights=weights, remat=remat,
                    attn=attn, loss_chunk=loss_chunk, batch=batch, device=jax.devices()[0].device_kind,
-                   hlo=hlo, **summary)
+                   **summary)
         with open(os.path.join(trace, "summary.json"), "w") as f:
             json.dump(out, f, indent=1)
         return out
