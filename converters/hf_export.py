@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from converters.hf_import import path_key
+from jaxvlm.converters.hf_import import path_key
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

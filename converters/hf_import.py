@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from converters.safetensors_io import Checkpoint, CheckpointError
+from jaxvlm.converters.safetensors_io import Checkpoint, CheckpointError
 
 # Suffixes of the tensors that carry a bitsandbytes-quantized weight's statistics.
 _BNB_PARTS = re.compile(r"^(.*)(\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"

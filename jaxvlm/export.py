@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters.hf_export import hf_tensors, write_safetensors
-from converters.hf_import import normalize_key
+from jaxvlm.converters.hf_export import hf_tensors, write_safetensors
+from jaxvlm.converters.hf_import import normalize_key
 from jaxvlm.layers import dense_weight
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.hf_import import default_convert, load_state
-from converters.safetensors_io import Checkpoint
+from jaxvlm.converters.hf_import import default_convert, load_state
+from jaxvlm.converters.safetensors_io import Checkpoint
 from jaxvlm import lora
 from jaxvlm.layers import REMAT_POLICIES, Linear, dense_weight
 from jaxvlm.models import family_for

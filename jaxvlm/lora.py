@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.hf_import import path_key
+from jaxvlm.converters.hf_import import path_key
 from jaxvlm.layers import Linear, dense_weight, linear, next_dropout_key
 
 VISION_TAGS = ("vision", "image", "visual", "patch")
@@ -405,7 +405,7 @@ def load_adapter(model, directory: str):
 
     Raises ValueError naming the first adapter tensor that does not fit the model (key and both shapes).
     """
-    from converters.safetensors_io import Checkpoint
+    from jaxvlm.converters.safetensors_io import Checkpoint
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing; expected a PEFT adapter directory")
@@ -475,7 +475,7 @@ def _fill_saved(model, saved, where):
     if not saved:
         return model
     from jaxvlm.models import family_for
-    from converters.hf_import import _split_stacked
+    from jaxvlm.converters.hf_import import _split_stacked
     stacked = family_for(model.config.model_type, "model.config").STACKED
     graphdef, state = nnx.split(model)
     flat = dict((path_key(p), (p, v)) for p, v in nnx.to_flat_state(state))

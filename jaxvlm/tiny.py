@@ -129,7 +129,7 @@ def save_random_model(path, family="qwen2_vl", seed=0, std=0.02, size="test"):
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from converters.hf_export import hf_tensors
+    from jaxvlm.converters.hf_export import hf_tensors
     from jaxvlm.models import family_for
 
     if size not in SIZES:

@@ -54,7 +54,7 @@ def geometry_config(name: str):
 def random_model(cfg, dtype, seed=0, nf4=False):
     """Random weights drawn on the device; with `nf4`, each Linear weight is quantized as soon as it is
     drawn (as load_in_4bit does), so the 16-bit model never exists whole."""
-    from converters.hf_import import path_key
+    from jaxvlm.converters.hf_import import path_key
     from jaxvlm.fast_vision_model import linear_weight_keys
     from jaxvlm.quant import quantize_nf4
     abstract = nnx.eval_shape(lambda: qwen2_vl.build(cfg, dtype))

@@ -21,7 +21,7 @@ def write_checkpoint(path: str) -> None:
     import numpy as np
     from flax import nnx
 
-    from converters.hf_export import write_safetensors
+    from jaxvlm.converters.hf_export import write_safetensors
     from jaxvlm.models import qwen2_vl
     from jaxvlm.tiny import save_tiny_processor
     from scripts.bench_forward import qwen2_vl_2b_config

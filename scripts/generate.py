@@ -1,68 +1,7 @@
-"""jaxvlm-generate: answer a prompt about images with a VLM (optionally with a LoRA adapter).
-
-    jaxvlm-generate --model Qwen/Qwen2-VL-2B-Instruct --image cat.jpg --prompt "Describe this image."
-    jaxvlm-generate --model DIR --adapter out/adapter --image a.png --image b.png --prompt "Compare them." \\
-        --max-new-tokens 256 --do-sample --temperature 0.7 --top-p 0.9
-
-The answer streams to stdout as it is generated.
-"""
-from __future__ import annotations
-
-import argparse
+"""From a checkout: `python scripts/generate.py --help` runs jaxvlm-generate (jaxvlm/cli/generate.py)."""
 import sys
 
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="jaxvlm-generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model directory or hub id")
-    ap.add_argument("--adapter", help="a LoRA adapter directory (ours or PEFT's) to apply")
-    ap.add_argument("--prompt", required=True, help="the user's message")
-    ap.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--min-p", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
-    ap.add_argument("--load-in-4bit", action="store_true", help="store the base weights in NF4")
-    ap.add_argument("--max-seq-length", type=int, default=2048)
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from PIL import Image
-    from transformers import TextStreamer
-
-    from jaxvlm import FastVisionModel
-
-    images = []
-    for path in args.image:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as e:
-            print(f"jaxvlm-generate: cannot read image {path}: {e}", file=sys.stderr)
-            return 2
-    model, processor = FastVisionModel.from_pretrained(
-        args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length)
-    if args.adapter:
-        from jaxvlm.lora import load_adapter
-        model = load_adapter(model, args.adapter)
-    FastVisionModel.for_inference(model)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-    batch = processor(text=[prompt], images=images or None, return_tensors="np")
-    tokenizer = processor.tokenizer
-    model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    return 0
-
+from jaxvlm.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,7 @@ def write_records(folder, n=4):
                                           ("generate", ["--image", "--prompt", "--adapter", "--do-sample"]),
                                           ("export", ["--save-method", "--overwrite", "--push-to-hub"])])
 def test_help_names_the_options(tool, options):
-    out = subprocess.run([sys.executable, "-m", f"scripts.{tool}", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", f"jaxvlm.cli.{tool}", "--help"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
     assert out.startswith("usage:")
     for option in options:
@@ -41,7 +41,7 @@ def test_help_names_the_options(tool, options):
 
 
 def test_train_export_generate(model_dir, tmp_path, capsys):
-    from scripts import export, generate, train
+    from jaxvlm.cli import export, generate, train
     data = write_records(tmp_path / "data")
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, "--data", data, "--output", str(out), "--max-steps", "3",

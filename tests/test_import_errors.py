@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from converters.safetensors_io import CheckpointError
+from jaxvlm.converters.safetensors_io import CheckpointError
 from jaxvlm import FastVisionModel
 from jaxvlm.models.qwen2_vl import ConfigError
 
