@@ -13,8 +13,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxvlm.converters.hf_import import path_key
+from jaxvlm.paths import layer_key, path_key, stacked_prefix
 
+INDEX_NAME = "model.safetensors.index.json"
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -26,18 +27,14 @@ def hf_tensors(model: nnx.Module, stacked: Iterable[str],
     `model.language_model.layers.{i}.self_attn.q_proj.weight [out, in]`. `to_array(value)` turns a
     param value (array, NF4, LoRA) into the host array to write.
     """
-    prefixes = tuple(stacked)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key = path_key(path)
-        prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
-        value = var.get_value()
-        if prefix is None:
-            yield key, to_array(value)
+        value = to_array(var.get_value())
+        if stacked_prefix(key, stacked) is None:
+            yield key, value
             continue
-        rest = key[len(prefix) + 1:]
-        stacked_value = to_array(value)
-        for i in range(stacked_value.shape[0]):
-            yield f"{prefix}.{i}.{rest}", stacked_value[i]
+        for i in range(value.shape[0]):
+            yield layer_key(key, i, stacked), value[i]
 
 
 def parse_size(size) -> int:
@@ -78,6 +75,23 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, m
             weight_map[key] = name
         save_file(chunk, os.path.join(out_dir, name), metadata={"format": "pt"})
     if n_shards > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
     return names
+
+
+def remove_stale_weights(out_dir: str, written: list[str]) -> None:
+    """Removes the weight files of an earlier save into `out_dir` that this save did not rewrite: a model
+    saved sharded, then unsharded (or into fewer shards), would otherwise keep an index or shards that
+    transformers reads instead of, or besides, the new weights. Other files are left alone."""
+    index = os.path.join(out_dir, INDEX_NAME)
+    stale = {"model.safetensors"} if len(written) > 1 else set()
+    if len(written) == 1 and os.path.exists(index):
+        with open(index) as f:
+            stale |= set(json.load(f).get("weight_map", {}).values())
+        stale.add(INDEX_NAME)
+    stale |= {n for n in os.listdir(out_dir) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)}
+    for name in stale - set(written):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)

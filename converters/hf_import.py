@@ -20,14 +20,14 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.converters.safetensors_io import Checkpoint, CheckpointError
+from jaxvlm.layers import dense_weight
+from jaxvlm.paths import path_key, split_layer
+from jaxvlm.quant import NF4
+from jaxvlm.quantize import quantize
 
 # Suffixes of the tensors that carry a bitsandbytes-quantized weight's statistics.
 _BNB_PARTS = re.compile(r"^(.*)(\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"
                         r"\.quant_state\.bitsandbytes__\w+|\.SCB|\.weight_format)$")
-
-
-def path_key(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def normalize_key(key: str, renames: Iterable[tuple[str, str]]) -> str:
@@ -39,21 +39,32 @@ def normalize_key(key: str, renames: Iterable[tuple[str, str]]) -> str:
     return key
 
 
-def _split_stacked(key: str, stacked: Iterable[str]) -> tuple[str, int | None]:
-    """('model.visual.blocks.attn.qkv.weight', 3) for 'model.visual.blocks.3.attn.qkv.weight'."""
-    for prefix in stacked:
-        m = re.match(re.escape(prefix) + r"\.(\d+)\.(.+)$", key)
-        if m:
-            return f"{prefix}.{m.group(2)}", int(m.group(1))
-    return key, None
-
-
 def default_convert(key: str, value, spec) -> jax.Array:
     """A float array, cast to the param's dtype, on device; a quantized weight is dequantized."""
     if hasattr(value, "dequantize"):
-        from jaxvlm.layers import dense_weight
         return dense_weight(jax.device_put(value), spec.dtype)
     return jax.device_put(np.asarray(value).astype(spec.dtype))
+
+
+def quantizing_convert(quant: str | None, targets: set[str], compute_dtype, prequantized: bool):
+    """The importer's convert hook: Linear weights in `targets` become NF4 / Int8 on device as they stream in.
+
+    A checkpoint that is already 4-bit keeps its NF4 weights as they are and its float weights in float
+    (its creator chose which modules to leave unquantized); with quant=None everything is dequantized.
+    """
+    def convert(key, value, spec):
+        if quant is None or key not in targets:
+            return default_convert(key, value, spec)
+        if isinstance(value, NF4):
+            if quant == "nf4":
+                return jax.device_put(value)
+            dense = dense_weight(jax.device_put(value), compute_dtype)
+        elif prequantized:
+            return default_convert(key, value, spec)
+        else:
+            dense = jax.device_put(np.asarray(value).astype(compute_dtype))
+        return quantize(dense, quant)
+    return convert
 
 
 def load_state(
@@ -86,17 +97,24 @@ def load_state(
         key = normalize_key(disk_key, renames)
         if any(re.search(p, key) for p in ignored):
             continue
-        ours, layer = _split_stacked(key, stacked)
+        ours, layer = split_layer(key, stacked)
         if ours not in wanted:
             unexpected.append(disk_key)
             continue
         sources.setdefault(ours, {})[layer] = disk_key
-    orphans = [k for k in quantized if not any(k in src.values() for src in sources.values())]
-    if unexpected or orphans:
-        bad = unexpected + [f"{k} (quantization statistics)" for k in orphans]
+    # Statistics follow their weight (read, ignored or unexpected with it); only a weight that is not on
+    # disk at all leaves them stranded.
+    unpacked = [k for k in quantized if k not in ckpt.keys()]
+    if unpacked:
+        k = unpacked[0]
         raise CheckpointError(
-            f"{ckpt.model_dir}: {len(bad)} unexpected tensors that this model has no place for, e.g. "
-            f"{', '.join(bad[:5])}")
+            f"{ckpt.model_dir}: the packed 4-bit weight {k} is missing while its statistics "
+            f"({', '.join(sorted(quantized[k]))}) are present"
+            f"{f' (and {len(unpacked) - 1} more such weights)' if len(unpacked) > 1 else ''}")
+    if unexpected:
+        raise CheckpointError(
+            f"{ckpt.model_dir}: {len(unexpected)} unexpected tensors that this model has no place for, e.g. "
+            f"{', '.join(unexpected[:5])}")
     missing = [k for k in wanted if k not in sources]
     if missing:
         raise CheckpointError(f"{ckpt.model_dir}: missing tensors for {', '.join(missing[:5])}"
@@ -142,10 +160,10 @@ def _checked(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.nda
 def _read_bnb(ckpt: Checkpoint, disk_key: str, parts: dict[str, str], shape: tuple, ours: str):
     """The NF4 of a bitsandbytes-quantized weight (host arrays), its shape checked against the model's."""
     from jaxvlm.quant import nf4_from_bnb
-    if not any(s.startswith(".quant_state.") for s in parts):
-        raise CheckpointError(f"{ckpt.model_dir}: {disk_key} has quantization statistics "
-                              f"({', '.join(sorted(parts))}) but no 4-bit quant_state; 8-bit (SCB) checkpoints "
-                              f"are not supported")
+    if ".SCB" in parts or ".weight_format" in parts:
+        raise CheckpointError(f"{ckpt.model_dir}: {disk_key} has bitsandbytes 8-bit statistics "
+                              f"({', '.join(sorted(parts))}); 8-bit (SCB) checkpoints are not supported, "
+                              f"expected 4-bit NF4")
     tensors = {"": ckpt.get(disk_key), **{suffix: ckpt.get(k) for suffix, k in parts.items()}}
     try:
         q = nf4_from_bnb(tensors, name=disk_key)

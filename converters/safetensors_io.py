@@ -15,6 +15,8 @@ import numpy as np
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# transformers' pickled PyTorch checkpoints, which we refuse to open.
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -81,6 +83,14 @@ class Checkpoint:
         elif os.path.exists(single):
             files, weight_map = [SINGLE_NAME], None
         else:
+            pickled = [os.path.join(model_dir, n) for n in PICKLE_NAMES if os.path.exists(os.path.join(model_dir, n))]
+            if pickled:
+                raise CheckpointError(
+                    f"{pickled[0]}: a pickled PyTorch checkpoint, and {model_dir} has no {SINGLE_NAME} or "
+                    f"{INDEX_NAME}; pickled checkpoints are refused because loading a pickle can run arbitrary "
+                    f"code. Convert it to safetensors: load it in transformers and call "
+                    f"model.save_pretrained(dir, safe_serialization=True), or load the hub repo's safetensors "
+                    f"revision (revision='refs/pr/N', N its safetensors conversion pull request)")
             raise CheckpointError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
         self.entries: dict[str, _Entry] = {}
         for name in files:

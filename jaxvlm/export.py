@@ -1,14 +1,13 @@
 """Export back to Hugging Face: merged 16-bit safetensors, 4-bit, LoRA adapters, and hub uploads.
 
-Unsloth's `save_pretrained_merged` / `push_to_hub_merged`. Everything is written into a temporary
-sibling directory and renamed into place at the end, so a failure leaves no half-written model.
+Unsloth's `save_pretrained_merged` / `push_to_hub_merged`. Files are written into a staging directory and
+moved into the target at the end (jaxvlm.converters.files): saving into an existing directory replaces
+the files it writes and leaves every other file there alone; a failure changes nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 
@@ -16,47 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm.converters.hf_export import hf_tensors, write_safetensors
+from jaxvlm.converters.files import staged_directory
+from jaxvlm.converters.hf_export import hf_tensors, remove_stale_weights, write_safetensors
 from jaxvlm.converters.hf_import import normalize_key
+from jaxvlm.converters.peft_adapter import save_adapter
 from jaxvlm.layers import dense_weight
+from jaxvlm.paths import split_layer
+from jaxvlm.quant import nf4_to_bnb, quantize_nf4
+from jaxvlm.quantize import linear_weight_keys
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str, overwrite: bool = False):
-    """Yields a fresh temporary directory that replaces `out_dir` when the block succeeds.
-
-    Refuses an existing non-empty `out_dir` unless `overwrite`; on an exception the temporary
-    directory is removed and `out_dir` is left as it was.
-    """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "x"))
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-
-
-def _family(model):
-    from jaxvlm.models import family_for
-    return family_for(model.config.model_type, "model.config")
-
-
-def model_dtype(model):
-    return model.model.language_model.embed_tokens.weight.get_value().dtype
 
 
 def _copy_configs(model, out_dir: str, dtype, quantization_config: dict | None = None) -> None:
@@ -77,34 +45,32 @@ def _copy_configs(model, out_dir: str, dtype, quantization_config: dict | None =
         shutil.copy(gen, out_dir)
 
 
+def _merged_current_names(model, dtype):
+    """(current HF key, host array) of every weight with LoRA merged and NF4 dequantized, in `dtype`."""
+    dense = jax.jit(lambda v: dense_weight(v, dtype))
+    yield from hf_tensors(model, type(model).INFO.stacked, lambda v: np.asarray(dense(v)))
+
+
 def merged_tensors(model, dtype):
     """(on-disk HF key, host array) of every weight with LoRA merged and NF4 dequantized, in `dtype`."""
-    family = _family(model)
-    dense = jax.jit(lambda v: dense_weight(v, dtype))
-    for key, array in hf_tensors(model, family.STACKED, lambda v: np.asarray(dense(v))):
-        yield normalize_key(key, family.EXPORT_KEYS), array
+    export_keys = type(model).INFO.export_keys
+    for key, array in _merged_current_names(model, dtype):
+        yield normalize_key(key, export_keys), array
 
 
 def merged_4bit_tensors(model, dtype):
-    """As merged_tensors, with the Linear weights (but the family's QUANT_SKIP modules) quantized to NF4
+    """As merged_tensors, with the Linear weights (but the family's quant_skip modules) quantized to NF4
     and written as bitsandbytes writes them (`<key>`, `<key>.absmax`, ..., `.quant_state.bitsandbytes__nf4`)."""
-    from jaxvlm.fast_vision_model import linear_weight_keys
-    from jaxvlm.quant import nf4_to_bnb, quantize_nf4
-    family = _family(model)
-    targets = {normalize_key(_per_layer_pattern(k, family.STACKED), family.EXPORT_KEYS)
-               for k in linear_weight_keys(model, family.QUANT_SKIP)}
+    info = type(model).INFO
+    targets = linear_weight_keys(model, info.quant_skip)
     quantize = jax.jit(quantize_nf4)
-    for key, array in merged_tensors(model, dtype):
-        if re.sub(r"\.\d+\.", ".N.", key) not in targets:
-            yield key, array
+    for key, array in _merged_current_names(model, dtype):
+        disk_key = normalize_key(key, info.export_keys)
+        if split_layer(key, info.stacked)[0] not in targets:
+            yield disk_key, array
             continue
         for suffix, tensor in nf4_to_bnb(quantize(jnp.asarray(array))).items():
-            yield key + suffix, np.asarray(tensor)
-
-
-def _per_layer_pattern(key: str, stacked) -> str:
-    prefix = next((p for p in stacked if key.startswith(p + ".")), None)
-    return key if prefix is None else f"{prefix}.N.{key[len(prefix) + 1:]}"
+            yield disk_key + suffix, np.asarray(tensor)
 
 
 def _quantization_config(model, dtype) -> dict:
@@ -112,45 +78,51 @@ def _quantization_config(model, dtype) -> dict:
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": jnp.dtype(dtype).name, "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": list(_family(model).QUANT_SKIP), "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": list(type(model).INFO.quant_skip), "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
 def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
-                           max_shard_size="5GB", overwrite: bool = False, **kwargs) -> None:
+                           max_shard_size="5GB", **kwargs) -> None:
     """Writes an HF model directory transformers loads: config.json, generation_config.json, safetensors
     (sharded with an index above `max_shard_size`), and the processor/tokenizer given as `tokenizer`.
 
     save_method: "merged_16bit" (LoRA merged into the base, stored in the model's dtype), "merged_4bit"
-    (the same, then NF4 in bitsandbytes' format), or "lora" (the PEFT adapter only).
+    (the same, then NF4 in bitsandbytes' format), or "lora" (the PEFT adapter only). Files already in
+    `save_directory` that this save does not write stay, except weight shards of an earlier save.
     """
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method={save_method!r}: expected one of {', '.join(SAVE_METHODS)}")
-    if save_method == "lora":
-        from jaxvlm.lora import save_adapter
-        with atomic_dir(save_directory, overwrite) as tmp:
-            save_adapter(model, tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        return
-    dtype = model_dtype(model)
-    with atomic_dir(save_directory, overwrite) as tmp:
-        if save_method == "merged_4bit":
+    dtype = model.dtype
+    with staged_directory(save_directory) as stage:
+        if save_method == "lora":
+            save_adapter(model, stage)
+        elif save_method == "merged_4bit":
             # Shard sizes are known only once quantized; 4-bit tensors are a quarter of the 16-bit ones.
-            write_safetensors(merged_4bit_tensors(model, dtype), tmp, max_shard_size)
-            _copy_configs(model, tmp, dtype, quantization_config=_quantization_config(model, dtype))
+            written = write_safetensors(_progress(merged_4bit_tensors(model, dtype)), stage, max_shard_size)
+            _copy_configs(model, stage, dtype, quantization_config=_quantization_config(model, dtype))
         else:
-            write_safetensors(merged_tensors(model, dtype), tmp, max_shard_size, sizes=_sizes(model, dtype))
-            _copy_configs(model, tmp, dtype)
+            sizes = _sizes(model, dtype)
+            written = write_safetensors(_progress(merged_tensors(model, dtype), len(sizes)), stage, max_shard_size,
+                                        sizes=sizes)
+            _copy_configs(model, stage, dtype)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(stage)
+    if save_method != "lora":
+        remove_stale_weights(save_directory, written)
+
+
+def _progress(tensors, total: int | None = None):
+    """`tensors` with a progress bar (shown on a terminal only)."""
+    from tqdm.auto import tqdm
+    return tqdm(tensors, total=total, desc="saving", unit="tensor", disable=None)
 
 
 def _sizes(model, dtype) -> list[int]:
     """Bytes of each tensor `merged_tensors` will yield, without computing any (zero-stride views)."""
     def shape_only(v):
         return np.broadcast_to(np.empty((), dtype), jax.eval_shape(lambda w: dense_weight(w, dtype), v).shape)
-    return [a.nbytes for _, a in hf_tensors(model, _family(model).STACKED, shape_only)]
+    return [a.nbytes for _, a in hf_tensors(model, type(model).INFO.stacked, shape_only)]
 
 
 def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",

@@ -1,4 +1,10 @@
-"""`FastVisionModel` (= `FastModel`): Unsloth's entry points, for JAX."""
+"""`FastVisionModel` (= `FastModel`): Unsloth's entry points, for JAX, and the model object users hold.
+
+from_pretrained is the one place where config.json's `model_type` becomes a family class (the registry
+in jaxvlm.models). The model it returns is that family's network with Unsloth's methods added
+(`UserMethods`: generate, save_pretrained, save_pretrained_merged, push_to_hub_merged, ...), so the
+families below never import generation, LoRA or export.
+"""
 from __future__ import annotations
 
 import functools
@@ -12,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.converters.hf_import import default_convert, load_state
+from jaxvlm import export, lora
+from jaxvlm.converters.hf_import import load_state, quantizing_convert
+from jaxvlm.converters.peft_adapter import load_adapter
 from jaxvlm.converters.safetensors_io import Checkpoint
-from jaxvlm import lora
-from jaxvlm.layers import REMAT_POLICIES, Linear, dense_weight
-from jaxvlm.models import family_for
+from jaxvlm.generate import generate
+from jaxvlm.layers import REMAT_POLICIES
+from jaxvlm.models import model_class
+from jaxvlm.quantize import linear_weight_keys
 
 # The processor each loaded model came with, so that for_training / for_inference can set its padding side.
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -44,7 +53,7 @@ def resolve_model_dir(model_name: str, token=None, revision=None) -> str:
 
 
 def read_config(model_dir: str):
-    """The transformers config of `model_dir` (flat or nested config.json, old or new names)."""
+    """(family class, transformers config) of `model_dir`'s config.json (flat or nested, old or new names)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing; expected an HF model directory")
@@ -53,19 +62,68 @@ def read_config(model_dir: str):
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-    family = family_for(raw.get("model_type"), path)
+    family = model_class(raw.get("model_type"), path)
     from transformers import AutoConfig
     return family, AutoConfig.from_pretrained(model_dir)
 
 
-def _compute_dtype(dtype):
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The compute dtype for what users pass as `dtype`: None (bfloat16), a jnp / numpy dtype or type
+    (jnp.float32, np.float16), a string ("float32", "bfloat16", "float16", "torch.bfloat16"), or a torch
+    dtype. ValueError for anything else, integer and 8-bit types included."""
     if dtype is None:
-        return jnp.bfloat16
-    name = str(dtype).removeprefix("torch.")
+        return jnp.dtype(jnp.bfloat16)
+    if isinstance(dtype, str) or type(dtype).__module__ == "torch":
+        dtype = str(dtype).removeprefix("torch.")  # torch.bfloat16 prints as "torch.bfloat16"
     try:
-        return jnp.dtype(name)
+        resolved = jnp.dtype(dtype)
     except TypeError:
-        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16") from None
+        resolved = None
+    if resolved is None or resolved.name not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected None, float32, bfloat16 or float16 (a jnp / numpy / "
+                         f"torch dtype or its name); quantized storage is chosen with load_in_4bit / "
+                         f"load_in_8bit, not dtype")
+    return resolved
+
+
+class UserMethods:
+    """Unsloth's methods on the model object (mixed into the family's class by from_pretrained)."""
+
+    def generate(self, **kwargs) -> np.ndarray:
+        """Prompt + generated ids; see `jaxvlm.generate.generate` for the arguments."""
+        kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
+        return generate(self, **kwargs)
+
+    def save_pretrained(self, save_directory: str, tokenizer=None, **kwargs) -> None:
+        """Writes the LoRA adapter as a PEFT adapter directory (plus the processor, if given), as
+        Unsloth's `model.save_pretrained` does after get_peft_model."""
+        export.save_pretrained_merged(self, save_directory, tokenizer, save_method="lora")
+
+    def save_pretrained_merged(self, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
+                               **kwargs) -> None:
+        """See `jaxvlm.export.save_pretrained_merged`."""
+        export.save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
+
+    def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", **kwargs) -> str:
+        """See `jaxvlm.export.push_to_hub_merged`."""
+        return export.push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, **kwargs)
+
+    def load_adapter(self, adapter_dir: str):
+        """This (base) model with the PEFT adapter in `adapter_dir` applied; returns the new model."""
+        return load_adapter(self, adapter_dir)
+
+    def print_trainable_parameters(self) -> None:
+        lora.print_trainable_parameters(self)
+
+
+@functools.cache
+def user_class(family):
+    """The family's model class with `UserMethods` (one class per family, so NNX graphs stay stable)."""
+    return type(family.__name__, (UserMethods, family), {"__module__": family.__module__,
+                                                         "__qualname__": family.__qualname__})
 
 
 class FastVisionModel:
@@ -96,25 +154,26 @@ class FastVisionModel:
             raise ValueError("load_in_4bit and load_in_8bit cannot both be True")
         sixteen = load_in_16bit or full_finetuning
         quant = None if sixteen else "nf4" if load_in_4bit else "int8" if load_in_8bit else None
-        compute_dtype = _compute_dtype(dtype)
+        dtype = compute_dtype(dtype)
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
         family, hf_config = read_config(model_dir)
-        cfg = family.from_hf(hf_config)
+        cls, info = user_class(family), family.INFO
+        cfg = family.config_from_hf(hf_config)
         prequantized = _check_quantization_config(hf_config, model_dir)
         ckpt = Checkpoint(model_dir)
-        abstract = nnx.eval_shape(lambda: family.build(cfg, compute_dtype))
-        ignored = family.IGNORED_KEYS + ((r"^lm_head\.",) if cfg.tie_word_embeddings else ())
-        targets = linear_weight_keys(abstract, family.QUANT_SKIP) if quant else set()
-        model = load_state(abstract, ckpt, stacked=family.STACKED, renames=family.LEGACY_KEYS, ignored=ignored,
-                           convert=_quantizing_convert(quant, targets, compute_dtype, prequantized))
+        abstract = nnx.eval_shape(lambda: cls(cfg, dtype))
+        ignored = info.ignored_keys + ((r"^lm_head\.",) if getattr(cfg, "tie_word_embeddings", False) else ())
+        targets = linear_weight_keys(abstract, info.quant_skip) if quant else set()
+        model = load_state(abstract, ckpt, stacked=info.stacked, renames=info.legacy_keys, ignored=ignored,
+                           convert=quantizing_convert(quant, targets, dtype, prequantized))
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name
         model.model_dir = model_dir
         model.use_gradient_checkpointing = use_gradient_checkpointing
 
-        from jaxvlm.processing import load_processor
-        processor = load_processor(model_dir)
+        from jaxvlm.processing import load_processor  # imports transformers' processors: only when loading
+        processor = load_processor(model_dir, family)
         _PROCESSORS[model] = processor
         return model, processor
 
@@ -147,16 +206,6 @@ class FastVisionModel:
         return model
 
 
-def linear_weight_keys(model, skip: tuple[str, ...]) -> set[str]:
-    """The param keys of the model's Linear weights, except modules whose path contains a `skip` name."""
-    keys = set()
-    for path, module in model.iter_modules():
-        name = ".".join(str(p) for p in path)
-        if isinstance(module, Linear) and not any(s in name.split(".") for s in skip):
-            keys.add(f"{name}.weight")
-    return keys
-
-
 def _check_quantization_config(hf_config, model_dir: str) -> bool:
     """True for a bitsandbytes 4-bit checkpoint; a clear error for quantizations we cannot read."""
     q = getattr(hf_config, "quantization_config", None)
@@ -173,34 +222,6 @@ def _check_quantization_config(hf_config, model_dir: str) -> bool:
         raise ValueError(f"{where}: quantization_config.bnb_4bit_quant_type={q.get('bnb_4bit_quant_type')!r} is "
                          f"not supported; expected 'nf4'")
     return True
-
-
-def _quantizing_convert(quant: str | None, targets: set[str], compute_dtype, prequantized: bool):
-    """The importer's convert hook: Linear weights in `targets` become NF4 / Int8 on device as they stream in.
-
-    A checkpoint that is already 4-bit keeps its NF4 weights as they are and its float weights in float
-    (its creator chose which modules to leave unquantized); with quant=None everything is dequantized.
-    """
-    from jaxvlm.quant import NF4, quantize_int8, quantize_nf4
-
-    def convert(key, value, spec):
-        if quant is None or key not in targets:
-            return default_convert(key, value, spec)
-        if isinstance(value, NF4):
-            if quant == "nf4":
-                return jax.device_put(value)
-            dense = dense_weight(jax.device_put(value), compute_dtype)
-        elif prequantized:
-            return default_convert(key, value, spec)
-        else:
-            dense = jax.device_put(np.asarray(value).astype(compute_dtype))
-        if quant == "int8":
-            return quantize_int8(dense)
-        quantize = quantize_nf4
-        for _ in range(dense.ndim - 2):  # one NF4 per layer of a stacked weight
-            quantize = jax.vmap(quantize)
-        return quantize(dense)
-    return convert
 
 
 def remat_policy(use_gradient_checkpointing) -> str | None:
@@ -220,7 +241,7 @@ def remat_policy(use_gradient_checkpointing) -> str | None:
 
 
 def _set_remat(model, policy) -> None:
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if hasattr(module, "remat"):
             module.remat = policy
 

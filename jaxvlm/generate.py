@@ -1,8 +1,10 @@
-"""Generation with a static KV cache: one jit'd prefill, then a jit'd decode loop that stops at EOS.
+"""Generation with a static cache: one jit'd prefill, then a jit'd decode loop that stops at EOS.
 
-The sampler lives apart from the model: it needs only `embed`, `logits`, `init_cache` and the language
-model's cached call. Prompts are left-padded (right padding is converted), images sit in the prompt,
-and the M-RoPE positions of new tokens continue from each prompt's largest position.
+The sampler lives apart from the model and talks to a family only through the generation methods of
+jaxvlm.models.base.VisionLanguageModel: `prepare_inputs`, `init_cache`, `prefill`, `decode`,
+`next_positions`, `logits`. Prompts are left-padded (right padding is converted); what a cache holds
+(keys and values, a window, cross-attention states) and how positions map to rotary angles is the
+family's business.
 """
 from __future__ import annotations
 
@@ -63,16 +65,13 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id: in
 
 @nnx.jit
 def _prefill(model, inputs, cache, key_mask):
-    h = model.embed(inputs)
-    h, cache = model.model.language_model(h, inputs["position_ids"], key_mask, cache, 0)
+    h, cache = model.prefill(inputs, cache, key_mask)
     return model.logits(h[:, -1]).astype(jnp.float32), cache
 
 
 def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len):
     """Logits `[batch, vocab]` after feeding `token [batch]` as generated token number `step`."""
-    pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, token.shape[0], 1))
-    h = model.model.language_model.embed_tokens(token[:, None])
-    h, cache = model.model.language_model(h, pos, key_mask, cache, prompt_len + step)
+    h, cache = model.decode(token, next_pos + step, cache, key_mask, prompt_len + step)
     return model.logits(h[:, 0]).astype(jnp.float32), cache
 
 
@@ -115,7 +114,11 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
     `streamer`: an object with `put(token_ids)` / `end()` (transformers' TextStreamer works), fed after
     each step; decoding then runs step by step from Python instead of one on-device loop.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
     input_ids = np.asarray(input_ids).astype(np.int32)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected [batch, prompt_len] with prompt_len >= 1, got shape {input_ids.shape}")
     attention_mask = (np.ones_like(input_ids) if attention_mask is None
                       else np.asarray(attention_mask).astype(np.int32))
     eos = np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else -1, np.int32))
@@ -134,9 +137,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
     inputs = model.prepare_inputs(input_ids=input_ids, attention_mask=attention_mask, **processor_outputs)
     cache_len = -(-(prompt_len + max_new_tokens) // 64) * 64  # a few lengths -> a few compiled programs
     key_mask = np.concatenate([attention_mask, np.ones((batch, cache_len - prompt_len), np.int32)], axis=1)
-    next_pos = inputs["position_ids"].max(axis=(0, 2)).astype(np.int32) + 1
-    dtype = model.model.language_model.embed_tokens.weight.get_value().dtype
-    logits, cache = _prefill(model, jax.tree.map(jnp.asarray, inputs), model.init_cache(batch, cache_len, dtype),
+    next_pos = model.next_positions(inputs)
+    limit = model.max_positions
+    if limit is not None and int(next_pos.max()) + max_new_tokens > limit:
+        # As transformers does: warn, and go on (positions past the trained range may degrade the output).
+        warnings.warn(f"generating up to position {int(next_pos.max()) + max_new_tokens - 1}, past the model's "
+                      f"max_position_embeddings={limit}: the output may degrade past that length")
+    logits, cache = _prefill(model, jax.tree.map(jnp.asarray, inputs), model.init_cache(batch, cache_len),
                              jnp.asarray(key_mask))
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)
     rng, key = jax.random.split(jax.random.key(seed))

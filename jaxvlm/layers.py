@@ -140,6 +140,19 @@ class Activation(nnx.Module):
         return ACTIVATIONS[self.name](x)
 
 
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): the gated MLP of Llama-style language models (and some vision towers)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, *, bias: bool, dtype, stack=()):
+        self.gate_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, stack=stack)
+        self.up_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, stack=stack)
+        self.down_proj = Linear(intermediate, hidden, bias=bias, dtype=dtype, stack=stack)
+        self.act = act
+
+    def __call__(self, x):
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

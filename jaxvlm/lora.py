@@ -1,21 +1,16 @@
-"""LoRA as a transform of the param tree: matched Linear weights become `LoRA(base, lora_A, lora_B)`.
+"""LoRA as a transform of the param tree: chosen Linear weights become `LoRA(base, lora_A, lora_B)`.
 
-Targets are chosen as Unsloth and PEFT choose them: a regex (Unsloth's `get_peft_regex` when
-`target_modules` is None) fully matched against transformers' per-layer module names
-(`model.language_model.layers.3.self_attn.q_proj`), or a list of names matched by suffix. Stacked
-weights ([layers, out, in]) carry a per-layer `mask`, so a regex that picks some layers adapts only
-those. Adapters save to and load from PEFT's adapter format (adapter_config.json +
-adapter_model.safetensors, keys `base_model.model.<module>.lora_A.weight`).
+Targets are the per-layer HF module names of the model's Linear layers (`linear_modules`), chosen as
+Unsloth and PEFT choose them (jaxvlm.targets). Stacked weights ([layers, out, in]) carry a per-layer
+`mask`, so a choice of some layers adapts only those. Nothing here reads or writes files: PEFT adapter
+directories are jaxvlm.converters.peft_adapter.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import os
 import re
-from collections import Counter
 from typing import Any
 
 import jax
@@ -23,41 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.converters.hf_import import path_key
+from jaxvlm.kernels.lora_matmul import concat_linear
 from jaxvlm.layers import Linear, dense_weight, linear, next_dropout_key
-
-VISION_TAGS = ("vision", "image", "visual", "patch")
-LANGUAGE_TAGS = ("language", "text")
-ATTENTION_TAGS = ("self_attn", "attention", "attn")
-MLP_TAGS = ("mlp", "feed_forward", "ffn", "dense")
-
-
-@jax.custom_vjp
-def concat_linear(x: jax.Array, xa: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x @ w.T + xa @ b.T as one matmul, [x | xa] @ [w | b].T (K = in + r): the base product and the
-    adapter's B product share the pass over the output. x [..., in], xa [..., r], w [out, in], b [out, r].
-    The backward pass reads the output's cotangent g once for dx and dxa together (g @ [w | b]); dw
-    (g.T @ x) is formed only if w is differentiated (a frozen base's is dropped as dead code)."""
-    xc = jnp.concatenate([x, xa], axis=-1)
-    wc = jnp.concatenate([w, b], axis=-1)
-    return jax.lax.dot_general(xc, wc, (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _concat_linear_fwd(x, xa, w, b):
-    return concat_linear(x, xa, w, b), (x, xa, w, b)
-
-
-def _concat_linear_bwd(res, g):
-    x, xa, w, b = res
-    n = w.shape[1]
-    gc = jax.lax.dot_general(g, jnp.concatenate([w, b], axis=-1), (((g.ndim - 1,), (0,)), ((), ())))
-    lead = tuple(range(g.ndim - 1))
-    dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
-    db = jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))
-    return gc[..., :n], gc[..., n:], dw, db
-
-
-concat_linear.defvjp(_concat_linear_fwd, _concat_linear_bwd)
+from jaxvlm.paths import path_key, stacked_prefix
+from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
+from jaxvlm.targets import get_peft_regex, select_modules
 
 
 @jax.tree_util.register_dataclass
@@ -111,19 +76,18 @@ class LoRA:
 
 
 # ----------------------------------------------------------------------------------------------
-# Which modules: per-layer HF names of the model's Linear layers, and Unsloth's regex.
+# Which modules.
 
 
 def linear_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
     """{HF module name: (our Linear's path, layer index or None)} for every Linear, layers expanded."""
-    from jaxvlm.models import family_for
-    stacked = family_for(model.config.model_type, "model.config").STACKED
+    stacked = type(model).INFO.stacked
     names = {}
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         if not isinstance(module, Linear):
             continue
-        ours = ".".join(str(p) for p in path)
-        prefix = next((p for p in stacked if ours.startswith(p + ".")), None)
+        ours = path_key(path)
+        prefix = stacked_prefix(ours, stacked)
         if prefix is None:
             names[ours] = (ours, None)
             continue
@@ -133,73 +97,77 @@ def linear_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
     return names
 
 
-def get_peft_regex(module_names, finetune_vision_layers=True, finetune_language_layers=True,
-                   finetune_attention_modules=True, finetune_mlp_modules=True, target_modules=None) -> str:
-    """Unsloth's target regex (unsloth_zoo's get_peft_regex) for the given Linear module names.
-
-    Candidates are the leaf names occurring more than once (so lm_head and the merger's one-off
-    projections are left out) or `target_modules`; a name must contain a selected part tag (vision /
-    language) and component tag (attention / mlp) before the leaf; `model.layers.N.<component>.<leaf>`
-    also matches for older language-model naming; without any vision part, part tags are dropped.
-    """
-    if not finetune_vision_layers and not finetune_language_layers:
-        raise ValueError("no layers to finetune: set finetune_vision_layers and/or finetune_language_layers")
-    if not finetune_attention_modules and not finetune_mlp_modules:
-        raise ValueError("no modules to finetune: set finetune_attention_modules and/or finetune_mlp_modules")
-    counts = Counter(name.rsplit(".", 1)[-1] for name in module_names)
-    leaves = [leaf for leaf, n in counts.items() if n > 1] if target_modules is None else list(target_modules)
-    parts = (VISION_TAGS if finetune_vision_layers else ()) + (LANGUAGE_TAGS if finetune_language_layers else ())
-    components = (ATTENTION_TAGS if finetune_attention_modules else ()) + (MLP_TAGS if finetune_mlp_modules else ())
-    leaf = "(?:" + "|".join(re.escape(x) for x in leaves) + ")"
-    comp = "|".join(components)
-    regex = r".*?(?:" + "|".join(parts) + r").*?(?:" + comp + r").*?" + leaf
-    if finetune_language_layers:
-        regex = r"(?:" + regex + r")|(?:\bmodel\.layers\.[\d]{1,}\.(?:" + comp + r")\.(?:" + leaf + r"))"
-    if not any(re.fullmatch(regex, n) for n in module_names):
-        regex = r".*?(?:" + comp + r").*?" + leaf
-    if not any(re.fullmatch(regex, n) for n in module_names):
-        raise ValueError(f"no Linear module matches target_modules={target_modules!r}"
-                         if target_modules is not None else "no Linear module matches Unsloth's target regex")
-    return regex
-
-
-def select_modules(module_names, target_modules, layers_to_transform=None) -> list[str]:
-    """The module names PEFT adapts for `target_modules`: a regex (fully matched), a list (exact or
-    suffix after a dot), or "all-linear" (every Linear but lm_head)."""
-    if target_modules == "all-linear":
-        chosen = [n for n in module_names if n != "lm_head"]
-    elif isinstance(target_modules, str):
-        chosen = [n for n in module_names if re.fullmatch(target_modules, n)]
-    else:
-        targets = list(target_modules)
-        chosen = [n for n in module_names if any(n == t or n.endswith("." + t) for t in targets)]
-    if layers_to_transform is not None:
-        layers = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
-        chosen = [n for n in chosen if (m := re.search(r"\.(\d+)\.", n)) and int(m.group(1)) in layers]
-    if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
-        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        close = sorted({c for t in wanted for c in difflib.get_close_matches(str(t), leaves, n=5, cutoff=0.3)})
-        raise ValueError(f"target_modules={target_modules!r} matches no Linear module"
-                         f"{'' if layers_to_transform is None else f' in layers {layers_to_transform}'}; "
-                         f"close module names: {', '.join(close) or '-'}; all: {', '.join(leaves)}")
-    return chosen
-
-
 # ----------------------------------------------------------------------------------------------
 # The transform.
 
+# PEFT's init_lora_weights values this implements. True: A as nn.Linear's default init (kaiming
+# uniform), B = 0. False: A and B both as nn.Linear's default (the adapter is not the identity: people
+# use it to test adapters). "gaussian": A ~ N(0, 1/r^2), B = 0. "pissa": A, B from the top-r SVD of the
+# base weight, the base keeps the residual (PEFT refuses quantized bases). "olora": A, B from the QR
+# of the base weight, residual base (a quantized base is dequantized, then the residual re-quantized).
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
 
-def _init_a(key, shape, init, r):
-    if init == "gaussian":
-        return jax.random.normal(key, shape, jnp.float32) / r
-    bound = 1.0 / math.sqrt(shape[-1])  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+
+def _uniform(key, shape, fan_in):
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _pissa(w: jax.Array, r: int, scale: float):
+    """(A [r, in], B [out, r]) with scale * B @ A the best rank-r part of w [out, in] (PEFT's pissa_init)."""
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    root = jnp.sqrt(s[:r] / scale)
+    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+
+
+def _olora(w: jax.Array, r: int, scale: float):
+    """(A [r, in], B [out, r]) = (R[:r], Q[:, :r]) of w's reduced QR (PEFT's olora_init)."""
+    q, rr = jnp.linalg.qr(w)
+    return rr[:r], q[:, :r]
+
+
+def _init_factors(key, base, stack, out_f, in_f, r, scale, init, layer_mask, where):
+    """(lora_A, lora_B, base) for one weight; `base` changes only for pissa / olora (the residual)."""
+    ka, kb = jax.random.split(key)
+    if init in (True, False):
+        a = _uniform(ka, (*stack, r, in_f), in_f)
+        b = _uniform(kb, (*stack, out_f, r), r) if init is False else jnp.zeros((*stack, out_f, r), jnp.float32)
+        return a, b, base
+    if init == "gaussian":
+        return jax.random.normal(ka, (*stack, r, in_f), jnp.float32) / r, jnp.zeros((*stack, out_f, r), jnp.float32), base
+    if init == "pissa" and isinstance(base, (NF4, Int8)):
+        raise ValueError(f"init_lora_weights='pissa' on {where}: its base weight is quantized. As in PEFT, "
+                         f"PiSSA needs a float base: load with load_in_4bit=False (and load_in_8bit=False), "
+                         f"initialise, then quantize the residual model")
+    factor = jax.jit(jax.vmap(_pissa if init == "pissa" else _olora, in_axes=(0, None, None)),
+                     static_argnums=(1, 2))
+    w = dense_weight(base, jnp.float32).reshape(-1, out_f, in_f)
+    a, b = factor(w, r, scale)
+    a, b = a.reshape(*stack, r, in_f), b.reshape(*stack, out_f, r)
+    delta = scale * jnp.einsum("...or,...ri->...oi", b, a)
+    if layer_mask is not None:  # only the chosen layers carry an adapter, so only theirs lose its part
+        delta = delta * layer_mask[:, None, None]
+    residual = dense_weight(base, jnp.float32) - delta
+    if isinstance(base, NF4):
+        quantize = quantize_nf4
+        for _ in stack:
+            quantize = jax.vmap(quantize)
+        residual = quantize(residual.astype(base.dtype))
+    elif isinstance(base, Int8):
+        residual = quantize_int8(residual.astype(base.dtype))
+    else:
+        residual = residual.astype(base.dtype)
+    return a, b, residual
 
 
 def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=True, random_state: int = 3407,
              dropout: float = 0.0):
-    """The model with the Linear weights of `chosen` HF module names wrapped in LoRA (B = 0)."""
+    """The model with the Linear weights of `chosen` HF module names wrapped in LoRA."""
+    if init_lora_weights not in INIT_LORA_WEIGHTS or isinstance(init_lora_weights, int) and not isinstance(
+            init_lora_weights, bool):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected one of "
+                         f"{', '.join(map(repr, INIT_LORA_WEIGHTS))} (loftq, eva, corda and the other PEFT "
+                         f"initialisations are not supported)")
     modules = linear_modules(model)
     layers: dict[str, list[int | None]] = {}
     for name in chosen:
@@ -218,14 +186,15 @@ def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=T
             raise ValueError(f"{ours} already has a LoRA adapter")
         shape = jax.eval_shape(lambda w: dense_weight(w, jnp.float32), base).shape
         *stack, out_f, in_f = shape
-        a = _init_a(jax.random.fold_in(key, index), (*stack, r, in_f), init_lora_weights, r)
         mask = None
         if stack:
             mask = np.zeros(stack, np.float32)
             mask[[i for i in layers[ours]]] = 1.0
             mask = jnp.asarray(mask)
-        flat.append((path, var.replace(LoRA(base=base, lora_A=a, lora_B=jnp.zeros((*stack, out_f, r), jnp.float32),
-                                            mask=mask, scale=scale, dropout=dropout))))
+        a, b, base = _init_factors(jax.random.fold_in(key, index), base, tuple(stack), out_f, in_f, r, scale,
+                                   init_lora_weights, mask, ours)
+        flat.append((path, var.replace(LoRA(base=base, lora_A=a, lora_B=b, mask=mask, scale=scale,
+                                            dropout=dropout))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -239,6 +208,7 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
 
     Only the LoRA factors (and `modules_to_save`) are trainable afterwards. `lora_dropout` drops the
     adapters' inputs in training steps (SFTTrainer), as PEFT does; Unsloth's default, and advice, is 0.
+    `init_lora_weights` takes PEFT's values listed in INIT_LORA_WEIGHTS.
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r}: expected a positive int")
@@ -246,8 +216,6 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
         raise NotImplementedError(f"bias={bias!r}: only 'none' is supported")
     if loftq_config:
         raise NotImplementedError("loftq_config is not supported")
-    if init_lora_weights not in (True, "gaussian"):
-        raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected True or 'gaussian'")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
     modules = linear_modules(model)
@@ -257,7 +225,7 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
     chosen = select_modules(list(modules), target_modules, layers_to_transform)
     scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
     model = add_lora(model, chosen, r, scale, init_lora_weights, random_state, float(lora_dropout))
-    model.peft_config = _freeze({
+    model.peft_config = config_string({
         "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "bias": bias,
         "target_modules": target_modules if isinstance(target_modules, str) else sorted(target_modules),
         "use_rslora": use_rslora, "modules_to_save": list(modules_to_save) if modules_to_save else None,
@@ -275,7 +243,7 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
     return model
 
 
-def _freeze(config: dict) -> str:
+def config_string(config: dict) -> str:
     # Kept as a JSON string: module attributes must be hashable (they are part of the NNX graph).
     return json.dumps(config)
 
@@ -330,8 +298,7 @@ def print_trainable_parameters(model) -> None:
 def merge(model, dtype=None):
     """The model with every LoRA folded into its weight: base + scale * B @ A, in `dtype` (default: the
     model's dtype); NF4 / Int8 bases come back as 16-bit weights."""
-    from jaxvlm.export import model_dtype
-    dtype = dtype or model_dtype(model)
+    dtype = dtype or model.dtype
     return _map_lora(model, lambda w: dense_weight(w, dtype))
 
 
@@ -345,150 +312,3 @@ def _map_lora(model, fn):
     flat = [(p, v.replace(fn(v.get_value())) if isinstance(v.get_value(), LoRA) else v)
             for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT adapter directories.
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
-
-
-def adapter_tensors(model) -> dict[str, np.ndarray]:
-    """PEFT's adapter state dict: lora_A / lora_B of the adapted layers and the modules_to_save weights."""
-    from jaxvlm.models import family_for
-    stacked = family_for(model.config.model_type, "model.config").STACKED
-    keep = tuple(getattr(model, "modules_to_save", ()) or ())
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key, value = path_key(path), var.get_value()
-        prefix = next((p for p in stacked if key.startswith(p + ".")), None)
-        if isinstance(value, LoRA):
-            module = key.removesuffix(".weight")
-            a, b = np.asarray(value.lora_A), np.asarray(value.lora_B)
-            if value.mask is None:
-                out[f"{_PREFIX}{module}.lora_A.weight"] = a
-                out[f"{_PREFIX}{module}.lora_B.weight"] = b
-                continue
-            for i in np.flatnonzero(np.asarray(value.mask)):
-                name = f"{prefix}.{i}.{module[len(prefix) + 1:]}"
-                out[f"{_PREFIX}{name}.lora_A.weight"] = a[i]
-                out[f"{_PREFIX}{name}.lora_B.weight"] = b[i]
-        elif any(k in keep for k in key.split(".")):
-            array = np.asarray(value)
-            if prefix is None:
-                out[f"{_PREFIX}{key}"] = array
-            else:
-                for i in range(array.shape[0]):
-                    out[f"{_PREFIX}{prefix}.{i}.{key[len(prefix) + 1:]}"] = array[i]
-    return out
-
-
-def save_adapter(model, directory: str) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors (PEFT's format) into `directory`."""
-    from safetensors.numpy import save_file
-    if not has_lora(model):
-        raise ValueError("the model has no LoRA adapter to save: call get_peft_model first")
-    config = json.loads(getattr(model, "peft_config", "{}"))
-    config.setdefault("peft_type", "LORA")
-    config["base_model_name_or_path"] = getattr(model, "name_or_path", None)
-    config["inference_mode"] = True
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(adapter_tensors(model), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def load_adapter(model, directory: str):
-    """The base `model` with the PEFT adapter in `directory` (ours or one PEFT wrote) applied.
-
-    Raises ValueError naming the first adapter tensor that does not fit the model (key and both shapes).
-    """
-    from jaxvlm.converters.safetensors_io import Checkpoint
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path}: missing; expected a PEFT adapter directory")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}, expected 'LORA'")
-    if has_lora(model):
-        raise ValueError("the model already has a LoRA adapter; load the adapter onto the base model")
-    r, alpha = int(config["r"]), config.get("lora_alpha", config["r"])
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights}: missing")
-    ckpt = Checkpoint.from_file(weights)
-    modules = linear_modules(model)
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    saved: dict[str, np.ndarray] = {}
-    for key in ckpt.keys():
-        m = re.fullmatch(re.escape(_PREFIX) + r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
-        if m:
-            if m.group(1) not in modules:
-                raise ValueError(f"{weights}: {key} names module {m.group(1)!r}, which this model has no Linear "
-                                 f"for (is it the adapter of another base model?)")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = ckpt.get(key)
-        elif key.startswith(_PREFIX):
-            saved[key[len(_PREFIX):]] = ckpt.get(key)
-        else:
-            raise ValueError(f"{weights}: unexpected tensor {key!r}")
-    model = add_lora(model, sorted(pairs), r, scale, dropout=float(config.get("lora_dropout") or 0.0))
-    model = _fill_lora(model, modules, pairs, weights)
-    model = _fill_saved(model, saved, weights)
-    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or getattr(model, "name_or_path", None)
-    model.peft_config = _freeze(config)
-    model.modules_to_save = tuple(config.get("modules_to_save") or ())
-    return model
-
-
-def _fill_lora(model, modules, pairs, where):
-    graphdef, state = nnx.split(model)
-    by_param: dict[str, list[tuple[int | None, dict]]] = {}
-    for name, ab in pairs.items():
-        ours, i = modules[name]
-        by_param.setdefault(ours + ".weight", []).append((i, ab, name))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = path_key(path)
-        if key not in by_param:
-            flat.append((path, var))
-            continue
-        lora = var.get_value()
-        a, b = np.array(lora.lora_A), np.array(lora.lora_B)
-        for i, ab, name in by_param[key]:
-            for part, target in (("lora_A", a), ("lora_B", b)):
-                if part not in ab:
-                    raise ValueError(f"{where}: {_PREFIX}{name}.{part}.weight is missing")
-                dest = target if i is None else target[i]
-                if ab[part].shape != dest.shape:
-                    raise ValueError(f"{where}: {_PREFIX}{name}.{part}.weight has shape {tuple(ab[part].shape)}, "
-                                     f"the model expects {tuple(dest.shape)}")
-                dest[...] = ab[part]
-        flat.append((path, var.replace(dataclasses.replace(lora, lora_A=jnp.asarray(a), lora_B=jnp.asarray(b)))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _fill_saved(model, saved, where):
-    if not saved:
-        return model
-    from jaxvlm.models import family_for
-    from jaxvlm.converters.hf_import import _split_stacked
-    stacked = family_for(model.config.model_type, "model.config").STACKED
-    graphdef, state = nnx.split(model)
-    flat = dict((path_key(p), (p, v)) for p, v in nnx.to_flat_state(state))
-    for name, array in saved.items():
-        ours, i = _split_stacked(name, stacked)
-        if ours not in flat:
-            raise ValueError(f"{where}: {_PREFIX}{name} names a weight this model does not have")
-        path, var = flat[ours]
-        current = np.array(var.get_value())
-        dest = current if i is None else current[i]
-        if dest.shape != array.shape:
-            raise ValueError(f"{where}: {_PREFIX}{name} has shape {tuple(array.shape)}, the model expects "
-                             f"{tuple(dest.shape)}")
-        dest[...] = array
-        flat[ours] = (path, var.replace(jnp.asarray(current)))
-    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.values())))

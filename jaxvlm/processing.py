@@ -1,26 +1,32 @@
-"""The HF processor of a Qwen2-VL / Qwen2.5-VL checkpoint, loadable without torch or torchvision.
+"""A checkpoint's HF processor, loadable without torch or torchvision.
 
-transformers 5's Qwen processors insist on a video processor, and the Qwen video processor needs
-torchvision; the tokenizer and the PIL image processor need neither. Without torchvision we build the
-family's processor class with images and text only, so its outputs (the `<|image_pad|>` expansion,
-`mm_token_type_ids`, `pixel_values`) come from transformers' own code.
+transformers 5's VLM processors take a video processor, and the video processors need torchvision;
+the tokenizer and the PIL image processors need neither. Without torchvision we build the processor
+class with images and text only, so its outputs (the image-token expansion, `mm_token_type_ids`,
+`pixel_values`) come from transformers' own code. The class is the one the checkpoint names or, as
+`AutoProcessor` does, the one registered for config.json's `model_type` (the family's
+`INFO.processor_classes`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
-from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+import transformers
 from transformers.utils import is_torchvision_available
+
+from jaxvlm.models import model_class
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Hub checkpoints name their processor class in preprocessor_config.json; transformers 5's
 # save_pretrained writes processor_config.json instead, with the image processor's config nested in it.
-_PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+_IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_PROCESSOR_CONFIG_FILES = (*_IMAGE_PROCESSOR_FILES, "tokenizer_config.json")
 
 
 class _WithoutVideo:
-    """Makes a Qwen processor class take an image processor and a tokenizer only.
+    """Makes a processor class take an image processor and a tokenizer only.
 
     ProcessorMixin creates, checks, saves and loads exactly the sub-processors `get_attributes()` names,
     so leaving out video_processor here drops it everywhere (the Qwen classes' __init__ passes it on
@@ -29,51 +35,76 @@ class _WithoutVideo:
 
     @classmethod
     def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
+        return [a for a in super().get_attributes() if a != "video_processor"]
 
 
-class _Qwen2VLImageTextProcessor(_WithoutVideo, Qwen2VLProcessor):
-    pass
+@functools.cache
+def image_text_processor(name: str):
+    """transformers' processor class `name`, without its video processor when it has one."""
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "get_attributes"):
+        raise ValueError(f"processor_class {name!r} is not a transformers processor class")
+    if "video_processor" not in cls.get_attributes():
+        return cls
+    # save_pretrained records type(processor).__name__ as processor_class: keep transformers' name so that
+    # AutoProcessor loads a saved directory. Pickle finds the class by __qualname__ in this module.
+    qualname = f"_ImageText{name}"
+    subclass = type(name, (_WithoutVideo, cls), {"__qualname__": qualname, "__module__": __name__})
+    globals()[qualname] = subclass
+    return subclass
 
 
-class _Qwen2_5_VLImageTextProcessor(_WithoutVideo, Qwen2_5_VLProcessor):
-    pass
-
-
-# save_pretrained records type(processor).__name__ as processor_class: keep the transformers names so
-# that AutoProcessor loads a saved dir. Pickle finds the classes by __qualname__, which stays.
-_Qwen2VLImageTextProcessor.__name__ = Qwen2VLProcessor.__name__
-_Qwen2_5_VLImageTextProcessor.__name__ = Qwen2_5_VLProcessor.__name__
-_IMAGE_TEXT_PROCESSORS = {cls.__name__: cls for cls in (_Qwen2VLImageTextProcessor, _Qwen2_5_VLImageTextProcessor)}
-
-
-def _processor_class_name(model_dir: str) -> str:
+def _named_processor_class(model_dir: str) -> str | None:
     for name in _PROCESSOR_CONFIG_FILES:
         file = os.path.join(model_dir, name)
         if os.path.isfile(file):
             with open(file) as f:
-                processor_class = json.load(f).get("processor_class")
-            if processor_class in _IMAGE_TEXT_PROCESSORS:
+                try:
+                    processor_class = json.load(f).get("processor_class")
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}: not valid JSON ({e})") from None
+            if processor_class:
                 return processor_class
-            raise ValueError(f"{file}: processor_class is {processor_class!r}, expected one of "
-                             f"{sorted(_IMAGE_TEXT_PROCESSORS)}")
-    raise FileNotFoundError(f"{model_dir} has no image processor config: expected one of {_PROCESSOR_CONFIG_FILES}")
+    return None
 
 
-def load_processor(model_dir: str):
+def _model_type(model_dir: str) -> str | None:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f).get("model_type")
+
+
+def _family(model_dir: str):
+    return model_class(_model_type(model_dir), os.path.join(model_dir, "config.json"))
+
+
+def load_processor(model_dir: str, family=None):
     """The checkpoint's transformers processor (tokenizer, image processor, chat template) from a local dir.
 
     With torchvision installed this is `AutoProcessor.from_pretrained(model_dir)`. Without it (torch is not
-    needed either) it is the family's processor class (Qwen2VLProcessor / Qwen2_5_VLProcessor) with the
-    PIL image processor and no video processor: called with text and images it returns the same
-    input_ids, attention_mask, mm_token_type_ids, pixel_values [patches, 3*2*14*14] and
-    image_grid_thw [images, 3] as the full processor; videos are not supported.
+    needed either) it is the same processor class with the PIL image processor and no video processor:
+    called with text and images it returns what the full processor returns; videos are not supported.
+    `family`: the model class, when the caller knows it (else found from config.json's model_type).
     """
     if not os.path.isdir(model_dir):
         raise NotADirectoryError(f"processor directory {model_dir} does not exist")
     if not any(os.path.isfile(os.path.join(model_dir, name)) for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"{model_dir} has no tokenizer: expected one of {_TOKENIZER_FILES}")
-    processor_class_name = _processor_class_name(model_dir)
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in _IMAGE_PROCESSOR_FILES):
+        raise FileNotFoundError(f"{model_dir} has no image processor config: expected one of {_IMAGE_PROCESSOR_FILES}")
+    named = _named_processor_class(model_dir)
+    if family is None and os.path.isfile(os.path.join(model_dir, "config.json")):
+        family = _family(model_dir)
+    if family is not None:
+        expected = dict(family.INFO.processor_classes)
+        if named is not None and named not in expected.values():
+            raise ValueError(f"{model_dir}: processor_class is {named!r}, expected one of {sorted(set(expected.values()))} "
+                             f"for a {'/'.join(family.INFO.model_types)} model")
+        name = named or family.INFO.processor_class(_model_type(model_dir))
+    elif named is None:
+        raise FileNotFoundError(f"{model_dir}: no processor_class in {', '.join(_PROCESSOR_CONFIG_FILES)} and no "
+                                f"config.json to find the model family from")
+    else:
+        name = named
     if is_torchvision_available():
-        return AutoProcessor.from_pretrained(model_dir)
-    return _IMAGE_TEXT_PROCESSORS[processor_class_name].from_pretrained(model_dir)
+        return transformers.AutoProcessor.from_pretrained(model_dir)
+    return image_text_processor(name).from_pretrained(model_dir)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_forward import batch_inputs, qwen2_vl_2b_config, qwen2_vl_2b_hf_config, random_model
+from scripts.bench_common import batch_inputs, qwen2_vl_2b_config, qwen2_vl_2b_hf_config, random_model
 
 
 def timed(fn, repeats=3):

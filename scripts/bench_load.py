@@ -21,28 +21,23 @@ def write_checkpoint(path: str) -> None:
     import numpy as np
     from flax import nnx
 
-    from jaxvlm.converters.hf_export import write_safetensors
-    from jaxvlm.models import qwen2_vl
+    from jaxvlm.converters.hf_export import hf_tensors, write_safetensors
     from jaxvlm.tiny import save_tiny_processor
-    from scripts.bench_forward import qwen2_vl_2b_config
+    from scripts.bench_common import MODEL, qwen2_vl_2b_config
 
     cfg = qwen2_vl_2b_config()
-    abstract = nnx.eval_shape(lambda: qwen2_vl.build(cfg, jnp.bfloat16))
+    abstract = nnx.eval_shape(lambda: MODEL(cfg, jnp.bfloat16))
     key = jax.random.key(0)
+    draws = iter(range(10**6))
+
+    def draw(spec):
+        return np.asarray(0.02 * jax.random.normal(jax.random.fold_in(key, next(draws)), spec.shape, jnp.bfloat16))
 
     def tensors():
-        for i, (p, var) in enumerate(nnx.to_flat_state(nnx.state(abstract, nnx.Param))):
-            name, spec = ".".join(map(str, p)), var.get_value()
-            stacked = np.asarray(0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape, jnp.bfloat16))
-            prefix = next((s for s in qwen2_vl.STACKED if name.startswith(s + ".")), None)
-            if prefix is None:
-                yield name, stacked
-            else:
-                for layer in range(stacked.shape[0]):
-                    yield f"{prefix}.{layer}.{name[len(prefix) + 1:]}", stacked[layer]
+        yield from hf_tensors(abstract, MODEL.INFO.stacked, draw)
     os.makedirs(path, exist_ok=True)
     write_safetensors(tensors(), path, max_shard_size="2GB")
-    from scripts.bench_forward import qwen2_vl_2b_hf_config
+    from scripts.bench_common import qwen2_vl_2b_hf_config
     qwen2_vl_2b_hf_config().save_pretrained(path)
     save_tiny_processor(path, "qwen2_vl")
 

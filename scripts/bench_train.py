@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_forward import GEOMETRIES, batch_inputs, geometry_config, random_model
+from scripts.bench_common import GEOMETRIES, batch_inputs, geometry_config, random_model
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 

@@ -43,7 +43,8 @@ def save_processor(path):
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
 
-    from jaxvlm.tiny import CHAT_TEMPLATE as _CHAT_TEMPLATE  # Qwen2-VL's template (no tools)
+    from jaxvlm.models.qwen2_vl import Qwen2VLForConditionalGeneration
+    _CHAT_TEMPLATE = Qwen2VLForConditionalGeneration.TINY.chat_template  # Qwen2-VL's template (no tools)
     vocab = {f"t{i}": i for i in range(151643)}
     vocab.update(_SPECIAL)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -79,7 +80,7 @@ def prep(path):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from scripts.bench_forward import qwen2_vl_2b_hf_config  # the workload's geometry
+    from scripts.bench_common import qwen2_vl_2b_hf_config  # the workload's geometry
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"

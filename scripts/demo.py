@@ -90,7 +90,8 @@ def main():
     model = FastVisionModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, random_state=0)
     FastVisionModel.for_training(model)
     collator = VisionDataCollator(model, processor, train_on_responses_only=True,
-                                  instruction_part="<|im_start|>user\n", response_part="<|im_start|>assistant\n")
+                                  instruction_part=type(model).INFO.instruction_part,
+                                  response_part=type(model).INFO.response_part)
     trainer = SFTTrainer(model, processor, collator, train, args=SFTConfig(
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=args.lr, warmup_steps=max(1, args.steps // 20), lr_scheduler_type="cosine",
@@ -101,7 +102,7 @@ def main():
           f"last loss {trainer.log_history[-1]['loss']:.3f}")
     print(f"held-out accuracy after training:  {accuracy(model, processor, held_out):.1%}")
     adapter = os.path.join(args.output, "adapter")
-    model.save_pretrained(adapter, processor, overwrite=True)
+    model.save_pretrained(adapter, processor)
     print(f"wrote {adapter} and {os.path.join(args.output, 'loss.png')}")
 
 

@@ -47,18 +47,6 @@ def test_sharded_export_writes_an_index_and_reimports(loaded, tmp_path):
     np.testing.assert_array_equal(np.asarray(again(**batch)), np.asarray(model(**batch)))
 
 
-def test_existing_non_empty_directory_is_refused_unless_overwrite(loaded, tmp_path):
-    family, model, processor = loaded
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
-        model.save_pretrained_merged(str(out), processor)
-    assert os.listdir(out) == ["keep.txt"]
-    model.save_pretrained_merged(str(out), processor, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-
-
 def test_unknown_save_method(loaded, tmp_path):
     family, model, processor = loaded
     with pytest.raises(ValueError, match="save_method='merged_8bit': expected one of merged_16bit, merged_4bit, lora"):

@@ -8,7 +8,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxvlm.converters.safetensors_io import CheckpointError
 from jaxvlm import FastVisionModel
-from jaxvlm.models.qwen2_vl import ConfigError
+from jaxvlm.models.base import ConfigError
 
 
 def load(path):
@@ -59,6 +59,18 @@ def test_missing_shard_named_in_the_index(tiny, tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"{shard.name}: shard named in .* is missing"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin"])
+def test_pickled_checkpoint_is_refused_with_how_to_convert(model_dir, name):
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / name).write_bytes(b"not read: refused before opening")
+    with pytest.raises(CheckpointError) as e:
+        load(model_dir)
+    message = str(e.value)
+    assert message.startswith(f"{model_dir / name}: a pickled PyTorch checkpoint")
+    assert "loading a pickle can run arbitrary code" in message
+    assert "save_pretrained(dir, safe_serialization=True)" in message
 
 
 def test_truncated_safetensors_file(model_dir):

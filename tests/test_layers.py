@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.layers import attention, segment_attention
-from jaxvlm.models.qwen2_vl import segment_index
+from jaxvlm.models.qwen_vision import segment_index
 
 
 def test_segment_attention_equals_dense_attention_with_a_block_diagonal_mask():

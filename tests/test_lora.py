@@ -13,7 +13,10 @@ import torch
 from flax import nnx
 
 from jaxvlm import FastVisionModel
-from jaxvlm.lora import LoRA, concat_linear, get_peft_regex, linear_modules, load_adapter, merge, select_modules, unmerge
+from jaxvlm.converters.peft_adapter import load_adapter
+from jaxvlm.kernels.lora_matmul import concat_linear
+from jaxvlm.lora import LoRA, linear_modules, merge, unmerge
+from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
 from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
 from tests.tiny import build_hf_model

@@ -183,11 +183,14 @@ def test_missing_file_error_names_the_dir(tiny_processor, missing, named):
         load_processor(model_dir)
 
 
-def test_unknown_processor_class_is_named(tiny_processor):
-    config_file = os.path.join(tiny_processor[1], "preprocessor_config.json")
+def test_processor_class_of_another_family_is_named(tiny_processor):
+    family, model_dir = tiny_processor
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump({"model_type": family}, f)
+    config_file = os.path.join(model_dir, "preprocessor_config.json")
     with open(config_file) as f:
         config = json.load(f)
     with open(config_file, "w") as f:
         json.dump({**config, "processor_class": "LlavaProcessor"}, f)
-    with pytest.raises(ValueError, match="LlavaProcessor"):
-        load_processor(tiny_processor[1])
+    with pytest.raises(ValueError, match="processor_class is 'LlavaProcessor', expected one of"):
+        load_processor(model_dir)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from jaxvlm.converters.safetensors_io import CheckpointError
 from jaxvlm.quant import NF4, Int8
 from tests.conftest import chat, random_image
 from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
@@ -160,13 +161,14 @@ def test_2b_geometry_stores_about_0_53_bytes_per_quantized_param():
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jaxvlm.fast_vision_model import linear_weight_keys
+    from jaxvlm.quantize import linear_weight_keys
     from jaxvlm.models import qwen2_vl
     from jaxvlm.quant import quantize_nf4
-    from scripts.bench_forward import qwen2_vl_2b_config
+    from scripts.bench_common import qwen2_vl_2b_config
     cfg = qwen2_vl_2b_config()
-    abstract = nnx.eval_shape(lambda: qwen2_vl.build(cfg, jnp.bfloat16))
-    targets = linear_weight_keys(abstract, qwen2_vl.QUANT_SKIP)
+    model_cls = qwen2_vl.Qwen2VLForConditionalGeneration
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, jnp.bfloat16))
+    targets = linear_weight_keys(abstract, model_cls.INFO.quant_skip)
     n_params = n_bytes = 0
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         key, spec = ".".join(map(str, path)), var.get_value()
@@ -193,6 +195,35 @@ def edit_blob(path, key, fn):
     tensors[blob_key] = np.frombuffer(new if isinstance(new, bytes) else json.dumps(new).encode(), np.uint8).copy()
     save_file(tensors, str(path / "model.safetensors"))
     return blob_key
+
+
+def drop_tensor(path, key):
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[key]
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+BNB_STATISTICS = [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"]
+
+
+@pytest.mark.parametrize("suffix", BNB_STATISTICS)
+def test_missing_statistics_tensor_is_named(bnb_copy, suffix):
+    key = "model.layers.0.mlp.up_proj.weight"
+    drop_tensor(bnb_copy, key + suffix)
+    with pytest.raises(CheckpointError) as e:
+        load(str(bnb_copy), load_in_4bit=True)
+    message = str(e.value)
+    assert message.startswith(f"{bnb_copy}: {key}{suffix} is missing (")
+    assert f"got tensors {key}, {', '.join(sorted(set(BNB_STATISTICS) - {suffix}))}" in message
+
+
+def test_missing_packed_weight_is_named_not_called_unexpected(bnb_copy):
+    key = "model.layers.1.self_attn.v_proj.weight"
+    drop_tensor(bnb_copy, key)
+    with pytest.raises(CheckpointError) as e:
+        load(str(bnb_copy), load_in_4bit=True)
+    assert str(e.value) == (f"{bnb_copy}: the packed 4-bit weight {key} is missing while its statistics "
+                            f"({', '.join(sorted(BNB_STATISTICS))}) are present")
 
 
 def test_unknown_quant_type_in_the_config(bnb_copy):

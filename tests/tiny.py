@@ -1,15 +1,21 @@
 """Tiny random-weight transformers models (torch) for parity tests; the offline pieces live in jaxvlm.tiny."""
 import torch
 
-from jaxvlm.tiny import (CONFIGS, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, VOCAB,  # noqa: F401
-                         qwen2_5_vl_config, qwen2_vl_config, save_tiny_processor)
+from jaxvlm.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from jaxvlm.tiny import VOCAB, save_tiny_processor, tiny_config  # noqa: F401 (re-exported to the tests)
+
+_QWEN_TOKENS = Qwen2VLForConditionalGeneration.TINY.special_tokens
+IMAGE_TOKEN_ID = _QWEN_TOKENS["<|image_pad|>"]
+VIDEO_TOKEN_ID = _QWEN_TOKENS["<|video_pad|>"]
+VISION_START_ID = _QWEN_TOKENS["<|vision_start|>"]
+VISION_END_ID = _QWEN_TOKENS["<|vision_end|>"]
 
 
 def build_hf_model(family, seed=0, **text_overrides):
     """A random-weight transformers model of the family, fp32, eval mode."""
     from transformers import AutoModelForImageTextToText
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(CONFIGS[family](**text_overrides), dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, **text_overrides), dtype=torch.float32)
     # transformers' init leaves norms at 1 and biases at 0; randomise them so the parity test sees them.
     # Its small init also makes attention nearly uniform, which would hide position (rotary) errors:
     # larger query/key weights make attention depend on positions, as in a trained model.

@@ -10,8 +10,10 @@ save methods: merged_16bit (default: LoRA merged into the base, 16-bit safetenso
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from jaxvlm.cli.common import add_debug_option, check_adapter_dir, run_tool
 from jaxvlm.export import SAVE_METHODS
 
 
@@ -28,18 +30,36 @@ def parse_args(argv=None):
     ap.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this hub repo instead of --output")
     ap.add_argument("--token", default=None)
     ap.add_argument("--private", action="store_true")
+    add_debug_option(ap)
     args = ap.parse_args(argv)
     if not args.output and not args.push_to_hub:
         ap.error("give --output DIR or --push-to-hub REPO_ID")
     return args
 
 
+def check_output(args) -> None:
+    """Raises if --output is a file, or a non-empty directory without --overwrite."""
+    out = args.output
+    if out is None or not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise NotADirectoryError(f"--output {out}: exists and is not a directory")
+    if os.listdir(out) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass --overwrite to write into it")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_tool("jaxvlm-export", export, parse_args(argv))
+
+
+def export(args) -> int:
+    check_output(args)  # before loading the model, which takes minutes for a large one
+    if args.adapter:
+        check_adapter_dir(args.adapter)
     from jaxvlm import FastVisionModel
     model, processor = FastVisionModel.from_pretrained(args.model, dtype=args.dtype, load_in_4bit=False)
     if args.adapter:
-        from jaxvlm.lora import load_adapter
+        from jaxvlm.converters.peft_adapter import load_adapter
         model = load_adapter(model, args.adapter)
     if args.push_to_hub:
         url = model.push_to_hub_merged(args.push_to_hub, processor, save_method=args.save_method,

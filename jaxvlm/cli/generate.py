@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxvlm.cli.common import add_debug_option, check_adapter_dir, run_tool
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="jaxvlm-generate", description=__doc__,
@@ -29,11 +31,17 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
     ap.add_argument("--load-in-4bit", action="store_true", help="store the base weights in NF4")
     ap.add_argument("--max-seq-length", type=int, default=2048)
+    add_debug_option(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_tool("jaxvlm-generate", generate, parse_args(argv))
+
+
+def generate(args) -> int:
+    if args.adapter:
+        check_adapter_dir(args.adapter)
     from PIL import Image
     from transformers import TextStreamer
 
@@ -43,13 +51,12 @@ def main(argv=None) -> int:
     for path in args.image:
         try:
             images.append(Image.open(path).convert("RGB"))
-        except OSError as e:
-            print(f"jaxvlm-generate: cannot read image {path}: {e}", file=sys.stderr)
-            return 2
+        except OSError as e:  # a missing file, or one PIL cannot decode
+            raise ValueError(f"cannot read image {path}: {e.strerror or e}") from e
     model, processor = FastVisionModel.from_pretrained(
         args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length)
     if args.adapter:
-        from jaxvlm.lora import load_adapter
+        from jaxvlm.converters.peft_adapter import load_adapter
         model = load_adapter(model, args.adapter)
     FastVisionModel.for_inference(model)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]

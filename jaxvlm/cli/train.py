@@ -4,6 +4,7 @@
     jaxvlm-train --model DIR --data train.jsonl --output out/ --max-steps 200 --batch-size 4 \\
         --grad-accum 4 --lr 2e-4 --rank 16 --train-on-responses-only --save-steps 50
     jaxvlm-train ... --resume                # continue from the newest out/checkpoint-N
+    jaxvlm-train ... --overwrite             # start again in an out/ that holds an earlier run
 
 The data: a JSONL file, one record per line, in the chat "messages" format; image paths are relative to
 the JSONL file:
@@ -13,14 +14,18 @@ the JSONL file:
                   {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]}
 
 Writes out/adapter (a PEFT adapter dir with the processor), out/loss.png, out/log_history.json and, with
---save-steps, out/checkpoint-N (orbax) for --resume.
+--save-steps, out/checkpoint-N (orbax) for --resume. An out/ that holds an earlier run's adapter or
+checkpoints is refused unless --resume or --overwrite says what to do with them.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import re
+import shutil
 import sys
+
+from jaxvlm.cli.common import add_debug_option, run_tool
 
 
 def parse_args(argv=None):
@@ -54,11 +59,18 @@ def parse_args(argv=None):
     g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (bf16 first moment) or adamw_torch")
     g.add_argument("--seed", type=int, default=3407)
     g.add_argument("--train-on-responses-only", action="store_true")
-    g.add_argument("--instruction-part", default="<|im_start|>user\n")
-    g.add_argument("--response-part", default="<|im_start|>assistant\n")
+    g.add_argument("--instruction-part", default=None,
+                   help="the text that starts a user turn (default: the model family's chat marker)")
+    g.add_argument("--response-part", default=None,
+                   help="the text that starts an assistant turn (default: the model family's chat marker)")
     g.add_argument("--logging-steps", type=int, default=1)
     g.add_argument("--save-steps", type=int, default=0)
-    g.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
+    earlier = g.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="start again in an --output that holds an earlier run: its checkpoint-N dirs are "
+                              "deleted and its adapter replaced; other files are left alone")
+    add_debug_option(ap)
     return ap.parse_args(argv)
 
 
@@ -66,9 +78,39 @@ def _checkpointing(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+def checkpoint_dirs(output: str) -> list[str]:
+    """The checkpoint-N directories in `output` (none if it does not exist)."""
+    if not os.path.isdir(output):
+        return []
+    return [os.path.join(output, d) for d in sorted(os.listdir(output))
+            if re.fullmatch(r"checkpoint-\d+", d) and os.path.isdir(os.path.join(output, d))]
+
+
+def check_output(args) -> None:
+    """Raises if --output holds an earlier run that neither --resume nor --overwrite accounts for."""
+    out = args.output
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--output {out}: exists and is not a directory")
+    checkpoints = checkpoint_dirs(out)
+    if args.resume and not checkpoints:
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint-N directory to resume from "
+                                f"(an earlier run writes them with --save-steps)")
+    if args.resume or args.overwrite:
+        return
+    if checkpoints:
+        raise FileExistsError(f"{out} has checkpoints from an earlier run: pass --resume to continue it "
+                              f"or --overwrite to start again")
+    if os.path.exists(os.path.join(out, "adapter")):
+        raise FileExistsError(f"{os.path.join(out, 'adapter')} is from an earlier run: pass --overwrite to "
+                              f"replace it")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_tool("jaxvlm-train", train, parse_args(argv))
+
+
+def train(args) -> int:
+    check_output(args)
     from jaxvlm import FastVisionModel
     from jaxvlm.train import VisionDataCollator, load_jsonl
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
@@ -84,6 +126,10 @@ def main(argv=None) -> int:
     FastVisionModel.for_training(model)
     collator = VisionDataCollator(model, processor, train_on_responses_only=args.train_on_responses_only,
                                   instruction_part=args.instruction_part, response_part=args.response_part)
+    if args.overwrite:
+        for path in checkpoint_dirs(args.output):  # else a later --resume would pick up the earlier run's
+            shutil.rmtree(path)
+    os.makedirs(args.output, exist_ok=True)
     trainer = SFTTrainer(model, processor, collator, records, args=SFTConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, num_train_epochs=args.epochs,

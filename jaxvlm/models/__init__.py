@@ -1,12 +1,21 @@
-"""The model families jaxvlm can import, by HF `model_type`."""
-from jaxvlm.models import qwen2_vl
+"""The registry: config.json's `model_type` -> the family's model class, imported when first asked for.
 
-FAMILIES = {model_type: qwen2_vl for model_type in qwen2_vl.MODEL_TYPES}
+A new family is one file under jaxvlm/models/ and one line here (see jaxvlm/models/base.py).
+"""
+from __future__ import annotations
+
+import importlib
+
+REGISTRY = {
+    "qwen2_vl": "jaxvlm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "jaxvlm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+}
 
 
-def family_for(model_type: str, where: str):
-    """The module implementing `model_type`, or a ValueError listing the supported ones."""
-    if model_type not in FAMILIES:
+def model_class(model_type: str | None, where: str):
+    """The model class implementing `model_type`; ValueError naming `where` and the supported types."""
+    if model_type not in REGISTRY:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+                         f"{', '.join(sorted(REGISTRY))}")
+    module, name = REGISTRY[model_type].split(":")
+    return getattr(importlib.import_module(module), name)

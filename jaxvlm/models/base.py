@@ -1,47 +1,155 @@
-"""What every model family's top module offers besides its forward: Unsloth's methods on the model."""
+"""The family seam: what a model family provides, as a base class with its facts on the class.
+
+A family is one file under jaxvlm/models/ with a `VisionLanguageModel` subclass plus one registry line
+in jaxvlm/models/__init__.py (../shared/FAMILY.md lists the parts). Nothing outside the family asks
+which family it holds: the importer, LoRA, quantization, export, the collator, the processor loader,
+`jaxvlm.tiny` and generation read `type(model).INFO` or call the methods below.
+
+Parts of ../shared/FAMILY.md and where they live:
+  config                       `config_from_hf` (a frozen dataclass from the transformers config)
+  modules                      the subclass's attributes, paths mirroring transformers' module paths
+  HF key map, current and old  `INFO.stacked`, `INFO.legacy_keys`, `INFO.export_keys`, `INFO.ignored_keys`
+  input preparation            `prepare_inputs` (host side, numpy) -> the arrays `forward` takes
+  LoRA target names            the Linear modules' per-layer HF names (jaxvlm.targets applies Unsloth's
+                               `get_peft_regex` to them, as Unsloth does to the torch model's names)
+  modules kept 16-bit in 4-bit `INFO.quant_skip`
+  chat / collator specifics    `INFO.processor_classes`, `INFO.vision_tokens`, `INFO.instruction_part`,
+                               `INFO.response_part`
+  generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
+  tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
+"""
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 
-class VLM(nnx.Module):
-    """Base of a family's top module, which defines `prepare_inputs(**processor_outputs)` and
-    `forward(inputs) -> logits`. Attributes set by from_pretrained: model_dir, name_or_path,
-    max_seq_length."""
+class ConfigError(ValueError):
+    """A config.json field that a family does not understand."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyInfo:
+    """A family's facts that the layers above its network need."""
+
+    model_types: tuple[str, ...]  # config.json `model_type`s this class implements
+    # Prefixes of the stacked blocks (HF module paths; see jaxvlm.paths).
+    stacked: tuple[str, ...]
+    # (regex, replacement) from the older on-disk key names to transformers' current in-memory names.
+    legacy_keys: tuple[tuple[str, str], ...]
+    # (regex, replacement) from current names to the names merged exports write.
+    export_keys: tuple[tuple[str, str], ...]
+    # On-disk tensors that have no param here (regexes), e.g. rotary inverse frequencies.
+    ignored_keys: tuple[str, ...]
+    # Module names (a component of the path) whose Linear weights stay 16-bit in 4-bit / 8-bit mode.
+    quant_skip: tuple[str, ...]
+    # transformers processor class name per model_type, for checkpoints that name none.
+    processor_classes: tuple[tuple[str, str], ...]
+    # Chat-template tokens standing for images or videos: the loss never targets them.
+    vision_tokens: tuple[str, ...]
+    # The chat markers that open a user turn and an assistant turn (train_on_responses_only defaults).
+    instruction_part: str
+    response_part: str
+
+    def processor_class(self, model_type: str) -> str:
+        return dict(self.processor_classes)[model_type]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """What `jaxvlm.tiny` needs to write a tiny offline checkpoint of the family (no hub, no torch)."""
+
+    special_tokens: dict[str, int]  # token -> id, inside the tiny vocabulary
+    pad_token: str
+    eos_token: str
+    chat_template: str
+    image_processor: dict  # preprocessor_config.json, less processor_class
+
+
+class VisionLanguageModel(nnx.Module):
+    """Base of a family's top module. Subclasses set `INFO`, `TINY`, implement the methods that raise
+    NotImplementedError here, and build their modules in `__init__(cfg, dtype)` after calling
+    `super().__init__(cfg, dtype)`.
+
+    Attributes: `config` (the family's config dataclass), `dtype` (compute and 16-bit storage dtype,
+    also the dtype of merged exports). from_pretrained adds model_dir, name_or_path, max_seq_length.
+    """
+
+    INFO: ClassVar[FamilyInfo]
+    TINY: ClassVar[TinySpec]
+
+    def __init__(self, cfg, dtype):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def config_from_hf(cls, hf_config) -> Any:
+        """The family's frozen config dataclass from a transformers config object; ValueError naming
+        the config.json field this code does not understand."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_config(cls, model_type: str, size: str = "test", **text_overrides):
+        """A transformers config of a tiny model ("test": for tests, "demo": a little larger) that uses
+        every behaviour switch the real checkpoints use; `text_overrides` go to its text config."""
+        raise NotImplementedError
+
+    # -- the forward ----------------------------------------------------------------------------
+
+    def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
+        """The arrays `forward` takes, computed on the host from what the processor returns (the names
+        transformers' forward takes for this family). `n_pad_patches` (the collator's bucket padding)
+        is accepted as well."""
+        raise NotImplementedError
+
+    def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """Final hidden states `[batch, seq, hidden]`; jit-compatible."""
+        raise NotImplementedError
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Vocabulary logits `[..., vocab]` from final hidden states, in the compute dtype."""
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """Logits `[batch, seq, vocab]` from `prepare_inputs` arrays; jit-compatible."""
+        return self.logits(self.hidden_states(inputs))
 
     def __call__(self, **processor_outputs: Any) -> jax.Array:
-        """Logits for what the processor returned (input_ids, attention_mask, pixel_values, image_grid_thw...)."""
+        """Logits for what the processor returned (input_ids, attention_mask, pixel_values, ...)."""
         return _jit_forward(self, self.prepare_inputs(**processor_outputs))
 
-    def generate(self, **kwargs) -> np.ndarray:
-        """Prompt + generated ids; see `jaxvlm.generate.generate` for the arguments."""
-        from jaxvlm.generate import generate
-        kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
-        return generate(self, **kwargs)
+    # -- generation (jaxvlm.generate talks to a family only through these) ----------------------
 
-    def save_pretrained(self, save_directory: str, tokenizer=None, overwrite: bool = False, **kwargs) -> None:
-        """Writes the LoRA adapter as a PEFT adapter directory (plus the processor, if given), as
-        Unsloth's `model.save_pretrained` does after get_peft_model."""
-        self.save_pretrained_merged(save_directory, tokenizer, save_method="lora", overwrite=overwrite)
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was trained for (config's max_position_embeddings), if known."""
+        return None
 
-    def print_trainable_parameters(self) -> None:
-        from jaxvlm.lora import print_trainable_parameters
-        print_trainable_parameters(self)
+    def init_cache(self, batch: int, length: int) -> Any:
+        """An empty cache pytree for `length` token slots (what `prefill` and `decode` read and write)."""
+        raise NotImplementedError
 
-    def save_pretrained_merged(self, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
-                               **kwargs) -> None:
-        """See `jaxvlm.export.save_pretrained_merged`."""
-        from jaxvlm.export import save_pretrained_merged
-        save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
+    def prefill(self, inputs: dict[str, jax.Array], cache, key_mask: jax.Array) -> tuple[jax.Array, Any]:
+        """(hidden `[batch, prompt_len, hidden]`, cache) for the prompt, written to slots 0..prompt_len-1.
+        `key_mask [batch, cache_len]` marks the slots that hold (or will hold) real tokens."""
+        raise NotImplementedError
 
-    def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "merged_16bit", **kwargs) -> str:
-        """See `jaxvlm.export.push_to_hub_merged`."""
-        from jaxvlm.export import push_to_hub_merged
-        return push_to_hub_merged(self, repo_id, tokenizer, save_method=save_method, **kwargs)
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache, key_mask: jax.Array,
+               index) -> tuple[jax.Array, Any]:
+        """(hidden `[batch, 1, hidden]`, cache) after feeding `tokens [batch]` at cache slot `index`,
+        each at text position `positions [batch]` (counted as `next_positions` counts)."""
+        raise NotImplementedError
+
+    def next_positions(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """int32 `[batch]`: the position of the first generated token of each prompt."""
+        raise NotImplementedError
 
 
 _jit_forward = nnx.jit(lambda model, inputs: model.forward(inputs))

@@ -274,10 +274,18 @@ def _tensor(tensors: Mapping[str, np.ndarray], suffix: str, name: str, dtype, sh
     return t.reshape(shape)
 
 
+def _listing(suffixes, name: str) -> str:
+    """The tensors of weight `name` by suffix, its packed codes by `name` itself: 'w, .absmax, .quant_map'."""
+    return ", ".join(s or name for s in sorted(suffixes))
+
+
 def _read_quant_state(tensors: Mapping[str, np.ndarray], name: str) -> tuple[str, dict]:
     """(suffix, fields) of the JSON blob `{name}.quant_state.bitsandbytes__<quant_type>`."""
     found = [s for s in tensors if s.startswith(_QUANT_STATE)]
-    if len(found) != 1:
+    if not found:
+        raise ValueError(f"{name}{_QUANT_STATE}nf4 is missing ({name}: expected one {name}{_QUANT_STATE}nf4 tensor, "
+                         f"found []; got tensors {_listing(tensors, name)})")
+    if len(found) > 1:
         raise ValueError(f"{name}: expected one {name}{_QUANT_STATE}nf4 tensor, found {[name + s for s in found]}")
     suffix = found[0]
     quant_type = suffix[len(_QUANT_STATE):]
@@ -326,10 +334,16 @@ def nf4_from_bnb(tensors: Mapping[str, np.ndarray], name: str = "weight") -> NF4
     expected = {_CODES, _ABSMAX, _QUANT_MAP, suffix}
     if double_quantized:
         expected |= {_NESTED_ABSMAX, _NESTED_QUANT_MAP}
-    if set(tensors) != expected:
-        raise ValueError(f"{name}: got tensors {sorted(name + s for s in tensors)}, expected "
-                         f"{sorted(name + s for s in expected)} ({'with' if double_quantized else 'without'} "
-                         f"nested_offset in {where})")
+    missing, extra = expected - set(tensors), set(tensors) - expected
+    if missing or extra:
+        # Whether the nested statistics belong is read from the blob, so say so when they are at issue.
+        why = (f", as its quant_state has {'a' if double_quantized else 'no'} nested_offset"
+               if {_NESTED_ABSMAX, _NESTED_QUANT_MAP} & (missing | extra) else "")
+        if missing:
+            raise ValueError(f"{name}{min(missing)} is missing ({name}: got tensors {_listing(tensors, name)}; "
+                             f"expected also {_listing(missing, name)}{why})")
+        raise ValueError(f"{name}{min(extra)} is unexpected ({name}: got tensors {_listing(tensors, name)}; "
+                         f"expected only {_listing(expected, name)}{why})")
 
     n = int(np.prod(shape))
     n_blocks = -(-n // blocksize)

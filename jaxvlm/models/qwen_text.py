@@ -1,0 +1,168 @@
+"""The Qwen M-RoPE language model (Qwen2-VL, Qwen2.5-VL): decoder layers with 3-axis rotary positions.
+
+Positions are `[3, batch, seq]` (temporal, height, width): text tokens count up on all three axes,
+vision tokens take their grid coordinates (`rope_index`). Attribute paths mirror transformers'
+`model.language_model.*`, with the decoder layers stacked.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, scan_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    hidden_act: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray | None, *,
+               image_token_id: int, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions `[3, batch, seq]` and per-sequence deltas `[batch]` (transformers' get_rope_index).
+
+    Text tokens count up by one on all three axes; an image's tokens take (t, h, w) grid positions
+    offset by the running position, which then advances by max(h, w) / merge. Padding gets position 0.
+    The positions are counted over the attended tokens only, so left padding shifts nothing.
+    """
+    merge = spatial_merge_size
+    batch, seq = input_ids.shape
+    positions = np.zeros((3, batch, seq), np.int32)
+    deltas = np.zeros((batch,), np.int32)
+    grids = iter(image_grid_thw if image_grid_thw is not None else [])
+    for b in range(batch):
+        keep = attention_mask[b].astype(bool)
+        ids = input_ids[b][keep]
+        is_image = ids == image_token_id
+        out = np.zeros((3, len(ids)), np.int32)
+        i, pos = 0, 0
+        while i < len(ids):
+            if not is_image[i]:
+                out[:, i] = pos
+                i, pos = i + 1, pos + 1
+                continue
+            try:
+                t, h, w = (int(x) for x in next(grids))
+            except StopIteration:
+                raise ValueError(f"sequence {b} has more images than image_grid_thw has rows") from None
+            h, w = h // merge, w // merge
+            n = t * h * w
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+            out[:, i:i + n] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos
+            i, pos = i + n, pos + max(h, w)
+        positions[:, b, keep] = out
+        deltas[b] = (out.max() + 1 - len(ids)) if len(ids) else 0
+    return positions, deltas
+
+
+def mrope_cos_sin(cfg: TextConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin `[batch, seq, head_dim]` for M-RoPE positions `[3, batch, seq]`.
+
+    The head_dim/2 frequencies are split into mrope_section chunks taking their angle from the
+    temporal, height and width positions in turn; the halves are then repeated (rotate_half layout).
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, d/2]
+    axis = np.repeat(np.arange(3), cfg.mrope_section)  # which position axis each frequency reads
+    freqs = freqs[axis, :, :, np.arange(d // 2)].transpose(1, 2, 0)  # [B, T, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer: `[layers, batch, cache_len, kv_heads, head_dim]` each."""
+    k: jax.Array
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, stack):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=True, dtype=dtype, stack=stack)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, stack=stack)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, stack=stack)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, stack=stack)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
+        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index`
+        and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (k, v)
+        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, stack):
+        self.self_attn = Attention(cfg, dtype, stack)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype,
+                            stack=stack)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype):
+        self.cfg = cfg
+        self.remat = None
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = DecoderLayer(cfg, dtype, stack=(cfg.num_layers,))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None, index=0):
+        """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`.
+
+        Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one, the step's
+        tokens go to cache slots index..index+seq, and `attention_mask [batch, cache_len]` marks the
+        slots holding real tokens. Returns (hidden, cache).
+        """
+        cos, sin = mrope_cos_sin(self.cfg, position_ids)
+        t = h.shape[1]
+        keys = attention_mask.shape[1]
+        key_ok = jnp.broadcast_to(attention_mask[:, None, None, :] > 0, (h.shape[0], 1, t, keys))
+        if cache is None:  # causal over the sequence itself: the attention kernel applies it
+            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, key_ok)[0], None),
+                               remat=self.remat)
+        else:
+            mask = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None] & key_ok
+
+            def layer_step(layer, x, kv):
+                return layer(x, cos, sin, mask, kv, index)
+
+            h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
+            cache = KVCache(*kv)
+        return self.norm(h), cache
