@@ -12,9 +12,10 @@ from PIL import Image
 from jaxvlm import FastVisionModel
 from jaxvlm.models import qwen2_vl
 from jaxvlm.processing import load_processor
-from jaxvlm.tiny import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID, save_random_model
+from jaxvlm.tiny import save_random_model
 from jaxvlm.train import DataError, VisionDataCollator, bucket_size, bucket_sizes, load_jsonl, load_records
 from tests.conftest import random_image
+from tests.tiny import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID
 
 VISION_IDS = [VISION_START_ID, IMAGE_TOKEN_ID, VISION_END_ID]
 QWEN_PARTS = dict(instruction_part="<|im_start|>user\n", response_part="<|im_start|>assistant\n")
@@ -171,19 +172,29 @@ def test_each_new_bucket_shape_is_logged_once(model, processor, caplog):
     assert len(shapes) == 2 and "2 x 64 tokens, 128 image patches" in shapes[0]
 
 
-def test_left_padding_side_is_honoured(model, processor):
-    processor.tokenizer.padding_side = "left"
+def test_batches_pad_on_the_right_whatever_the_tokenizers_padding_side(model, processor):
+    """for_inference sets the tokenizer's padding_side to left for generation; a collator built or called
+    while it is left still pads training batches on the right, as the processor does with side right."""
+    side = processor.tokenizer.padding_side
     try:
-        plain = VisionDataCollator(model, processor, pad_to_bucket=False)(RECORDS)
-        batch = VisionDataCollator(model, processor)(RECORDS)
+        processor.tokenizer.padding_side = "right"
         ref = processor(text=[templated(processor, r) for r in RECORDS], images=[IMAGES[:1], IMAGES[1:]],
                         padding=True, return_tensors="np")
+        built_right = VisionDataCollator(model, processor, pad_to_bucket=False)
+        processor.tokenizer.padding_side = "left"
+        built_left = VisionDataCollator(model, processor, pad_to_bucket=False)
+        batches = [built_left(RECORDS), built_right(RECORDS)]
+        padded = VisionDataCollator(model, processor)(RECORDS)
     finally:
-        processor.tokenizer.padding_side = "right"
-    np.testing.assert_array_equal(plain["input_ids"], ref["input_ids"])
-    np.testing.assert_array_equal(batch["input_ids"][:, -plain["input_ids"].shape[1]:], plain["input_ids"])
+        processor.tokenizer.padding_side = side
+    assert (ref["attention_mask"][:, -1] == 0).any(), "the records should differ in length"
+    for batch in batches:
+        np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+        np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask"])
+    seq = ref["input_ids"].shape[1]
+    np.testing.assert_array_equal(padded["input_ids"][:, :seq], ref["input_ids"])
     masked = (ref["attention_mask"] == 0) | np.isin(ref["input_ids"], VISION_IDS)
-    np.testing.assert_array_equal(plain["labels"] == -100, masked)
+    np.testing.assert_array_equal(batches[0]["labels"] == -100, masked)
 
 
 def test_resize_shrinks_images_over_the_size(model, processor):
@@ -297,6 +308,12 @@ def test_image_tokens_cut_by_max_seq_length_skip_the_record(model, processor, ca
     assert batch["image_grid_thw"].tolist() == [[1, 6, 4]]
 
 
+def test_a_batch_whose_every_record_is_skipped_is_padding(model, processor):
+    collator = VisionDataCollator(model, processor, max_seq_length=20, on_overflow="skip")
+    batch = collator(RECORDS, indices=[4, 9])
+    assert collator.skipped == 2 and not batch["attention_mask"].any() and (batch["labels"] == -100).all()
+
+
 def test_text_past_max_seq_length_is_truncated(model, processor):
     long_answer = record(IMAGES[:1], answer=" ".join(["one two three"] * 20))
     batch = VisionDataCollator(model, processor, max_seq_length=40, pad_to_bucket=False)([long_answer])
@@ -321,9 +338,17 @@ def test_empty_datasets_dataset_raises():
         load_records(datasets.Dataset.from_list([]))
 
 
+def test_response_markers_default_to_the_model_familys(model, processor):
+    ours = VisionDataCollator(model, processor, train_on_responses_only=True)
+    explicit = VisionDataCollator(model, processor, train_on_responses_only=True,
+                                  instruction_part="<|im_start|>user\n", response_part="<|im_start|>assistant\n")
+    assert (ours.instruction_ids, ours.response_ids) == (explicit.instruction_ids, explicit.response_ids)
+    np.testing.assert_array_equal(ours(RECORDS)["labels"], explicit(RECORDS)["labels"])
+
+
 def test_bad_options_are_named(model, processor):
     with pytest.raises(ValueError, match="instruction_part and response_part"):
-        VisionDataCollator(model, processor, train_on_responses_only=True)
+        VisionDataCollator(model, processor, train_on_responses_only=True, instruction_part=3)
     with pytest.raises(ValueError, match="resize='large'"):
         VisionDataCollator(model, processor, resize="large")
     with pytest.raises(ValueError, match="on_overflow='drop'"):

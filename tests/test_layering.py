@@ -97,6 +97,40 @@ def test_no_import_cycles():
     assert not found, "imports must point down; break these cycles:\n" + "\n".join(describe(graph, c) for c in found)
 
 
+# The layers of DESIGN.md decision 11, bottom first: a module may import its own layer and those below.
+LAYERS = [
+    ("weights and kernels", ("jaxvlm.quant", "jaxvlm.kernels", "jaxvlm.layers", "jaxvlm.paths")),
+    ("model families", ("jaxvlm.models",)),
+    ("param-tree transforms", ("jaxvlm.lora", "jaxvlm.targets", "jaxvlm.quantize")),
+    ("converters", ("jaxvlm.converters",)),
+    ("user API, trainer and tools", ("jaxvlm.fast_vision_model", "jaxvlm.generate", "jaxvlm.export",
+                                     "jaxvlm.processing", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
+]
+
+
+def layer_of(module):
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it there")
+
+
+def test_imports_point_down():
+    graph = import_graph(ROOTS)
+    upward = [f"    {src} ({LAYERS[layer_of(src)][0]}) -> {dst} ({LAYERS[layer_of(dst)][0]})  ({', '.join(where)})"
+              for src, targets in graph.items() for dst, where in targets.items() if layer_of(dst) > layer_of(src)]
+    assert not upward, "imports must point down the layers:\n" + "\n".join(upward)
+
+
+def test_no_family_leaks_into_shared_modules():
+    """Outside jaxvlm/models/, code reaches a family only through the registry and the base class."""
+    graph = import_graph(ROOTS)
+    leaks = [f"    {src} -> {dst}  ({', '.join(where)})" for src, targets in graph.items() for dst, where in targets.items()
+             if not src.startswith("jaxvlm.models") and dst.startswith("jaxvlm.models.")
+             and dst != "jaxvlm.models.base"]
+    assert not leaks, "a family module imported outside jaxvlm/models/:\n" + "\n".join(leaks)
+
+
 def test_cycle_finder_sees_function_imports_and_skips_type_checking(tmp_path):
     files = {
         "__init__.py": "",

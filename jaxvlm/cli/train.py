@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup-steps", type=int, default=5)
     g.add_argument("--scheduler", default="linear", choices=["linear", "cosine", "constant", "constant_with_warmup"])
     g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (bf16 first moment) or adamw_torch")
+    g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (8-bit blockwise moments, as bitsandbytes AdamW8bit) or adamw_torch (fp32)")
     g.add_argument("--seed", type=int, default=3407)
     g.add_argument("--train-on-responses-only", action="store_true")
     g.add_argument("--instruction-part", default=None,

@@ -27,11 +27,16 @@ vision attention segment and drops their merged outputs. pad_to_bucket=False giv
 (unpadded) layout, with no n_pad_patches.
 
 Differences from Unsloth: padding is masked by the attention mask,
-not by token id (a pad id that is also the end-of-turn id stays trained); a sequence longer than
+not by token id (a pad id that is also the end-of-turn id stays trained); padding is always on the
+right, whatever the tokenizer's padding_side (Unsloth pads on the tokenizer's side, which its
+for_training sets to the right; for_inference sets it to the left for generation, and a collator
+built or called after it must still pad training batches on the right); a sequence longer than
 max_seq_length keeps its first max_seq_length tokens unless that would cut an image's tokens, which
 `on_overflow` decides ("error", or "skip": the record's row becomes all padding and is counted in
-`skipped`); images are not fetched from URLs; markers are matched as exact token sequences (Unsloth's
-default force_match=True); pad_to_multiple_of, num_proc and snap_to_patch_size are not taken.
+`skipped`; the trainer raises DataError once a whole pass over the data leaves nothing to train on);
+images are not fetched from URLs;
+markers are matched as exact token sequences (Unsloth's default force_match=True); pad_to_multiple_of,
+num_proc and snap_to_patch_size are not taken.
 """
 from __future__ import annotations
 
@@ -47,8 +52,6 @@ from jaxvlm.train.data import DataError, load_image
 
 logger = logging.getLogger(__name__)
 
-# Tokens that stand for image or video content; the loss never targets them (Unsloth masks the same).
-_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 _SMALLEST_BUCKET = 64
 # Unsloth's resize="min" falls back to 512 when the vision config names no image size (Qwen2-VL's does not).
 _DEFAULT_IMAGE_SIZE = 512
@@ -124,7 +127,8 @@ class VisionDataCollator:
         size (512 for Qwen2-VL, as in Unsloth) to that size, keeping the aspect ratio; an int: the same
         with that size; (width, height): resize every image to it; "max" or None: leave images as they are.
     train_on_responses_only: take the loss only on assistant responses, found by the token sequences of
-        `instruction_part` and `response_part` (for Qwen: "<|im_start|>user\\n", "<|im_start|>assistant\\n");
+        `instruction_part` and `response_part` (None: the model family's chat markers, for Qwen
+        "<|im_start|>user\\n" and "<|im_start|>assistant\\n");
         `last_response_only` keeps the last response only.
     completion_only_loss: for `prompt` / `completion` records, no loss on the prompt.
     pad_to_bucket: pad the sequence and patch axes to buckets (static shapes under jit).
@@ -163,6 +167,10 @@ class VisionDataCollator:
 
         self.instruction_ids = self.response_ids = None
         if train_on_responses_only:
+            info = getattr(type(model), "INFO", None)
+            if info is not None:
+                instruction_part = info.instruction_part if instruction_part is None else instruction_part
+                response_part = info.response_part if response_part is None else response_part
             if not (isinstance(instruction_part, str) and isinstance(response_part, str)):
                 raise ValueError("train_on_responses_only=True needs instruction_part and response_part strings, "
                                  "e.g. '<|im_start|>user\\n' and '<|im_start|>assistant\\n' for Qwen2-VL")
@@ -173,9 +181,11 @@ class VisionDataCollator:
         if tok.pad_token_id is None:
             raise ValueError("the tokenizer has no pad_token_id; set processor.tokenizer.pad_token")
         self.pad_token_id = tok.pad_token_id
-        self.padding_side = tok.padding_side
         self.image_token_id = tok.convert_tokens_to_ids(processor.image_token)
-        names = [*_VISION_TOKENS, *(getattr(processor, a, None) for a in ("image_token", "video_token"))]
+        # Tokens that stand for image or video content (the family's, and the processor's): never targets.
+        info = getattr(type(model), "INFO", None)
+        family_tokens = info.vision_tokens if info is not None else ()
+        names = [*family_tokens, *(getattr(processor, a, None) for a in ("image_token", "video_token"))]
         ids = tok.convert_tokens_to_ids([n for n in names if n])
         self.vision_token_ids = np.array(sorted({i for i in ids if i is not None and i != tok.unk_token_id}))
         image_processor = processor.image_processor
@@ -195,9 +205,9 @@ class VisionDataCollator:
             raise DataError("empty batch: the collator was given no examples")
         if indices is not None and len(indices) != len(examples):
             raise ValueError(f"{len(indices)} indices for {len(examples)} examples")
-        rows = [self._encode(example, f"record {indices[i]}" if indices is not None else f"example {i} of the batch")
-                for i, example in enumerate(examples)]
-        return self._collate(rows)
+        names = [f"record {indices[i]}" if indices is not None else f"example {i} of the batch"
+                 for i in range(len(examples))]
+        return self._collate([self._encode(example, name) for example, name in zip(examples, names)])
 
     # ------------------------------------------------------------------------------------------
     # One record.
@@ -340,14 +350,10 @@ class VisionDataCollator:
         return batch
 
     def _pad(self, seqs: list[np.ndarray], length: int, value: int) -> np.ndarray:
-        """int32 [len(seqs), length]: each sequence on the tokenizer's padding side, `value` elsewhere."""
+        """int32 [len(seqs), length]: each sequence at the start of its row, `value` after it."""
         out = np.full((len(seqs), length), value, np.int32)
         for i, s in enumerate(seqs):
-            if len(s):
-                if self.padding_side == "right":
-                    out[i, :len(s)] = s
-                else:
-                    out[i, length - len(s):] = s
+            out[i, :len(s)] = s
         return out
 
     def _log_new_shape(self, batch: int, seq: int, patches: int):

@@ -13,11 +13,13 @@ batches of 2 equals one batch of 8.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,15 +28,20 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxvlm.kernels.cross_entropy import chunked_token_loss_sum, token_loss_sum
+from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import dropout_key
+from jaxvlm.train.data import DataError
+from jaxvlm.train.optim import adamw_8bit
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class SFTConfig:
-    """TRL's SFTConfig fields that apply here (others are accepted and ignored)."""
+    """TRL's SFTConfig fields that apply here; others are accepted, ignored, and named in one warning.
+
+    TRL's `max_length` is taken as `max_seq_length` (TRL's later name for it).
+    """
     output_dir: str = "outputs"
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
@@ -61,6 +68,12 @@ class SFTConfig:
     loss_chunk_size: int = 512
 
     def __init__(self, **kwargs):
+        if "max_length" in kwargs:
+            # TRL renamed max_seq_length to max_length; both are the length records are cut to.
+            length = kwargs.pop("max_length")
+            if kwargs.setdefault("max_seq_length", length) != length:
+                raise ValueError(f"max_length={length} and max_seq_length={kwargs['max_seq_length']}: both name "
+                                 f"the sequence length (TRL's and Unsloth's spelling); give one")
         names = {f.name for f in dataclasses.fields(type(self))}
         for f in dataclasses.fields(type(self)):
             setattr(self, f.name, f.default)
@@ -71,7 +84,24 @@ class SFTConfig:
             else:
                 self.ignored[key] = value
         if self.ignored:
-            logger.info("SFTConfig: ignoring %s", sorted(self.ignored))
+            warnings.warn(_ignored_message(self.ignored), UserWarning, stacklevel=2)
+
+
+# What does the job of TRL arguments that have no field here; any other unknown argument is "not used".
+_INSTEAD = {
+    **dict.fromkeys(("bf16", "fp16", "tf32"),
+                    "the compute dtype comes from FastVisionModel.from_pretrained(dtype=...)"),
+    **dict.fromkeys(("dataset_text_field", "dataset_kwargs", "remove_unused_columns", "skip_prepare_dataset",
+                     "dataset_num_proc"), "the vision data collator prepares the records"),
+}
+
+
+def _ignored_message(ignored: dict) -> str:
+    """One line naming each ignored SFTConfig argument, grouped by what to do instead."""
+    groups: dict[str, list[str]] = {}
+    for key in ignored:
+        groups.setdefault(_INSTEAD.get(key, "not used by jaxvlm"), []).append(key)
+    return "SFTConfig ignores " + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in groups.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +167,11 @@ def lr_schedule(args: SFTConfig, total_steps: int) -> optax.Schedule:
 
 
 _OPTIMIZERS = {
-    "adamw_torch": jnp.float32, "adamw_torch_fused": jnp.float32, "adamw": jnp.float32,
-    # 8-bit Adam "in spirit": the first moment in bf16 (half the state), the second in fp32.
-    "adamw_8bit": jnp.bfloat16, "paged_adamw_8bit": jnp.bfloat16, "adamw_bf16": jnp.bfloat16,
+    "adamw_torch": optax.adamw, "adamw_torch_fused": optax.adamw, "adamw": optax.adamw,
+    # bitsandbytes' AdamW8bit; "paged" is CUDA unified memory, which has no counterpart here.
+    "adamw_8bit": adamw_8bit, "paged_adamw_8bit": adamw_8bit,
+    # The first moment in bf16 (what adamw_8bit meant before it kept 8-bit moments), the second in fp32.
+    "adamw_bf16": functools.partial(optax.adamw, mu_dtype=jnp.bfloat16),
 }
 
 
@@ -149,8 +181,8 @@ def make_optimizer(args: SFTConfig, total_steps: int, paths: Sequence[tuple]) ->
     decay_mask = [_decays(p) for p in paths]
     return optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
-        optax.adamw(lr_schedule(args, total_steps), b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                    weight_decay=args.weight_decay, mask=decay_mask, mu_dtype=_OPTIMIZERS[args.optim]),
+        _OPTIMIZERS[args.optim](lr_schedule(args, total_steps), b1=args.adam_beta1, b2=args.adam_beta2,
+                                eps=args.adam_epsilon, weight_decay=args.weight_decay, mask=decay_mask),
     )
 
 
@@ -170,7 +202,7 @@ class SFTTrainer:
 
     def __init__(self, model, processing_class=None, data_collator=None, train_dataset=None,
                  args: SFTConfig | None = None, tokenizer=None, is_trainable=None, **kwargs):
-        from jaxvlm.train.data import DataError, load_records
+        from jaxvlm.train.data import load_records
         self.model = model
         self.args = args or SFTConfig()
         self.processor = processing_class or tokenizer
@@ -252,9 +284,11 @@ class SFTTrainer:
         def apply_step(trainable, opt_state, grads, loss_sum, n_tokens):
             n = jnp.maximum(n_tokens, 1).astype(jnp.float32)
             grads = jax.tree.map(lambda g: g / n, grads)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, loss_sum / n, grad_norm
+            # A step with no trained token has no loss: nan, not 0, so that it cannot pass for a perfect fit.
+            loss = jnp.where(n_tokens > 0, loss_sum / n, jnp.nan)
+            return optax.apply_updates(trainable, updates), opt_state, loss, grad_norm
 
         schedule = lr_schedule(a, total)
         progress = _progress(total, step)
@@ -282,18 +316,39 @@ class SFTTrainer:
         # Each micro-batch's dropout key is this folded with its index (None when no adapter has dropout).
         dropout_root = jax.random.key(a.seed) if _has_dropout(self.model) else None
         pending = None
+        trained_so_far = step  # a resumed run trained before
         while step < total:
             grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
+            record_ids, n_trained = [], 0
             for micro in range(a.gradient_accumulation_steps):
-                batch, _ = self.micro_batch(step * a.gradient_accumulation_steps + micro)
+                index = step * a.gradient_accumulation_steps + micro
+                batch, ids = self.micro_batch(index)
+                record_ids += ids
+                n_trained += int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
                 inputs = self.model_inputs(batch)
                 self._log_compile(inputs)
-                index = step * a.gradient_accumulation_steps + micro
                 key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
                 ls, nt, g = grad_step(trainable, frozen, inputs, key)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
                 n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
+            trained_so_far += n_trained
+            seen = (step + 1) * a.gradient_accumulation_steps * a.per_device_train_batch_size
+            if not trained_so_far and seen >= len(self.dataset):
+                skipped = getattr(self.collator, "skipped", 0)
+                why = (f" ({skipped} records skipped by on_overflow=skip: their image tokens do not fit "
+                       f"max_seq_length)" if skipped else "")
+                raise DataError(f"a whole pass over the {len(self.dataset)} records of train_dataset left no token "
+                                f"to train on{why}: raise max_seq_length, shrink the images (resize=), or check "
+                                f"response_part")
+            if not n_trained:
+                # A warning, not an error: with small steps a few records whose responses max_seq_length cut
+                # off can fill a step by chance, and the run is still sound; when every step warns, it is not.
+                warnings.warn(f"step {step + 1}: records {record_ids} have no trained token (every label is "
+                              f"-100), so the step has no loss (logged as nan) and only AdamW's momentum and weight "
+                              f"decay move the weights; check that their responses fit max_seq_length and, with "
+                              f"train_on_responses_only, that response_part occurs in them", UserWarning,
+                              stacklevel=2)
             trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
             step += 1
             tokens_seen += n_seq_tokens
@@ -313,7 +368,8 @@ class SFTTrainer:
         with open(os.path.join(a.output_dir, "log_history.json"), "w") as f:
             json.dump(self.log_history, f, indent=1)
         runtime = time.perf_counter() - t_start
-        return TrainOutput(step, float(np.mean(losses)) if losses else float("nan"),
+        trained = [loss for loss in losses if not math.isnan(loss)]
+        return TrainOutput(step, float(np.mean(trained)) if trained else float("nan"),
                            {"train_runtime": runtime, "train_tokens_per_second": tokens_seen / max(runtime, 1e-9)})
 
     def _log_compile(self, inputs: dict) -> None:
