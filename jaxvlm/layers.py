@@ -240,7 +240,7 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
     at the end with `tokens` (out of range). Tokens are gathered into one padded row per segment,
     attended with the row's length, and gathered back, so the cost is the sum of the segments' squared
     lengths rather than the square of all tokens. `contiguous`: the caller guarantees that the rows are
-    consecutive runs of positions, in order (as `qwen2_vl.segment_index` builds them); then, when the
+    consecutive runs of positions, in order (as `qwen_vision.segment_index` builds them); then, when the
     segments fill all tokens at equal length (same-size images), the gathers are reshapes.
     """
     n = q.shape[0]

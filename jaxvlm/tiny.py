@@ -73,16 +73,19 @@ def save_random_model(path, model_type="qwen2_vl", seed=0, std=0.02, size="test"
     from safetensors.numpy import save_file
 
     from jaxvlm.converters.hf_export import hf_tensors
+    from jaxvlm.layers import LayerNorm, RMSNorm
+    from jaxvlm.paths import path_key, split_layer
 
     hf_config = tiny_config(model_type, size)
     family = _family(model_type)
     model = nnx.eval_shape(lambda: family(family.config_from_hf(hf_config), jnp.float32))
     rng = np.random.default_rng(seed)
     tensors = {}
+    norm_scales = {f"{path_key(p)}.weight" for p, m in nnx.iter_modules(model) if isinstance(m, (RMSNorm, LayerNorm))}
     shape_only = lambda v: np.broadcast_to(np.empty((), np.float32), v.shape)  # noqa: E731
     for key, array in hf_tensors(model, family.INFO.stacked, shape_only):
-        # Norms near 1, everything else small: the forward then behaves like a trained model's.
-        base = 1.0 if key.endswith("norm.weight") or "norm1" in key or "norm2" in key or "ln_q.weight" in key else 0.0
+        # Norm scales near 1, everything else small: the forward then behaves like a trained model's.
+        base = 1.0 if split_layer(key, family.INFO.stacked)[0] in norm_scales else 0.0
         tensors[key] = (base + std * rng.standard_normal(array.shape)).astype(np.float32)
     os.makedirs(path, exist_ok=True)
     hf_config.save_pretrained(path)

@@ -18,9 +18,12 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from jaxvlm import FastVisionModel
-from jaxvlm.train import VisionDataCollator
-from jaxvlm.train.trainer import SFTConfig, SFTTrainer
+# transformers' advice that PyTorch is missing is right and beside the point here (jaxvlm needs no torch).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from jaxvlm import FastVisionModel  # noqa: E402
+from jaxvlm.train import VisionDataCollator  # noqa: E402
+from jaxvlm.train.trainer import SFTConfig, SFTTrainer  # noqa: E402
 
 QUESTION = "Which digit is this?"
 

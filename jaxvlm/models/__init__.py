@@ -9,6 +9,7 @@ import importlib
 REGISTRY = {
     "qwen2_vl": "jaxvlm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "jaxvlm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "jaxvlm.models.qwen3_vl:Qwen3VLForConditionalGeneration",
 }
 
 

@@ -17,7 +17,8 @@ from flax import nnx
 
 from jaxvlm.layers import ACTIVATIONS, Linear, linear
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
-from jaxvlm.models.qwen_text import KVCache, TextConfig, TextModel, rope_index
+from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
+                                     TextConfig, TextModel, rope_index)
 from jaxvlm.models.qwen_vision import VisionConfig, VisionTransformer, vision_layout
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -168,13 +169,12 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         # transformers, which bitsandbytes does not quantize either.
         quant_skip=("lm_head", "merger", "patch_embed"),
         processor_classes=(("qwen2_vl", "Qwen2VLProcessor"), ("qwen2_5_vl", "Qwen2_5_VLProcessor")),
-        vision_tokens=("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
-        instruction_part="<|im_start|>user\n",
-        response_part="<|im_start|>assistant\n",
+        vision_tokens=VISION_TOKENS,
+        instruction_part=USER_TURN,
+        response_part=ASSISTANT_TURN,
     )
     TINY = TinySpec(
-        special_tokens={"<|endoftext|>": 285, "<|im_start|>": 286, "<|im_end|>": 287, "<|vision_start|>": 288,
-                        "<|vision_end|>": 289, "<|image_pad|>": 290, "<|video_pad|>": 291},
+        special_tokens=TINY_SPECIAL_TOKENS,
         pad_token="<|endoftext|>", eos_token="<|im_end|>",
         # Qwen2-VL's template, minus tools and vision ids: a default system turn, then each message with
         # its images/videos as <|vision_start|><|image_pad|><|vision_end|> in content order.

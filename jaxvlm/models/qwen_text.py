@@ -16,6 +16,14 @@ from flax import nnx
 from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, scan_blocks
 
 
+# The Qwen chat tokens shared by the Qwen VLM families: those standing for images and videos (the loss
+# never targets them) and the turn markers; and their ids in jaxvlm.tiny's 300-token vocabulary.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+USER_TURN, ASSISTANT_TURN = "<|im_start|>user\n", "<|im_start|>assistant\n"
+TINY_SPECIAL_TOKENS = {"<|endoftext|>": 285, "<|im_start|>": 286, "<|im_end|>": 287, "<|vision_start|>": 288,
+                       "<|vision_end|>": 289, "<|image_pad|>": 290, "<|video_pad|>": 291}
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     vocab_size: int

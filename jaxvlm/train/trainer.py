@@ -29,7 +29,8 @@ import optax
 from flax import nnx
 
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
-from jaxvlm.layers import dropout_key
+from jaxvlm.layers import LayerNorm, RMSNorm, dropout_key
+from jaxvlm.paths import path_key
 from jaxvlm.train.data import DataError
 from jaxvlm.train.optim import adamw_8bit
 
@@ -136,10 +137,16 @@ def default_is_trainable(model: nnx.Module) -> Callable[[tuple], bool]:
     return lambda path: True
 
 
-def _decays(path) -> bool:
-    """transformers' Trainer applies weight decay to every trainable weight except biases and norms."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return not any(n == "bias" or "norm" in n or n == "ln_q" for n in names)
+def decay_mask(model: nnx.Module, paths: Sequence[tuple]) -> list[bool]:
+    """Which trainable leaves get weight decay: all but biases and the params of norm layers, as
+    transformers' Trainer decides (by module type, so every family's norms are found whatever their names)."""
+    norms = {path_key(p) for p, m in nnx.iter_modules(model) if isinstance(m, (RMSNorm, LayerNorm))}
+
+    def decays(path) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        inside_norm = any(".".join(names[:i]) in norms for i in range(1, len(names)))
+        return not (inside_norm or "bias" in names)
+    return [decays(p) for p in paths]
 
 
 def lr_schedule(args: SFTConfig, total_steps: int) -> optax.Schedule:
@@ -175,14 +182,14 @@ _OPTIMIZERS = {
 }
 
 
-def make_optimizer(args: SFTConfig, total_steps: int, paths: Sequence[tuple]) -> optax.GradientTransformation:
+def make_optimizer(args: SFTConfig, total_steps: int, decays: Sequence[bool]) -> optax.GradientTransformation:
+    """Clipping, then `args.optim` with `args`' schedule; `decays[i]`: whether leaf i gets weight decay."""
     if args.optim not in _OPTIMIZERS:
         raise ValueError(f"optim={args.optim!r}: expected one of {sorted(_OPTIMIZERS)}")
-    decay_mask = [_decays(p) for p in paths]
     return optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm) if args.max_grad_norm else optax.identity(),
         _OPTIMIZERS[args.optim](lr_schedule(args, total_steps), b1=args.adam_beta1, b2=args.adam_beta2,
-                                eps=args.adam_epsilon, weight_decay=args.weight_decay, mask=decay_mask),
+                                eps=args.adam_epsilon, weight_decay=args.weight_decay, mask=list(decays)),
     )
 
 
@@ -259,7 +266,7 @@ class SFTTrainer:
         if not trainable:
             raise ValueError("the model has nothing to train: add LoRA adapters with get_peft_model first")
         total = self.total_steps()
-        tx = make_optimizer(a, total, paths)
+        tx = make_optimizer(a, total, decay_mask(self.model, paths))
         opt_state = tx.init(trainable)
         step = 0
         if resume_from_checkpoint:
