@@ -20,6 +20,7 @@ from jaxvlm.converters.hf_export import hf_tensors, remove_stale_weights, write_
 from jaxvlm.converters.hf_import import normalize_key
 from jaxvlm.converters.peft_adapter import save_adapter
 from jaxvlm.layers import dense_weight
+from jaxvlm.lora import linear_modules
 from jaxvlm.paths import split_layer
 from jaxvlm.quant import nf4_to_bnb, quantize_nf4
 from jaxvlm.quantize import linear_weight_keys
@@ -74,11 +75,19 @@ def merged_4bit_tensors(model, dtype):
 
 
 def _quantization_config(model, dtype) -> dict:
-    """config.json's quantization_config for a merged_4bit export, as transformers + bitsandbytes write it."""
+    """config.json's quantization_config for a merged_4bit export, as transformers + bitsandbytes write it.
+
+    llm_int8_skip_modules names every Linear written 16-bit by its full module name (transformers 5 matches
+    a pattern from the start of a module's name or as its suffix, so `merger` alone would not keep
+    `model.visual.merger.mlp.0` unquantized), then the family's short names (older transformers match
+    substrings)."""
+    quant_skip = type(model).INFO.quant_skip
+    quantized = linear_weight_keys(model, quant_skip)
+    kept = sorted(name for name, (ours, _) in linear_modules(model).items() if f"{ours}.weight" not in quantized)
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": jnp.dtype(dtype).name, "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": list(type(model).INFO.quant_skip), "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": kept + list(quant_skip), "llm_int8_threshold": 6.0,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 

@@ -110,6 +110,7 @@ def test_merged_4bit_loads_with_bitsandbytes_and_reimports(loaded, tmp_path):
     hf_model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q4", dtype=torch.float32)
     quantized = {n: m for n, m in hf_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert "model.language_model.layers.0.mlp.up_proj" in quantized and "lm_head" not in quantized
+    assert not [n for n in quantized if ".merger." in n], "the merger is written 16-bit and must load so"
     ours, _ = FastVisionModel.from_pretrained(str(tmp_path / "q4"), dtype="float32", load_in_4bit=True)
     w = ours.model.language_model.layers.mlp.up_proj.weight.get_value()
     assert isinstance(w, NF4)

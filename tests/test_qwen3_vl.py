@@ -1,5 +1,7 @@
-"""Qwen3-VL (dense) through the family seam: transformers' fp32 logits, greedy generation, LoRA targets and
-merged export, 4-bit import, on a tiny random model whose config switches on what the real checkpoints use."""
+"""Qwen3-VL (dense) through the family seam: transformers' fp32 logits, greedy and seeded generation, LoRA
+targets, PEFT adapters, LoRA SFT losses against transformers + PEFT, merged 16-bit and 4-bit export, 4-bit import
+(load_in_4bit and bitsandbytes checkpoints), and the CLIs, on a tiny random model whose config switches on what
+the real checkpoints use."""
 import copy
 
 import numpy as np
@@ -13,7 +15,7 @@ from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image, save_tiny_model
 from tests.test_lora import _is_adapted, peft_adapted, with_random_b
 from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
-from tests.test_quantized_import import bnb_dequantized, weight
+from tests.test_quantized_import import PROCESSOR_FILES, bnb_dequantized, weight
 
 FAMILY = "qwen3_vl"
 EOS, PAD = 287, 285
@@ -104,6 +106,18 @@ def test_greedy_equals_transformers_for_a_left_padded_batch_with_images(loaded):
     np.testing.assert_array_equal(ours, ref)
 
 
+def test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce(loaded):
+    model, processor, hf_model = loaded
+    batch = padded_batch(processor, "left")
+    kw = dict(max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
+    greedy = model.generate(**batch, **kw)
+    np.testing.assert_array_equal(model.generate(**batch, **kw, do_sample=True, top_k=1), greedy)
+    a, b, c = (model.generate(**batch, **kw, do_sample=True, temperature=1.5, top_p=0.95, min_p=0.01, seed=s)
+               for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
 # -- 3. LoRA ----------------------------------------------------------------------------------------
 
 
@@ -164,3 +178,130 @@ def test_load_in_4bit_quantizes_linear_weights_outside_quant_skip_as_bitsandbyte
     assert not isinstance(visual.pos_embed.weight.get_value(), NF4)
     batch = encode(processor, [chat("describe the image", 1)], [random_image(56, 84)])
     assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def bnb_checkpoint(tiny, tmp_path_factory):
+    """(dir of the tiny Qwen3-VL quantized + saved by transformers + bitsandbytes, the float model with
+    bitsandbytes' dequantization of each 4-bit weight)."""
+    import shutil
+
+    import bitsandbytes as bnb
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    path, hf_model = tiny
+    quantized = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)))
+    out = tmp_path_factory.mktemp(f"{FAMILY}-bnb4")
+    quantized.save_pretrained(out)
+    for name in PROCESSOR_FILES:
+        shutil.copy(f"{path}/{name}", out)
+    reference = copy.deepcopy(hf_model).eval()
+    modules = dict(quantized.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(modules.get(name), bnb.nn.Linear4bit):
+                module.weight.copy_(bnb_dequantized(modules[name].weight))
+                n += 1
+    assert n > 0
+    return str(out), reference
+
+
+def test_bnb_4bit_checkpoint_imports_as_nf4_with_bitsandbytes_logits(bnb_checkpoint):
+    path, reference = bnb_checkpoint
+    model, processor = load(path, load_in_4bit=True)
+    for key in ("model.language_model.layers.0.mlp.down_proj.weight",
+                "model.language_model.layers.1.self_attn.q_proj.weight", "model.visual.blocks.0.attn.qkv.weight"):
+        assert isinstance(weight(model, key), NF4), key
+    assert not isinstance(weight(model, "lm_head.weight"), NF4)
+    batch = encode(processor, [chat("describe the image", 1)], [random_image(56, 84)])
+    assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
+
+
+# -- 5. a PEFT adapter made by PEFT ---------------------------------------------------------------
+
+
+def test_peft_adapter_loads_here_with_peft_logits(loaded, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    model, processor, hf_model = loaded
+    regex = get_peft_regex(list(linear_modules(model)))
+    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
+        r=4, lora_alpha=16, target_modules=regex, init_lora_weights=False, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    peft_model.save_pretrained(tmp_path)
+    batch = encode(processor, [chat("describe the image", 1)], [random_image(56, 84)])
+    ref = hf_logits(peft_model.eval(), batch)
+    assert np.abs(np.asarray(model(**batch)) - ref).max() > 1e-2, "the adapter should change the logits"
+    # model.load_adapter is jaxvlm.converters.peft_adapter.load_adapter(model, dir)
+    assert_logits_match(model.load_adapter(str(tmp_path))(**batch), ref, batch["attention_mask"])
+
+
+# -- 6. data and training ---------------------------------------------------------------------------
+
+
+def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path):
+    """Our collator with train_on_responses_only and the family's own markers, our SFTTrainer, and
+    transformers + PEFT + torch AdamW from the same LoRA init on the same batches: the same step losses."""
+    from peft import PeftModel
+    from jaxvlm.train import VisionDataCollator
+    from tests.test_trainer import make_trainer, torch_reference_losses
+    path, hf_model = tiny
+    trainer = make_trainer(path, 3, tmp_path / "out", is_trainable=None)
+    trainer.collator = VisionDataCollator(trainer.model, trainer.processor, train_on_responses_only=True)
+    trainer.model = FastVisionModel.get_peft_model(trainer.model, r=8, lora_alpha=16, random_state=0)
+    trainer.model.save_pretrained(str(tmp_path / "init"))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "init"), is_trainable=True)
+    labels = trainer.micro_batch(0)[0]["labels"]
+    assert 0 < (labels != -100).sum() < labels.size // 2, "only the assistant's answer is trained on"
+    trainer.train()
+    ours = np.array([r["loss"] for r in trainer.log_history])
+    ref = torch_reference_losses(peft_model, trainer, 3)
+    print("relative loss differences", np.abs(ours - ref) / ref)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    assert ours[-1] < ours[0], "the loss should fall"
+
+
+# -- 7. export and CLIs -----------------------------------------------------------------------------
+
+
+def test_merged_4bit_export_loads_in_transformers_with_bitsandbytes(loaded, tmp_path):
+    import json
+
+    import bitsandbytes as bnb
+    import transformers
+    from jaxvlm.layers import dense_weight
+    model, processor, hf_model = loaded
+    model.save_pretrained_merged(str(tmp_path / "q4"), processor, save_method="merged_4bit")
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    exported = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q4", dtype=torch.float32)
+    assert type(exported).__name__ == "Qwen3VLForConditionalGeneration"
+    quantized = {n: m for n, m in exported.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert "model.language_model.layers.1.mlp.up_proj" in quantized and "model.visual.blocks.0.attn.qkv" in quantized
+    assert "lm_head" not in quantized
+    # The mergers are written 16-bit, and transformers must keep them so (not quantize them as it loads).
+    assert not [n for n in quantized if ".merger." in n or ".deepstack_merger_list." in n]
+    ours, _ = load(str(tmp_path / "q4"), load_in_4bit=True)
+    for name, module in quantized.items():
+        w = weight(ours, name + ".weight")
+        assert isinstance(w, NF4), name
+        np.testing.assert_array_equal(np.asarray(dense_weight(w, np.float32)), bnb_dequantized(module.weight).numpy())
+
+
+def test_train_and_generate_clis(tiny, tmp_path, capsys):
+    from jaxvlm.cli import generate, train
+    from tests.test_cli import train_args, write_records
+    path, hf_model = tiny
+    data = write_records(tmp_path / "data")
+    out = tmp_path / "run"
+    assert train.main(train_args(path, data, out, "--max-steps", "2", "--rank", "4",
+                                 "--train-on-responses-only")) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    image = str(tmp_path / "data" / "imgs" / "0.png")
+    assert generate.main(["--model", path, "--adapter", str(adapter), "--image", image, "--prompt",
+                          "which digit is this", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip()
