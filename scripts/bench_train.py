@@ -1,4 +1,5 @@
-"""LoRA training step of the Qwen2-VL-2B geometry (random weights) through jaxvlm's SFTTrainer, on the GPU.
+"""LoRA training step of a model geometry (random weights; Qwen2-VL-2B by default) through jaxvlm's SFTTrainer,
+on the GPU.
 
     python -m scripts.bench_train --batch 4 8 --weights bf16 nf4 --remat unsloth full
     python -m scripts.bench_train --batch 4 --attn xla auto --loss-chunk 0 512 --trace $OUT/trace
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import GEOMETRIES, batch_inputs, geometry_config, random_model
+from scripts.bench_common import GEOMETRIES, batch_inputs, load_geometry, random_model, vision_tower
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 
@@ -37,14 +38,15 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     """6 x params x tokens for the matmuls of a full step (LoRA still back-propagates through the base),
     plus attention (12 x layers x tokens x seq x width; causal text attention counted in full), text
     and vision."""
-    t, v = cfg.text, cfg.vision
+    t, v = cfg.text, vision_tower(cfg)
+    deepstack = len(getattr(cfg.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: a merger per index
     text_params = t.num_layers * (t.hidden_size * (t.hidden_size + 2 * t.num_kv_heads * t.head_dim) +
                                   t.hidden_size * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
     text_params += t.vocab_size * t.hidden_size  # lm_head
     vision_params = v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     merger = (v.hidden_size * 4) ** 2 + v.hidden_size * 4 * v.out_hidden_size
     tokens, vis_tokens = batch * seq, batch * patches
-    flops = 6 * (text_params * tokens + (vision_params + merger / 4) * vis_tokens)
+    flops = 6 * (text_params * tokens + (vision_params + (1 + deepstack) * merger / 4) * vis_tokens)
     flops += 12 * t.num_layers * tokens * seq * t.hidden_size
     flops += 12 * v.depth * vis_tokens * patches * v.hidden_size
     return flops
@@ -155,16 +157,18 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     from jaxvlm import FastVisionModel, layers
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
-    cfg = geometry_config(geometry)
-    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4")
+    model_cls, cfg = load_geometry(geometry)
+    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
     model.max_seq_length = max(2048, text + 258)
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
     FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
-    inputs = batch_inputs(cfg, batch, text, 448)
+    inputs = batch_inputs(cfg, batch, text, 448, model_cls)
+    grid = 448 // vision_tower(cfg).patch_size
+    n_img = grid * grid // vision_tower(cfg).spatial_merge_size**2
     raw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-               pixel_values=inputs["pixel_values"], image_grid_thw=np.array([[1, 32, 32]] * batch))
+               pixel_values=inputs["pixel_values"], image_grid_thw=np.array([[1, grid, grid]] * batch))
     labels = inputs["input_ids"].copy()
-    labels[:, :2 + 256] = -100
+    labels[:, :2 + n_img] = -100
 
     class SyntheticTrainer(SFTTrainer):
         def micro_batch(self, index):
@@ -203,7 +207,7 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     seq = inputs["input_ids"].shape[1]
     step_s = float(np.median([batch * seq / r["tokens_per_s"] for r in tr.log_history[3:]]))
     stats = jax.devices()[0].memory_stats() or {}
-    flops = model_flops_per_step(cfg, batch, seq, 1024)
+    flops = model_flops_per_step(cfg, batch, seq, grid * grid)
     out = dict(bench="train", impl="jaxvlm", geometry=geometry, weights=weights, remat=remat, attn=attn,
                loss_chunk=loss_chunk, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
                step_s=round(step_s, 4), tokens_per_s=round(batch * seq / step_s),
