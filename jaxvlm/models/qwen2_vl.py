@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Linear, linear
+from jaxvlm.layers import ACTIVATIONS, Linear
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
-from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
-                                     TextConfig, TextModel, rope_index)
+from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS,
+                                     MRoPEModelMethods, TextConfig, TextModel, rope_index)
 from jaxvlm.models.qwen_vision import VisionConfig, VisionTransformer, vision_layout
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -152,7 +152,7 @@ class Qwen2VLModel(nnx.Module):
         self.language_model = TextModel(cfg.text, dtype)
 
 
-class Qwen2VLForConditionalGeneration(VisionLanguageModel):
+class Qwen2VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
     """Qwen2-VL / Qwen2.5-VL: `model.visual`, `model.language_model`, `lm_head` (absent when tied)."""
 
     INFO = FamilyInfo(
@@ -228,32 +228,9 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         h, _ = self.model.language_model(self.embed(inputs), inputs["position_ids"], inputs["attention_mask"])
         return h
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return linear(h, self.model.language_model.embed_tokens.weight.get_value())
-        return self.lm_head(h)
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.config.max_position_embeddings
-
-    def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache `[layers, batch, length, kv_heads, head_dim]`."""
-        t = self.config.text
-        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-
     def prefill(self, inputs, cache, key_mask):
         return self.model.language_model(self.embed(inputs), inputs["position_ids"], key_mask, cache, 0)
 
-    def decode(self, tokens, positions, cache, key_mask, index):
-        # A generated token is text: the same position on the three M-RoPE axes.
-        pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-        h = self.model.language_model.embed_tokens(tokens[:, None])
-        return self.model.language_model(h, pos, key_mask, cache, index)
-
-    def next_positions(self, inputs) -> np.ndarray:
-        return (np.asarray(inputs["position_ids"]).max(axis=(0, 2)) + 1).astype(np.int32)
 
 
 def _tiny_config(model_type: str, size: str, special_tokens: dict[str, int], text_overrides: dict):

@@ -38,7 +38,8 @@ from jaxvlm.layers import (
     scan_blocks,
 )
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
-from jaxvlm.models.qwen_text import ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache, rope_index
+from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
+                                     MRoPEModelMethods, rope_index)
 from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, vision_cos_sin, vision_layout
 
 MODEL_TYPE = "qwen3_vl"
@@ -461,7 +462,7 @@ class Qwen3VLModel(nnx.Module):
         self.language_model = TextModel(cfg.text, dtype)
 
 
-class Qwen3VLForConditionalGeneration(VisionLanguageModel):
+class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
     """Qwen3-VL (dense): `model.visual`, `model.language_model`, `lm_head` (absent when tied)."""
 
     INFO = FamilyInfo(
@@ -536,33 +537,10 @@ class Qwen3VLForConditionalGeneration(VisionLanguageModel):
         h, _ = self.model.language_model(h, inputs["position_ids"], inputs["attention_mask"], deepstack=deepstack)
         return h
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return linear(h, self.model.language_model.embed_tokens.weight.get_value())
-        return self.lm_head(h)
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.config.max_position_embeddings
-
-    def init_cache(self, batch: int, length: int) -> KVCache:
-        """An empty KV cache `[layers, batch, length, kv_heads, head_dim]`."""
-        t = self.config.text
-        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-
     def prefill(self, inputs, cache, key_mask):
         h, deepstack = self.embed(inputs)  # the deepstack features enter with the prompt only
         return self.model.language_model(h, inputs["position_ids"], key_mask, cache, 0, deepstack)
 
-    def decode(self, tokens, positions, cache, key_mask, index):
-        # A generated token is text: the same position on the three M-RoPE axes.
-        pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-        h = self.model.language_model.embed_tokens(tokens[:, None])
-        return self.model.language_model(h, pos, key_mask, cache, index)
-
-    def next_positions(self, inputs) -> np.ndarray:
-        return (np.asarray(inputs["position_ids"]).max(axis=(0, 2)) + 1).astype(np.int32)
 
 
 def _tiny_config(size: str, special_tokens: dict[str, int], text_overrides: dict):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, scan_blocks
+from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, linear, scan_blocks
 
 
 # The Qwen chat tokens shared by the Qwen VLM families: those standing for images and videos (the loss
@@ -174,3 +174,34 @@ class TextModel(nnx.Module):
             h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
             cache = KVCache(*kv)
         return self.norm(h), cache
+
+
+class MRoPEModelMethods:
+    """The methods of a Qwen VLM's top module that depend only on its M-RoPE language model: the output
+    head and generation's protocol (jaxvlm.models.base). Expects `self.model.language_model` (a TextModel
+    or one with the same call), `self.lm_head` (None when tied) and `self.config.text` /
+    `.max_position_embeddings`."""
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return linear(h, self.model.language_model.embed_tokens.weight.get_value())
+        return self.lm_head(h)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.config.max_position_embeddings
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache `[layers, batch, length, kv_heads, head_dim]`."""
+        t = self.config.text
+        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def decode(self, tokens, positions, cache, key_mask, index):
+        # A generated token is text: the same position on the three M-RoPE axes.
+        pos = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
+        h = self.model.language_model.embed_tokens(tokens[:, None])
+        return self.model.language_model(h, pos, key_mask, cache, index)
+
+    def next_positions(self, inputs) -> np.ndarray:
+        return (np.asarray(inputs["position_ids"]).max(axis=(0, 2)) + 1).astype(np.int32)
