@@ -17,6 +17,7 @@ their timestamps) are not supported. Attribute paths mirror transformers' module
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,9 @@ from flax import nnx
 from jaxvlm.layers import (
     ACTIVATIONS,
     Embedding,
-    GatedMLP,
     LayerNorm,
     Linear,
     RMSNorm,
-    apply_rotary,
-    attention,
     dropout_key,
     linear,
     next_dropout_key,
@@ -39,7 +37,7 @@ from jaxvlm.layers import (
 )
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
-                                     MRoPEModelMethods, rope_index)
+                                     DecoderLayer, MRoPEModelMethods, rope_index)
 from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, vision_cos_sin, vision_layout
 
 MODEL_TYPE = "qwen3_vl"
@@ -59,6 +57,15 @@ class TextConfig:
     rope_theta: float
     mrope_section: tuple[int, int, int]  # frequencies read from the (t, h, w) positions, interleaved
     hidden_act: str
+    qk_norm: ClassVar[bool] = True  # the attention layout qwen_text.Attention reads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,47 +362,6 @@ def interleaved_mrope_cos_sin(cfg: TextConfig, position_ids: jax.Array) -> tuple
     freqs = freqs[axis, :, :, f].transpose(1, 2, 0)  # [B, T, d/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, dtype, stack):
-        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = Linear(d, cfg.num_heads * hd, bias=bias, dtype=dtype, stack=stack)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, stack=stack)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=bias, dtype=dtype, stack=stack)
-        self.o_proj = Linear(cfg.num_heads * hd, d, bias=bias, dtype=dtype, stack=stack)
-        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
-        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
-
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
-        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index`
-        and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, -1))
-        k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, -1))
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k, v)
-        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, dtype, stack):
-        self.self_attn = Attention(cfg, dtype, stack)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype,
-                            stack=stack)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
-
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 def add_deepstack(h: jax.Array, layer: jax.Array, deepstack) -> jax.Array:

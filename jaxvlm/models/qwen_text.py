@@ -7,6 +7,7 @@ vision tokens take their grid coordinates (`rope_index`). Attribute paths mirror
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,10 @@ class TextConfig:
     rope_theta: float
     mrope_section: tuple[int, int, int]
     hidden_act: str
+    # The attention layout (Qwen2's; another Qwen text config sets its own): biases and per-head q/k norms.
+    qkv_bias: ClassVar[bool] = True
+    o_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = False
 
     @property
     def head_dim(self) -> int:
@@ -107,10 +112,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, stack):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = Linear(d, cfg.num_heads * hd, bias=True, dtype=dtype, stack=stack)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, stack=stack)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=True, dtype=dtype, stack=stack)
-        self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, stack=stack)
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype, stack=stack)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, stack=stack)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, stack=stack)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, stack=stack)
+        # Qwen3: RMSNorm over each head of q and k, before the rotary.
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
@@ -120,6 +128,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
