@@ -97,12 +97,9 @@ def _int_size(where: str, value) -> int:
     return value
 
 
-def from_hf(hf) -> Qwen3VLConfig:
-    """Our config from a transformers Qwen3VLConfig; ConfigError naming a config.json field we do not support."""
-    if hf.model_type != MODEL_TYPE:
-        raise ConfigError(f"model_type {hf.model_type!r} is not a Qwen3-VL dense model ({MODEL_TYPE})")
-    t, v = hf.text_config, hf.vision_config
-
+def text_config_from_hf(t, config_class=None, **extra) -> TextConfig:
+    """The language model's config from a transformers Qwen3-VL text config; `config_class` (a TextConfig
+    subclass) and `extra` fields for a variant's own settings (the MoE family's experts)."""
     rope = dict(t.rope_parameters or {})
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only the default "
@@ -113,16 +110,20 @@ def from_hf(hf) -> Qwen3VLConfig:
     if len(section) != 3 or sum(section) != head_dim // 2 or 3 * max(section[1:]) > head_dim // 2:
         raise ConfigError(f"text_config.rope_parameters.mrope_section={list(section)}: expected 3 sections summing "
                           f"to head_dim/2 = {head_dim // 2}, the height and width ones at most a third of it")
-    for where, act in (("text_config.hidden_act", t.hidden_act), ("vision_config.hidden_act", v.hidden_act)):
-        if act not in ACTIVATIONS:
-            raise ConfigError(f"{where}={act!r}: expected one of {sorted(ACTIVATIONS)}")
-    text = TextConfig(
+    if t.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"text_config.hidden_act={t.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
+    return (config_class or TextConfig)(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
         num_kv_heads=t.num_key_value_heads or t.num_attention_heads, head_dim=head_dim,
         attention_bias=bool(getattr(t, "attention_bias", False)), rms_norm_eps=t.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 5e6)), mrope_section=section, hidden_act=t.hidden_act)
+        rope_theta=float(rope.get("rope_theta", 5e6)), mrope_section=section, hidden_act=t.hidden_act, **extra)
 
+
+def vision_config_from_hf(v) -> Qwen3VisionConfig:
+    """The vision tower's config from a transformers Qwen3-VL vision config."""
+    if v.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"vision_config.hidden_act={v.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
     vrope = dict(getattr(v, "rope_parameters", None) or {})
     if vrope.get("rope_type", "axial") != "axial":
         raise ConfigError(f"vision_config.rope_parameters.rope_type={vrope.get('rope_type')!r}: expected 'axial'")
@@ -143,16 +144,26 @@ def from_hf(hf) -> Qwen3VLConfig:
     if len(set(deepstack)) != len(deepstack) or any(not 0 <= i < v.depth for i in deepstack):
         raise ConfigError(f"vision_config.deepstack_visual_indexes={list(deepstack)}: expected distinct block "
                           f"indexes in [0, depth={v.depth})")
-    if tower.out_hidden_size != text.hidden_size:
-        raise ConfigError(f"vision_config.out_hidden_size={tower.out_hidden_size} != text_config.hidden_size="
+    return Qwen3VisionConfig(tower, v.num_position_embeddings, deepstack)
+
+
+def from_hf(hf, text: TextConfig | None = None) -> Qwen3VLConfig:
+    """Our config from a transformers Qwen3VLConfig; ConfigError naming a config.json field we do not support.
+    `text`: the language model's config when a variant builds its own (else read from hf.text_config)."""
+    if text is None:
+        if hf.model_type != MODEL_TYPE:
+            raise ConfigError(f"model_type {hf.model_type!r} is not a Qwen3-VL dense model ({MODEL_TYPE})")
+        text = text_config_from_hf(hf.text_config)
+    vision = vision_config_from_hf(hf.vision_config)
+    if vision.tower.out_hidden_size != text.hidden_size:
+        raise ConfigError(f"vision_config.out_hidden_size={vision.tower.out_hidden_size} != text_config.hidden_size="
                           f"{text.hidden_size}")
     return Qwen3VLConfig(
-        model_type=MODEL_TYPE, text=text,
-        vision=Qwen3VisionConfig(tower, v.num_position_embeddings, deepstack),
+        model_type=hf.model_type, text=text, vision=vision,
         image_token_id=hf.image_token_id, video_token_id=hf.video_token_id,
         vision_start_token_id=hf.vision_start_token_id,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        max_position_embeddings=getattr(t, "max_position_embeddings", None))
+        max_position_embeddings=getattr(hf.text_config, "max_position_embeddings", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,11 +391,13 @@ def add_deepstack(h: jax.Array, layer: jax.Array, deepstack) -> jax.Array:
 
 
 class TextModel(nnx.Module):
+    LAYER: ClassVar[type] = DecoderLayer  # the decoder layer class (a variant's own: the MoE family's)
+
     def __init__(self, cfg: TextConfig, dtype):
         self.cfg = cfg
         self.remat = None
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = DecoderLayer(cfg, dtype, stack=(cfg.num_layers,))
+        self.layers = self.LAYER(cfg, dtype, stack=(cfg.num_layers,))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
@@ -423,9 +436,11 @@ class TextModel(nnx.Module):
 
 
 class Qwen3VLModel(nnx.Module):
+    TEXT_MODEL: ClassVar[type] = TextModel
+
     def __init__(self, cfg: Qwen3VLConfig, dtype):
         self.visual = VisionTransformer(cfg.vision, dtype)
-        self.language_model = TextModel(cfg.text, dtype)
+        self.language_model = self.TEXT_MODEL(cfg.text, dtype)
 
 
 class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
@@ -470,9 +485,11 @@ class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
     )
 
+    MODEL: ClassVar[type] = Qwen3VLModel  # a variant's own (the MoE family's text model inside)
+
     def __init__(self, cfg: Qwen3VLConfig, dtype=jnp.bfloat16):
         super().__init__(cfg, dtype)
-        self.model = Qwen3VLModel(cfg, dtype)
+        self.model = self.MODEL(cfg, dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype))
 
