@@ -17,8 +17,9 @@ from flax import nnx
 
 from jaxvlm.layers import ACTIVATIONS, Linear
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
+from jaxvlm.models.qwen_inputs import qwen_inputs
 from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS,
-                                     MRoPEModelMethods, TextConfig, TextModel, rope_index)
+                                     MRoPEModelMethods, TextConfig, TextModel)
 from jaxvlm.models.qwen_vision import VisionConfig, VisionTransformer, vision_layout
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -34,6 +35,7 @@ class Qwen2VLConfig:
     vision_start_token_id: int
     tie_word_embeddings: bool
     max_position_embeddings: int | None
+    tokens_per_second: float | None = None  # Qwen2.5-VL: video positions per second; None: per frame
 
 
 def from_hf(hf) -> Qwen2VLConfig:
@@ -91,7 +93,8 @@ def from_hf(hf) -> Qwen2VLConfig:
         model_type=model_type, text=text, vision=vision, image_token_id=hf.image_token_id,
         video_token_id=hf.video_token_id, vision_start_token_id=hf.vision_start_token_id,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        max_position_embeddings=getattr(t, "max_position_embeddings", None))
+        max_position_embeddings=getattr(t, "max_position_embeddings", None),
+        tokens_per_second=None if model_type == "qwen2_vl" else float(getattr(v, "tokens_per_second", 2)))
 
 
 
@@ -100,49 +103,23 @@ def from_hf(hf) -> Qwen2VLConfig:
 # that the jit'd forward sees only arrays.
 
 
-def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_values=None,
-                   image_grid_thw=None, n_pad_patches: int = 0, **unused) -> dict[str, np.ndarray]:
+def prepare_inputs(cfg: Qwen2VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, n_pad_patches: int = 0,
+                   **unused) -> dict[str, np.ndarray]:
     """The arrays the jit'd forward takes, from what the processor returns (numpy or anything array-like).
 
-    Extra processor outputs (mm_token_type_ids, ...) are accepted and derived here from input_ids.
+    Extra processor outputs (mm_token_type_ids, ...) are accepted; image and video tokens are found from
+    input_ids. Videos' temporal positions: frame steps (Qwen2-VL), or tokens_per_second x second_per_grid_ts
+    (Qwen2.5-VL).
     """
-    if unused.get("pixel_values_videos") is not None:
-        raise NotImplementedError("video inputs (pixel_values_videos) are not supported yet")
-    input_ids = np.asarray(input_ids).astype(np.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
-    attention_mask = (np.ones_like(input_ids) if attention_mask is None
-                      else np.asarray(attention_mask).astype(np.int32))
-    grid = None if image_grid_thw is None else np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
-    positions, deltas = rope_index(input_ids, attention_mask, grid, image_token_id=cfg.image_token_id,
-                                  spatial_merge_size=cfg.vision.spatial_merge_size)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
-           "rope_deltas": deltas}
-    image_pos = np.flatnonzero((input_ids == cfg.image_token_id) & (attention_mask > 0)).astype(np.int32)
-    if pixel_values is None:
-        if len(image_pos):
-            raise ValueError(f"input_ids hold {len(image_pos)} image tokens but no pixel_values were given")
-        return out
-    if grid is None:
-        raise ValueError("pixel_values given without image_grid_thw")
-    pixel_values = np.asarray(pixel_values)
-    m = cfg.vision.spatial_merge_size
-    if n_pad_patches % (m * m):
-        raise ValueError(f"n_pad_patches={n_pad_patches}: expected a multiple of spatial_merge_size**2 = {m * m}")
-    n_patches = int(np.prod(grid, axis=1).sum())
-    if pixel_values.shape != (n_patches + n_pad_patches, cfg.vision.patch_dim):
-        raise ValueError(f"pixel_values: expected shape {(n_patches + n_pad_patches, cfg.vision.patch_dim)} from "
-                         f"image_grid_thw and n_pad_patches={n_pad_patches}, got {pixel_values.shape}")
-    n_merged = n_patches // m**2
-    if len(image_pos) != n_merged:
-        raise ValueError(f"Image features and image tokens do not match: {len(image_pos)} image tokens in "
-                         f"input_ids, {n_merged} merged patches from image_grid_thw")
-    if n_pad_patches:
-        # The padding patches (a collator's bucket padding) form one more image, so they attend only among
-        # themselves; its merged tokens scatter to index batch*seq, out of range, which embed() drops.
-        grid = np.concatenate([grid, [[1, m, n_pad_patches // m]]])
-        image_pos = np.concatenate([image_pos, np.full(n_pad_patches // m**2, input_ids.size, np.int32)])
-    out.update(pixel_values=pixel_values, image_pos=image_pos, **vision_layout(cfg.vision, grid))
+    out, grid = qwen_inputs(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts, n_pad_patches=n_pad_patches, image_token_id=cfg.image_token_id,
+        video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
+        patch_dim=cfg.vision.patch_dim, tokens_per_second=cfg.tokens_per_second)
+    if grid is not None:
+        out.update(vision_layout(cfg.vision, grid))
     return out
 
 
@@ -216,7 +193,7 @@ class Qwen2VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
         return prepare_inputs(self.config, **processor_outputs)
 
     def embed(self, inputs: dict[str, jax.Array]) -> jax.Array:
-        """Token embeddings `[batch, seq, hidden]` with the image tokens replaced by the vision tower's output."""
+        """Token embeddings `[batch, seq, hidden]` with the image and video tokens replaced by the vision tower's output."""
         h = self.model.language_model.embed_tokens(inputs["input_ids"])
         if "pixel_values" in inputs:
             image = self.model.visual(inputs["pixel_values"], inputs).astype(h.dtype)

@@ -9,8 +9,8 @@ What differs from Qwen2.5-VL (jaxvlm.models.qwen2_vl), as transformers' modeling
           and M-RoPE with the temporal/height/width frequencies interleaved (t h w t h w ... t) rather than
           in three chunks; the deepstack features are added to the hidden states of the first decoder
           layers' outputs at the image tokens.
-The image positions of `get_rope_index` are Qwen2-VL's (jaxvlm.models.qwen_text.rope_index); videos (with
-their timestamps) are not supported. Attribute paths mirror transformers' module paths
+The positions of `get_rope_index` are Qwen2-VL's (jaxvlm.models.qwen_inputs.rope_index), each video frame a
+grid of its own (the processor writes a timestamp before each frame's tokens). Attribute paths mirror transformers' module paths
 (`model.visual.blocks.attn.qkv.weight`, `model.visual.deepstack_merger_list.0.linear_fc1.weight`,
 `model.language_model.layers.self_attn.q_norm.weight`, `lm_head.weight`), blocks and layers stacked.
 """
@@ -36,8 +36,9 @@ from jaxvlm.layers import (
     scan_blocks,
 )
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
+from jaxvlm.models.qwen_inputs import qwen_inputs
 from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
-                                     DecoderLayer, MRoPEModelMethods, rope_index)
+                                     DecoderLayer, MRoPEModelMethods)
 from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, vision_cos_sin, vision_layout
 
 MODEL_TYPE = "qwen3_vl"
@@ -193,50 +194,23 @@ def position_taps(grid_thw: np.ndarray, side: int, merge: int) -> tuple[np.ndarr
 
 
 def prepare_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   n_pad_patches: int = 0, **unused) -> dict[str, np.ndarray]:
+                   pixel_values_videos=None, video_grid_thw=None, n_pad_patches: int = 0,
+                   **unused) -> dict[str, np.ndarray]:
     """The arrays the jit'd forward takes, from what the processor returns (numpy or anything array-like).
 
-    Extra processor outputs (mm_token_type_ids, ...) are accepted; the image tokens are found from input_ids.
+    Extra processor outputs (mm_token_type_ids, ...) are accepted; image and video tokens are found from
+    input_ids. Each video frame is a run of tokens of its own (the processor writes a timestamp before each),
+    so each frame is one grid row here, for the positions and for the vision tower alike.
     """
-    if unused.get("pixel_values_videos") is not None:
-        raise NotImplementedError("video inputs (pixel_values_videos) are not supported yet")
-    input_ids = np.asarray(input_ids).astype(np.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids: expected [batch, seq], got shape {input_ids.shape}")
-    attention_mask = (np.ones_like(input_ids) if attention_mask is None
-                      else np.asarray(attention_mask).astype(np.int32))
     vision = cfg.vision.tower
-    grid = None if image_grid_thw is None else np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
-    positions, deltas = rope_index(input_ids, attention_mask, grid, image_token_id=cfg.image_token_id,
-                                  spatial_merge_size=vision.spatial_merge_size)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions,
-           "rope_deltas": deltas}
-    image_pos = np.flatnonzero((input_ids == cfg.image_token_id) & (attention_mask > 0)).astype(np.int32)
-    if pixel_values is None:
-        if len(image_pos):
-            raise ValueError(f"input_ids hold {len(image_pos)} image tokens but no pixel_values were given")
-        return out
-    if grid is None:
-        raise ValueError("pixel_values given without image_grid_thw")
-    pixel_values = np.asarray(pixel_values)
-    m = vision.spatial_merge_size
-    if n_pad_patches % (m * m):
-        raise ValueError(f"n_pad_patches={n_pad_patches}: expected a multiple of spatial_merge_size**2 = {m * m}")
-    n_patches = int(np.prod(grid, axis=1).sum())
-    if pixel_values.shape != (n_patches + n_pad_patches, vision.patch_dim):
-        raise ValueError(f"pixel_values: expected shape {(n_patches + n_pad_patches, vision.patch_dim)} from "
-                         f"image_grid_thw and n_pad_patches={n_pad_patches}, got {pixel_values.shape}")
-    if len(image_pos) != n_patches // m**2:
-        raise ValueError(f"Image features and image tokens do not match: {len(image_pos)} image tokens in "
-                         f"input_ids, {n_patches // m**2} merged patches from image_grid_thw")
-    if n_pad_patches:
-        # The padding patches (a collator's bucket padding) form one more image, attending only among
-        # themselves; its merged tokens and deepstack features scatter to index batch*seq, out of range.
-        grid = np.concatenate([grid, [[1, m, n_pad_patches // m]]])
-        image_pos = np.concatenate([image_pos, np.full(n_pad_patches // m**2, input_ids.size, np.int32)])
-    taps, tap_weights = position_taps(grid, cfg.vision.grid_side, m)
-    out.update(pixel_values=pixel_values, image_pos=image_pos, pos_taps=taps, pos_tap_weights=tap_weights,
-               **vision_layout(vision, grid))
+    out, grid = qwen_inputs(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, n_pad_patches=n_pad_patches,
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        spatial_merge_size=vision.spatial_merge_size, patch_dim=vision.patch_dim, split_video_frames=True)
+    if grid is not None:
+        taps, tap_weights = position_taps(grid, cfg.vision.grid_side, vision.spatial_merge_size)
+        out.update(pos_taps=taps, pos_tap_weights=tap_weights, **vision_layout(vision, grid))
     return out
 
 

@@ -1,7 +1,7 @@
 """The Qwen M-RoPE language model (Qwen2-VL, Qwen2.5-VL): decoder layers with 3-axis rotary positions.
 
 Positions are `[3, batch, seq]` (temporal, height, width): text tokens count up on all three axes,
-vision tokens take their grid coordinates (`rope_index`). Attribute paths mirror transformers'
+vision tokens take their grid coordinates (jaxvlm.models.qwen_inputs.rope_index). Attribute paths mirror transformers'
 `model.language_model.*`, with the decoder layers stacked.
 """
 from __future__ import annotations
@@ -45,44 +45,6 @@ class TextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-
-def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray | None, *,
-               image_token_id: int, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE positions `[3, batch, seq]` and per-sequence deltas `[batch]` (transformers' get_rope_index).
-
-    Text tokens count up by one on all three axes; an image's tokens take (t, h, w) grid positions
-    offset by the running position, which then advances by max(h, w) / merge. Padding gets position 0.
-    The positions are counted over the attended tokens only, so left padding shifts nothing.
-    """
-    merge = spatial_merge_size
-    batch, seq = input_ids.shape
-    positions = np.zeros((3, batch, seq), np.int32)
-    deltas = np.zeros((batch,), np.int32)
-    grids = iter(image_grid_thw if image_grid_thw is not None else [])
-    for b in range(batch):
-        keep = attention_mask[b].astype(bool)
-        ids = input_ids[b][keep]
-        is_image = ids == image_token_id
-        out = np.zeros((3, len(ids)), np.int32)
-        i, pos = 0, 0
-        while i < len(ids):
-            if not is_image[i]:
-                out[:, i] = pos
-                i, pos = i + 1, pos + 1
-                continue
-            try:
-                t, h, w = (int(x) for x in next(grids))
-            except StopIteration:
-                raise ValueError(f"sequence {b} has more images than image_grid_thw has rows") from None
-            h, w = h // merge, w // merge
-            n = t * h * w
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-            out[:, i:i + n] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos
-            i, pos = i + n, pos + max(h, w)
-        positions[:, b, keep] = out
-        deltas[b] = (out.max() + 1 - len(ids)) if len(ids) else 0
-    return positions, deltas
 
 
 def mrope_cos_sin(cfg: TextConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
