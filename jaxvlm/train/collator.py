@@ -6,10 +6,19 @@ unsloth_zoo's `UnslothVisionDataCollator` arguments with the same meanings, and 
     input_ids          int32 [batch, seq]
     attention_mask     int32 [batch, seq]      1 at tokens, 0 at padding
     labels             int32 [batch, seq]      input_ids, or ignore_index (-100) where no loss is taken
-    mm_token_type_ids  int32 [batch, seq]      1 at image tokens (when the processor returns it)
+    mm_token_type_ids  int32 [batch, seq]      1 at image tokens, 2 at video tokens (when the processor returns it)
     pixel_values       float32 [patches, patch_dim]
     image_grid_thw     int64 [images, 3]       the real images only, in order
     n_pad_patches      int                     with pad_to_bucket: zero rows at the end of pixel_values
+  and when a record of the batch has a video:
+    pixel_values_videos  float32 [video patches, patch_dim]
+    video_grid_thw       int64 [videos, 3]
+    second_per_grid_ts   float32 [videos]    (when the processor returns it: Qwen2.5-VL)
+
+A video is a content item `{"type": "video", "video": value}` (or a bare `{"type": "video"}` with the record's
+`videos` column), its value a video file path (decoded by the processor; PyAV for the torch-free one), a
+list of frames (PIL images, paths or bytes), or a uint8 array [frames, height, width, 3]. Frames are not
+resized here (the processor's video size limits apply).
 
 Labels are NOT shifted: labels[b, t] is the target of the logits at t-1, and the loss shifts, as in
 transformers. They are ignore_index at padding, at the vision placeholder tokens (<|vision_start|>,
@@ -115,6 +124,7 @@ class _Row:
     mm_token_type_ids: np.ndarray | None  # int [seq]
     pixel_values: np.ndarray | None  # float32 [patches, patch_dim]
     image_grid_thw: np.ndarray | None  # int64 [images, 3]
+    videos: dict[str, np.ndarray]  # pixel_values_videos, video_grid_thw, second_per_grid_ts (those returned)
 
 
 class VisionDataCollator:
@@ -182,6 +192,9 @@ class VisionDataCollator:
             raise ValueError("the tokenizer has no pad_token_id; set processor.tokenizer.pad_token")
         self.pad_token_id = tok.pad_token_id
         self.image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+        video_token = getattr(processor, "video_token", None)
+        self.media_token_ids = np.array([self.image_token_id] + ([tok.convert_tokens_to_ids(video_token)]
+                                                                  if video_token else []))
         # Tokens that stand for image or video content (the family's, and the processor's): never targets.
         info = getattr(type(model), "INFO", None)
         family_tokens = info.vision_tokens if info is not None else ()
@@ -217,15 +230,18 @@ class VisionDataCollator:
         if self.formatting_func is not None:
             example = self.formatting_func(example)
         if isinstance(example, dict) and "prompt" in example and "completion" in example:
-            prompt_text, completion_text, images = self._render_prompt_completion(example, where)
+            prompt_text, completion_text, (images, videos) = self._render_prompt_completion(example, where)
         else:
-            prompt_text, images = self._render_messages(example, where)
+            prompt_text, (images, videos) = self._render_messages(example, where)
             completion_text = None
         images = [self._resize(load_image(value, where)) for value in images]
+        videos = [_video(value, where) for value in videos]
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise DataError(f"{where} has a video, and the processor ({type(self.processor).__name__}) takes none")
         try:
-            out = self.processor(text=[prompt_text], images=images or None, return_tensors="np",
-                                 add_special_tokens=False)
-        except ValueError as e:
+            out = self.processor(text=[prompt_text], images=images or None, videos=videos or None,
+                                 return_tensors="np", add_special_tokens=False)
+        except (ValueError, OSError) as e:
             raise DataError(f"{where}: the processor rejected the record: {e}") from e
         ids = out["input_ids"][0]
         mm = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None
@@ -237,11 +253,11 @@ class VisionDataCollator:
             mm = None if mm is None else np.concatenate([mm, np.zeros_like(completion)])
 
         if self.max_seq_length is not None and len(ids) > self.max_seq_length:
-            image_at = np.flatnonzero(ids == self.image_token_id)
+            image_at = np.flatnonzero(np.isin(ids, self.media_token_ids))
             if len(image_at) and image_at[-1] >= self.max_seq_length:
                 message = (f"{where}: {len(ids)} tokens, and max_seq_length={self.max_seq_length} would cut its "
-                           f"image tokens (the last of {len(image_at)} is at position {image_at[-1]}); raise "
-                           f"max_seq_length or shrink the images (resize=)")
+                           f"image tokens (image or video: the last of {len(image_at)} is at position "
+                           f"{image_at[-1]}); raise max_seq_length or shrink the images (resize=) or videos")
                 if self.on_overflow == "error":
                     raise DataError(message + ", or pass on_overflow='skip'")
                 self.skipped += 1
@@ -260,39 +276,40 @@ class VisionDataCollator:
         if self.completion_only_loss:
             trained[:n_prompt] = False
         return _Row(input_ids=ids, labels=np.where(trained, ids, self.ignore_index), mm_token_type_ids=mm,
-                    pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"))
+                    pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"),
+                    videos={k: out[k] for k in _VIDEO_KEYS if out.get(k) is not None})
 
-    def _render_messages(self, example, where: str) -> tuple[str, list]:
-        """The chat-templated text of a `messages` record and its image values, in order."""
+    def _render_messages(self, example, where: str) -> tuple[str, tuple[list, list]]:
+        """The chat-templated text of a `messages` record and its (image values, video values), in order."""
         if isinstance(example, dict):
             turns = example.get("messages", example.get("conversations"))
             if turns is None:
                 raise DataError(f"{where}: no 'messages' (or 'conversations'); keys are {sorted(example)}")
-            images_column = example.get("images")
+            columns = {"image": example.get("images"), "video": example.get("videos")}
         else:
-            turns, images_column = example, None
-        turns, images = _chat_turns(turns, images_column, where)
+            turns, columns = example, {}
+        turns, images = _chat_turns(turns, columns, where)
         if not any(turn["role"] == "assistant" for turn in turns):
             raise DataError(f"{where} has no assistant turn (roles: {[t['role'] for t in turns]}): "
                             f"nothing to train on")
         return self._template(turns, where), images
 
-    def _render_prompt_completion(self, example, where: str) -> tuple[str, str, list]:
-        """(prompt text, completion text, image values) of a TRL prompt/completion record."""
+    def _render_prompt_completion(self, example, where: str) -> tuple[str, str, tuple[list, list]]:
+        """(prompt text, completion text, (image values, video values)) of a TRL prompt/completion record."""
         prompt, completion = example["prompt"], example["completion"]
-        images_column = example.get("images")
+        columns = {"image": example.get("images"), "video": example.get("videos")}
         if isinstance(prompt, str) and isinstance(completion, str):
             if not completion:
                 raise DataError(f"{where} has no assistant turn: its completion is empty")
-            return prompt, completion, list(images_column or [])
+            return prompt, completion, (list(columns["image"] or []), list(columns["video"] or []))
         if not (isinstance(prompt, list) and isinstance(completion, list)):
             raise DataError(f"{where}: prompt and completion must both be message lists or both strings")
-        turns, images = _chat_turns(prompt + completion, images_column, where)
+        turns, images = _chat_turns(prompt + completion, columns, where)
         if not any(turn["role"] == "assistant" for turn in turns[len(prompt):]):
             raise DataError(f"{where} has no assistant turn in its completion")
-        if any(_is_image(item) for turn in turns[len(prompt):] if isinstance(turn["content"], list)
+        if any(_media_kind(item) for turn in turns[len(prompt):] if isinstance(turn["content"], list)
                for item in turn["content"]):
-            raise DataError(f"{where}: images in the completion are not supported; put them in the prompt")
+            raise DataError(f"{where}: images or videos in the completion are not supported; put them in the prompt")
         prompt_text = self._template(turns[:len(prompt)], where, add_generation_prompt=True)
         full_text = self._template(turns, where)
         # The template may render the end of the prompt differently once a reply follows (TRL does the same).
@@ -336,14 +353,20 @@ class VisionDataCollator:
 
         pixels = [row.pixel_values for row in kept if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in kept if row.image_grid_thw is not None]
+        videos = {k: [row.videos[k] for row in kept if k in row.videos] for k in _VIDEO_KEYS}
+        for k, parts in videos.items():
+            if parts:
+                batch[k] = np.concatenate(parts).astype(np.float32 if k != "video_grid_thw" else np.int64)
+        n_video_patches = len(batch.get("pixel_values_videos", ()))
         if self.pad_to_bucket:
+            # One bucket for all the patches the vision tower sees (the model joins images and videos).
             n_patches = sum(len(p) for p in pixels)
-            n_pad = bucket_size(n_patches) - n_patches
+            n_pad = bucket_size(n_patches + n_video_patches) - n_patches - n_video_patches
             pixels.append(np.zeros((n_pad, self.patch_dim), np.float32))
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
             batch["image_grid_thw"] = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
             batch["n_pad_patches"] = n_pad
-            self._log_new_shape(len(rows), seq, n_patches + n_pad)
+            self._log_new_shape(len(rows), seq, n_patches + n_video_patches + n_pad)
         elif pixels:
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
             batch["image_grid_thw"] = np.concatenate(grids)
@@ -365,21 +388,53 @@ class VisionDataCollator:
 
 UnslothVisionDataCollator = VisionDataCollator
 
-
-def _is_image(item) -> bool:
-    return isinstance(item, dict) and (item.get("type") == "image" or item.get("image") is not None)
+_VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
-def _chat_turns(turns, images_column, where: str) -> tuple[list[dict], list]:
-    """The turns as the chat template wants them, and their image values in order.
+def _media_kind(item) -> str | None:
+    """"image" or "video" for a content item standing for one, else None."""
+    if not isinstance(item, dict):
+        return None
+    for kind in ("image", "video"):
+        if item.get("type") == kind or item.get(kind) is not None:
+            return kind
+    return None
+
+
+def _video(value, where: str):
+    """A video value as the processor takes it: a file path (checked to exist), a uint8 array
+    [frames, height, width, 3], or a list of RGB PIL frames (from PIL images, paths or bytes)."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("bytes")
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value.removeprefix("file://")
+    if isinstance(value, (str, os.PathLike)):
+        if isinstance(value, str) and value.startswith(("http://", "https://", "data:")):
+            raise DataError(f"{where}: video {value[:80]!r} is a URL; give a local path or a list of frames")
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f"{where}: video file {os.fspath(value)} does not exist")
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        if value.ndim != 4 or value.shape[-1] != 3:
+            raise DataError(f"{where}: a video array must be [frames, height, width, 3], got shape {value.shape}")
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        return [load_image(frame, f"{where}, video frame {i}") for i, frame in enumerate(value)]
+    raise DataError(f"{where}: video value of type {type(value).__name__}: expected a file path, a non-empty list "
+                    f"of frames or a [frames, height, width, 3] array")
+
+
+def _chat_turns(turns, columns: dict, where: str) -> tuple[list[dict], tuple[list, list]]:
+    """The turns as the chat template wants them, and their (image values, video values) in order.
 
     Keys whose value is None are dropped (datasets stores every key of every content item; Qwen's
-    template would read a text item with `image: None` as an image), and image items become bare
-    `{"type": "image"}`. Images come from the items themselves or, for bare items, from `images_column`.
+    template would read a text item with `image: None` as an image), and image / video items become bare
+    `{"type": "image"}` / `{"type": "video"}`. Values come from the items themselves or, for bare items,
+    from the record's `images` / `videos` column (`columns["image"]`, `columns["video"]`).
     """
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: expected messages as a non-empty list of {{'role', 'content'}} dicts")
-    out, inline = [], []
+    out, inline = [], {"image": [], "video": []}
     for n, turn in enumerate(turns):
         if not (isinstance(turn, dict) and "role" in turn and "content" in turn):
             raise DataError(f"{where}: message {n} is not a {{'role', 'content'}} dict: {str(turn)[:100]}")
@@ -390,26 +445,33 @@ def _chat_turns(turns, images_column, where: str) -> tuple[list[dict], list]:
                 if not isinstance(item, dict):
                     raise DataError(f"{where}: message {n} has a content item that is not a dict: {str(item)[:100]}")
                 item = {k: v for k, v in item.items() if v is not None}
-                if _is_image(item):
-                    inline.append(item.get("image"))
-                    item = {"type": "image"}
+                kind = _media_kind(item)
+                if kind:
+                    inline[kind].append(item.get(kind))
+                    item = {"type": kind}
                 items.append(item)
             content = items
         elif not isinstance(content, str):
             raise DataError(f"{where}: message {n} content must be a string or a list of items, "
                             f"got {type(content).__name__}")
         out.append({"role": turn["role"], "content": content})
-    if images_column is not None:
-        images_column = list(images_column)
+    return out, (_media_values("image", inline["image"], columns.get("image"), where),
+                 _media_values("video", inline["video"], columns.get("video"), where))
+
+
+def _media_values(kind: str, inline: list, column, where: str) -> list:
+    """The values of a record's `kind` items: inline, or from its column (`images` / `videos`)."""
+    if column is not None:
+        column = list(column)
         if any(value is not None for value in inline):
-            raise DataError(f"{where}: images both in the messages and in the 'images' column; use one")
-        if len(images_column) != len(inline):
-            raise DataError(f"{where}: {len(inline)} image items in the messages but {len(images_column)} "
-                            f"images in the 'images' column")
-        return out, images_column
+            raise DataError(f"{where}: {kind}s both in the messages and in the '{kind}s' column; use one")
+        if len(column) != len(inline):
+            raise DataError(f"{where}: {len(inline)} {kind} items in the messages but {len(column)} "
+                            f"{kind}s in the '{kind}s' column")
+        return column
     if any(value is None for value in inline):
-        raise DataError(f"{where}: an image item has no 'image' value (and the record has no 'images' column)")
-    return out, inline
+        raise DataError(f"{where}: {'an' if kind == 'image' else 'a'} {kind} item has no '{kind}' value (and the record has no '{kind}s' column)")
+    return inline
 
 
 def _image_size(resize, model):
