@@ -2,10 +2,12 @@
 
 transformers 5's VLM processors take a video processor, and the video processors need torchvision;
 the tokenizer and the PIL image processors need neither. Without torchvision we build the processor
-class with images and text only, so its outputs (the image-token expansion, `mm_token_type_ids`,
-`pixel_values`) come from transformers' own code. The class is the one the checkpoint names or, as
-`AutoProcessor` does, the one registered for config.json's `model_type` (the family's
-`INFO.processor_classes`).
+class with jaxvlm.video's numpy/PIL video processor in place of transformers' (the Qwen families), or
+with images and text only (a processor class jaxvlm.video has no video processor for), so its outputs
+(the image- and video-token expansion, Qwen3-VL's frame timestamps, `mm_token_type_ids`, `pixel_values`,
+`pixel_values_videos`, Qwen2.5-VL's `second_per_grid_ts`) come from transformers' own processor code.
+The class is the one the checkpoint names or, as `AutoProcessor` does, the one registered for
+config.json's `model_type` (the family's `INFO.processor_classes`).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import os
 
 import transformers
 from transformers.utils import is_torchvision_available
+from transformers.video_processing_utils import VideoProcessorMixin
 
 from jaxvlm.models import model_class
+from jaxvlm.video import load_video_processor, video_processor_class
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Hub checkpoints name their processor class in preprocessor_config.json; transformers 5's
@@ -38,20 +42,82 @@ class _WithoutVideo:
         return [a for a in super().get_attributes() if a != "video_processor"]
 
 
+class _NumpyVideo:
+    """Gives a processor class jaxvlm.video's video processor where transformers would load its own.
+
+    Loading: the tokenizer and the image processor come from transformers' loader (run on the class
+    without its video processor), the video processor from `jaxvlm.video.load_video_processor`, which reads
+    the config transformers would read. Everything else (the call, the chat template, saving, where the
+    video processor's config goes when saved) is the transformers class's own.
+    """
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        args = _image_text_class(cls.__name__)._get_arguments_from_pretrained(
+            pretrained_model_name_or_path, processor_dict, **kwargs)
+        video_processor = load_video_processor(pretrained_model_name_or_path, cls.__name__, processor_dict, **kwargs)
+        args.insert(cls.get_attributes().index("video_processor"), video_processor)
+        return args
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # transformers looks its video processor base class up by a name it exports only with torchvision.
+        if argument_name == "video_processor":
+            if not isinstance(argument, VideoProcessorMixin):
+                raise TypeError(f"Received a {type(argument).__name__} for argument video_processor, but a "
+                                f"VideoProcessorMixin was expected.")
+            return VideoProcessorMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def _subclass(name: str, mixin, prefix: str):
+    # save_pretrained records type(processor).__name__ as processor_class: keep transformers' name so that
+    # AutoProcessor loads a saved directory. Pickle finds the class by __qualname__ in this module.
+    qualname = f"{prefix}{name}"
+    subclass = type(name, (mixin, getattr(transformers, name)), {"__qualname__": qualname, "__module__": __name__})
+    globals()[qualname] = subclass
+    return subclass
+
+
 @functools.cache
-def image_text_processor(name: str):
-    """transformers' processor class `name`, without its video processor when it has one."""
+def _image_text_class(name: str):
+    return _subclass(name, _WithoutVideo, "_ImageText")
+
+
+def _transformers_processor_class(name: str):
     cls = getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "get_attributes"):
         raise ValueError(f"processor_class {name!r} is not a transformers processor class")
+    return cls
+
+
+@functools.cache
+def image_text_processor(name: str):
+    """transformers' processor class `name`, without its video processor when it has one."""
+    if "video_processor" not in _transformers_processor_class(name).get_attributes():
+        return _transformers_processor_class(name)
+    return _image_text_class(name)
+
+
+@functools.cache
+def torch_free_processor(name: str):
+    """transformers' processor class `name` with jaxvlm.video's video processor in place of transformers'
+    (which needs torchvision); without its video processor when jaxvlm.video has none for it."""
+    cls = _transformers_processor_class(name)
     if "video_processor" not in cls.get_attributes():
         return cls
-    # save_pretrained records type(processor).__name__ as processor_class: keep transformers' name so that
-    # AutoProcessor loads a saved directory. Pickle finds the class by __qualname__ in this module.
-    qualname = f"_ImageText{name}"
-    subclass = type(name, (_WithoutVideo, cls), {"__qualname__": qualname, "__module__": __name__})
-    globals()[qualname] = subclass
-    return subclass
+    if video_processor_class(name) is None:
+        return _image_text_class(name)
+    return _subclass(name, _NumpyVideo, "_NumpyVideo")
+
+
+def __getattr__(name: str):
+    # A process that unpickles a processor (a dataloader worker) has not built its class yet: build it here.
+    for prefix, build in (("_NumpyVideo", torch_free_processor), ("_ImageText", _image_text_class)):
+        if name.startswith(prefix) and hasattr(transformers, name[len(prefix):]):
+            cls = build(name[len(prefix):])
+            if cls.__qualname__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _named_processor_class(model_dir: str) -> str | None:
@@ -81,8 +147,10 @@ def load_processor(model_dir: str, family=None):
     """The checkpoint's transformers processor (tokenizer, image processor, chat template) from a local dir.
 
     With torchvision installed this is `AutoProcessor.from_pretrained(model_dir)`. Without it (torch is not
-    needed either) it is the same processor class with the PIL image processor and no video processor:
-    called with text and images it returns what the full processor returns; videos are not supported.
+    needed either) it is the same processor class with the PIL image processor and jaxvlm.video's numpy/PIL
+    video processor: called with text, images and videos (frames, arrays or video file paths, the latter
+    with PyAV) it returns what the full processor returns, `pixel_values_videos` up to the small difference
+    between PIL's and torchvision's resize (see jaxvlm.video).
     `family`: the model class, when the caller knows it (else found from config.json's model_type).
     """
     if not os.path.isdir(model_dir):
@@ -107,4 +175,4 @@ def load_processor(model_dir: str, family=None):
         name = named
     if is_torchvision_available():
         return transformers.AutoProcessor.from_pretrained(model_dir)
-    return image_text_processor(name).from_pretrained(model_dir)
+    return torch_free_processor(name).from_pretrained(model_dir)

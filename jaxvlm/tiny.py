@@ -2,7 +2,7 @@
 
 The config comes from the family (`tiny_config`), the tokenizer is a word-level vocabulary holding the
 family's special tokens at the ids its config names (`TINY.special_tokens`), with the family's chat
-template; the image processor config keeps images small.
+template; the image and video processor configs keep images and videos small.
 """
 import json
 import os
@@ -50,15 +50,19 @@ def tiny_tokenizer(model_type: str):
 
 
 def save_tiny_processor(path, model_type):
-    """Writes the tiny tokenizer and the family's small-image processor config into directory `path`,
-    laid out as in the family's checkpoints on the hub (tokenizer files, chat template,
-    preprocessor_config.json naming the processor class)."""
+    """Writes the tiny tokenizer and the family's small-image (and small-video) processor configs into
+    directory `path`, laid out as in the family's checkpoints on the hub (tokenizer files, chat template,
+    preprocessor_config.json and video_preprocessor_config.json naming the processor class)."""
     family = _family(model_type)
     os.makedirs(path, exist_ok=True)
     tiny_tokenizer(model_type).save_pretrained(path)
-    config = {**family.TINY.image_processor, "processor_class": family.INFO.processor_class(model_type)}
-    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    processor_class = family.INFO.processor_class(model_type)
+    configs = {"preprocessor_config.json": family.TINY.image_processor,
+               "video_preprocessor_config.json": family.TINY.video_processor}
+    for name, config in configs.items():
+        if config is not None:
+            with open(os.path.join(path, name), "w") as f:
+                json.dump({**config, "processor_class": processor_class}, f, indent=2)
 
 
 def save_random_model(path, model_type="qwen2_vl", seed=0, std=0.02, size="test"):

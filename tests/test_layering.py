@@ -104,7 +104,7 @@ LAYERS = [
     ("param-tree transforms", ("jaxvlm.lora", "jaxvlm.targets", "jaxvlm.quantize")),
     ("converters", ("jaxvlm.converters",)),
     ("user API, trainer and tools", ("jaxvlm.fast_vision_model", "jaxvlm.generate", "jaxvlm.export",
-                                     "jaxvlm.processing", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
+                                     "jaxvlm.processing", "jaxvlm.video", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
 ]
 
 

@@ -8,7 +8,8 @@ which family it holds: the importer, LoRA, quantization, export, the collator, t
 Parts of ../shared/FAMILY.md and where they live:
   config                       `config_from_hf` (a frozen dataclass from the transformers config)
   modules                      the subclass's attributes, paths mirroring transformers' module paths
-  HF key map, current and old  `INFO.stacked`, `INFO.legacy_keys`, `INFO.export_keys`, `INFO.ignored_keys`
+  HF key map, current and old  `INFO.stacked`, `INFO.legacy_keys`, `INFO.export_keys`, `INFO.ignored_keys`,
+                               `INFO.transposed_keys`
   input preparation            `prepare_inputs` (host side, numpy) -> the arrays `forward` takes
   LoRA target names            the Linear modules' per-layer HF names (jaxvlm.targets applies Unsloth's
                                `get_peft_regex` to them, as Unsloth does to the torch model's names)
@@ -55,6 +56,11 @@ class FamilyInfo:
     # The chat markers that open a user turn and an assistant turn (train_on_responses_only defaults).
     instruction_part: str
     response_part: str
+    # Tensors (regexes on current key names) that checkpoints may hold with their last two axes swapped, e.g.
+    # Qwen3-VL-MoE's experts, [experts, in, out] on the hub and [experts, out, in] in memory. The importer
+    # takes either layout, by shape (as transformers' Transpose(check_dims=True) does); exports write the
+    # in-memory layout, which is what transformers 5's save_pretrained writes.
+    transposed_keys: tuple[str, ...] = ()
 
     def processor_class(self, model_type: str) -> str:
         return dict(self.processor_classes)[model_type]
@@ -69,6 +75,9 @@ class TinySpec:
     eos_token: str
     chat_template: str
     image_processor: dict  # preprocessor_config.json, less processor_class
+    # video_preprocessor_config.json, less processor_class; None: the family writes none (a video
+    # processor then reads preprocessor_config.json, as transformers' does).
+    video_processor: dict | None = None
 
 
 class VisionLanguageModel(nnx.Module):

@@ -173,6 +173,12 @@ class Qwen2VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
             "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "merge_size": 2,
             "temporal_patch_size": 2, "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64,
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
+        # Small videos: each frame resized on its own, 3136..12544 pixels; 4 frames of 56x84 become a
+        # 2x6x4 grid, 12 video tokens.
+        video_processor={
+            "video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2,
+            "temporal_patch_size": 2, "size": {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16},
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
     )
 
     def __init__(self, cfg: Qwen2VLConfig, dtype=jnp.bfloat16):

@@ -457,6 +457,12 @@ class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
             "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
             "temporal_patch_size": 2, "min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 64,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+        # Small videos: the pixel budget counts every frame (4096..32768 for the whole video); 4 frames of
+        # 56x84 become a 2x6x4 grid, 12 video tokens. Frames are sampled at 2 fps (Qwen3-VL's default).
+        video_processor={
+            "video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "merge_size": 2,
+            "temporal_patch_size": 2, "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 32},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
     )
 
     MODEL: ClassVar[type] = Qwen3VLModel  # a variant's own (the MoE family's text model inside)

@@ -8,7 +8,8 @@ A record holds a chat in `messages` (or `conversations`), each turn a role and a
 
 An image value is a `PIL.Image`, a file path, encoded bytes, or the `{"bytes": ..., "path": ...}` dict that
 `datasets` stores images as. Records may instead keep their images in an `images` list, with bare
-`{"type": "image"}` items marking where each goes, or use TRL's `prompt` / `completion` split.
+`{"type": "image"}` items marking where each goes, or use TRL's `prompt` / `completion` split. Videos go the
+same way: `{"type": "video", "video": ...}` items (a video file path or a list of frames) or a `videos` list.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class DataError(ValueError):
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
     """The records of a JSONL file, one JSON object a line, with image paths made absolute.
 
-    Relative image paths are taken relative to the file's directory, so a dataset folder can move.
-    Every image file must exist: a missing one raises FileNotFoundError naming the line and path now,
+    Relative image and video paths (and frame paths) are taken relative to the file's directory, so a
+    dataset folder can move. Every such file must exist: a missing one raises FileNotFoundError naming
+    the line and path now,
     not hours into training. Blank lines are skipped; an empty file raises DataError.
     """
     path = os.fspath(path)
@@ -65,25 +67,31 @@ def load_records(data) -> Sequence[dict]:
 
 
 def _resolve_image_paths(record: dict, base: str, where: str) -> dict:
-    def resolve(value):
+    def resolve(value, kind):
+        if isinstance(value, list):  # a video as a list of frames
+            return [resolve(v, "video frame") for v in value]
         if not isinstance(value, str) or _is_uri(value):
             return value
         full = os.path.normpath(os.path.join(base, value))
         if not os.path.isfile(full):
-            raise FileNotFoundError(f"{where}: image file {full} does not exist (given as {value!r})")
+            raise FileNotFoundError(f"{where}: {kind} file {full} does not exist (given as {value!r})")
         return full
 
+    def resolve_item(item):
+        if not isinstance(item, dict):
+            return item
+        return {**item, **{kind: resolve(item[kind], kind) for kind in ("image", "video") if kind in item}}
+
     record = dict(record)
-    if isinstance(record.get("images"), list):
-        record["images"] = [resolve(v) for v in record["images"]]
+    for column, kind in (("images", "image"), ("videos", "video")):
+        if isinstance(record.get(column), list):
+            record[column] = [resolve(v, kind) for v in record[column]]
     for key in ("messages", "conversations", "prompt", "completion"):
         turns = record.get(key)
         if not isinstance(turns, list):
             continue
         record[key] = [
-            {**turn, "content": [{**item, "image": resolve(item["image"])}
-                                 if isinstance(item, dict) and "image" in item else item
-                                 for item in turn["content"]]}
+            {**turn, "content": [resolve_item(item) for item in turn["content"]]}
             if isinstance(turn, dict) and isinstance(turn.get("content"), list) else turn
             for turn in turns]
     return record
