@@ -3,9 +3,11 @@
     python scripts/demo.py                       # a small random Qwen2-VL made from jaxvlm.tiny's config
     python scripts/demo.py --steps 40 --eval 96  # a shorter run (CI)
     python scripts/demo.py --model Qwen/Qwen2-VL-2B-Instruct --dtype bfloat16   # a real checkpoint, on a GPU
+    python scripts/demo.py --video               # videos: which digit comes last in a 4-frame clip
 
 Data: scikit-learn's handwritten digits (1797 8x8 scans, shipped with the package), drawn as images and
-asked "Which digit is this?". Prints the held-out accuracy before and after training (the answer is
+asked "Which digit is this?" (with --video: 4-frame clips showing one digit, then another, asked "Which
+digit comes last?", so the answer is in the second half of the clip only). Prints the held-out accuracy before and after training (the answer is
 the digit token the model ranks first among 0-9), and writes the LoRA adapter and the loss curve.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jaxvlm.train import VisionDataCollator  # noqa: E402
 from jaxvlm.train.trainer import SFTConfig, SFTTrainer  # noqa: E402
 
 QUESTION = "Which digit is this?"
+VIDEO_QUESTION = "Which digit comes last?"
 
 
 def digit_records(seed: int = 0, size: int = 56):
@@ -45,6 +48,24 @@ def digit_records(seed: int = 0, size: int = 56):
     return records[n_test:], records[:n_test]
 
 
+def digit_video_records(seed: int = 0, size: int = 56):
+    """(train, held-out) chat records of 4-frame clips: frames 1-2 one digit's scan, frames 3-4 another's."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    scans = [Image.fromarray((255 - d * (255 / 16)).astype(np.uint8)).resize((size, size), Image.NEAREST)
+             .convert("RGB") for d in digits.images]
+    records = []
+    for first, last in rng.integers(0, len(scans), (len(scans), 2)):
+        clip = [scans[first], scans[first], scans[last], scans[last]]
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": VIDEO_QUESTION}]},
+            {"role": "assistant", "content": [{"type": "text", "text": str(digits.target[last])}]},
+        ], "label": int(digits.target[last])})
+    n_test = len(records) // 6
+    return records[n_test:], records[:n_test]
+
+
 def accuracy(model, processor, records, batch_size: int = 32) -> float:
     """Share of records whose digit the model ranks first among the ten digit tokens after the prompt."""
     tok = processor.tokenizer
@@ -55,8 +76,11 @@ def accuracy(model, processor, records, batch_size: int = 32) -> float:
         chunk = records[start:start + batch_size]
         prompts = [processor.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True)
                    for r in chunk]
-        images = [r["messages"][0]["content"][0]["image"] for r in chunk]
-        batch = processor(text=prompts, images=images, padding=True, return_tensors="np")
+        media = [r["messages"][0]["content"][0] for r in chunk]
+        if media[0]["type"] == "video":
+            batch = processor(text=prompts, videos=[m["video"] for m in media], padding=True, return_tensors="np")
+        else:
+            batch = processor(text=prompts, images=[m["image"] for m in media], padding=True, return_tensors="np")
         mask = batch["attention_mask"]
         last = np.where(mask[:, -1] == 1, mask.shape[1] - 1, mask.sum(-1) - 1)  # left or right padding
         logits = np.asarray(model(**batch), np.float32)[np.arange(len(chunk)), last][:, digit_ids]
@@ -74,6 +98,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--eval", type=int, default=None, help="held-out records to score (default: all 299)")
     ap.add_argument("--output", default="out/demo", help="adapter, loss plot and log go here")
+    ap.add_argument("--video", action="store_true", help="train on 4-frame clips instead of images")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,10 +110,10 @@ def main():
     dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
     model, processor = FastVisionModel.from_pretrained(model_name, dtype=dtype, load_in_4bit=False,
                                                        max_seq_length=256)
-    train, held_out = digit_records()
+    train, held_out = digit_video_records() if args.video else digit_records()
     held_out = held_out[:args.eval] if args.eval else held_out
     print(f"held-out accuracy before training: {accuracy(model, processor, held_out):.1%} "
-          f"({len(held_out)} digits, chance 10%)")
+          f"({len(held_out)} {'clips' if args.video else 'digits'}, chance 10%)")
 
     model = FastVisionModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, random_state=0)
     FastVisionModel.for_training(model)

@@ -9,9 +9,11 @@ the video patches through the vision tower (with Qwen3-VL's deepstack at video t
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from jaxvlm.models.qwen_inputs import rope_index
-from tests.conftest import save_tiny_model
+from jaxvlm.train.collator import VisionDataCollator, bucket_size
+from tests.conftest import random_image, save_tiny_model
 from tests.test_qwen2_vl_parity import assert_logits_match, hf_logits, load
 
 EOS, PAD = 287, 285
@@ -129,3 +131,62 @@ def test_mismatched_video_tokens_name_the_run():
     with pytest.raises(ValueError, match="video of grid .* needs 3 video tokens, the run at position 1 has 2"):
         rope_index(ids, np.ones_like(ids), None, np.array([[3, 2, 2]]), image_token_id=IMAGE, video_token_id=VIDEO,
                    spatial_merge_size=2)
+
+
+# -- through the processor and the collator ---------------------------------------------------------------
+
+
+def frames(n, width, height, seed):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def video_chat(text, n_images=0):
+    content = ([{"type": "image"}] * n_images + [{"type": "video"}, {"type": "text", "text": text}])
+    return [{"role": "user", "content": content}]
+
+
+def test_processor_video_batch_equals_transformers(family_model):
+    """The torch-free processor's video batch (2 and 4 frames of different sizes, one sample with an image too,
+    padded) gives transformers' logits: processor and model agree on the token layout."""
+    family, model, processor, hf_model = family_model
+    prompts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+               for c in (video_chat("what happens here", 1), video_chat("and in this clip"))]
+    batch = dict(processor(text=prompts, images=[random_image(56, 56, seed=5)],
+                           videos=[frames(4, 56, 84, 1), frames(2, 84, 56, 2)], padding=True, return_tensors="np"))
+    assert len(batch["video_grid_thw"]) == 2 and (batch["mm_token_type_ids"] == 2).any()
+    assert_logits_match(model(**batch), hf_logits(hf_model, batch), batch["attention_mask"])
+
+
+def test_collator_video_records_train_and_match_the_unpadded_forward(family_model):
+    """Video records through the collator (frames inline, and a 'videos' column): video tokens never targets,
+    bucket padding shared by image and video patches, and the padded batch's logits equal the processor's."""
+    family, model, processor, hf_model = family_model
+    records = [
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": frames(4, 56, 84, 3)},
+                                                    {"type": "text", "text": "what moves"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                                    {"type": "text", "text": "compare"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "the same"}]}],
+         "images": [random_image(56, 56, seed=6)], "videos": [frames(2, 84, 56, 4)]},
+    ]
+    collator = VisionDataCollator(model, processor, train_on_responses_only=True)
+    batch = collator(records)
+    assert batch["pixel_values_videos"].shape[0] == int(np.prod(batch["video_grid_thw"], axis=1).sum())
+    n = len(batch["pixel_values"]) - batch["n_pad_patches"] + len(batch["pixel_values_videos"])
+    assert len(batch["pixel_values"]) + len(batch["pixel_values_videos"]) == bucket_size(n)
+    video_at = batch["input_ids"] == VIDEO
+    assert video_at.any() and (batch["labels"][video_at] == -100).all()
+    assert (batch["labels"] != -100).any()
+    ours = np.asarray(model(**{k: v for k, v in batch.items() if k != "labels"}))
+    for row, record in enumerate(records):  # each row against the processor's own unpadded encoding of it
+        one = collator.processor
+        turns = [{"role": t["role"], "content": [{"type": c["type"], **({"text": c["text"]} if "text" in c else {})}
+                                                  for c in t["content"]]} for t in record["messages"]]
+        text = one.apply_chat_template(turns, tokenize=False)
+        videos = record.get("videos") or [record["messages"][0]["content"][0]["video"]]
+        ref = dict(one(text=[text], images=record.get("images"), videos=videos, return_tensors="np"))
+        n_tokens = ref["input_ids"].shape[1]
+        np.testing.assert_array_equal(batch["input_ids"][row, :n_tokens], ref["input_ids"][0])
+        assert_logits_match(ours[row:row + 1, :n_tokens], hf_logits(hf_model, ref), ref["attention_mask"])
