@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxvlm.cli import export, generate, train
@@ -274,3 +275,29 @@ def test_output_folders_follow_the_umask(model_dir, trained, tmp_path):
     for folder in (out / "adapter", merged):
         mode = stat.S_IMODE(folder.stat().st_mode)
         assert mode == 0o755, f"{folder}: {oct(mode)}; {library}"
+
+
+# -- videos ---------------------------------------------------------------------------------------------
+
+
+def test_train_and_generate_with_a_video_file(model_dir, tmp_path, capsys):
+    """A JSONL record with a relative .mp4 path trains; jaxvlm-generate --video answers about the file."""
+    from tests.test_video_processing import write_mp4
+    rng = np.random.default_rng(0)
+    (tmp_path / "clips").mkdir()
+    write_mp4(tmp_path / "clips" / "a.mp4", rng.integers(0, 256, (4, 56, 84, 3), dtype="uint8"), fps=2)
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": "clips/a.mp4"}, {"type": "text", "text": "what moves"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "nothing"}]}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
+    out = tmp_path / "out"
+    assert train.main(train_args(model_dir, str(tmp_path / "train.jsonl"), out, "--max-steps", "2",
+                                 "--batch-size", "1")) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    code, stdout, err = run_cli("generate", "--model", model_dir, "--adapter", str(out / "adapter"), "--video",
+                                str(tmp_path / "clips" / "a.mp4"), "--prompt", "what moves", "--max-new-tokens", "3",
+                                "--dtype", "float32", without_torch=True)
+    assert code == 0, err
+    assert stdout.strip()
+    code, _, err = run_cli("generate", "--model", model_dir, "--video", str(tmp_path / "missing.mp4"), "--prompt", "x")
+    assert code == 2 and f"cannot read video {tmp_path / 'missing.mp4'}: no such file" in err

@@ -1,14 +1,16 @@
-"""jaxvlm-generate: answer a prompt about images with a VLM (optionally with a LoRA adapter).
+"""jaxvlm-generate: answer a prompt about images or videos with a VLM (optionally with a LoRA adapter).
 
     jaxvlm-generate --model Qwen/Qwen2-VL-2B-Instruct --image cat.jpg --prompt "Describe this image."
     jaxvlm-generate --model DIR --adapter out/adapter --image a.png --image b.png --prompt "Compare them." \\
         --max-new-tokens 256 --do-sample --temperature 0.7 --top-p 0.9
+    jaxvlm-generate --model Qwen/Qwen2.5-VL-3B-Instruct --video clip.mp4 --prompt "What happens?"   # needs PyAV
 
 The answer streams to stdout as it is generated.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxvlm.cli.common import add_debug_option, check_adapter_dir, run_tool
@@ -21,6 +23,8 @@ def parse_args(argv=None):
     ap.add_argument("--adapter", help="a LoRA adapter directory (ours or PEFT's) to apply")
     ap.add_argument("--prompt", required=True, help="the user's message")
     ap.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    ap.add_argument("--video", action="append", default=[],
+                    help="a video file (decoded with PyAV: pip install 'jaxvlm[video]'); repeat for several")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -53,16 +57,20 @@ def generate(args) -> int:
             images.append(Image.open(path).convert("RGB"))
         except OSError as e:  # a missing file, or one PIL cannot decode
             raise ValueError(f"cannot read image {path}: {e.strerror or e}") from e
+    for path in args.video:
+        if not os.path.isfile(path):
+            raise ValueError(f"cannot read video {path}: no such file")
     model, processor = FastVisionModel.from_pretrained(
         args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length)
     if args.adapter:
         from jaxvlm.converters.peft_adapter import load_adapter
         model = load_adapter(model, args.adapter)
     FastVisionModel.for_inference(model)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in args.video]
+               + [{"type": "text", "text": args.prompt}])
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                            add_generation_prompt=True)
-    batch = processor(text=[prompt], images=images or None, return_tensors="np")
+    batch = processor(text=[prompt], images=images or None, videos=args.video or None, return_tensors="np")
     tokenizer = processor.tokenizer
     model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
