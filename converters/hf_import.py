@@ -120,9 +120,14 @@ def load_state(
         raise CheckpointError(f"{ckpt.model_dir}: missing tensors for {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
 
+    # Tensors the family allows on disk with their last two axes swapped (FamilyInfo.transposed_keys).
+    transposed = tuple(getattr(getattr(type(abstract), "INFO", None), "transposed_keys", ()))
+
     def read(disk_key: str, shape: tuple, ours: str):
         if disk_key in quantized:
             return _read_bnb(ckpt, disk_key, quantized[disk_key], shape, ours)
+        if any(re.search(p, ours) for p in transposed):
+            return _checked_either_layout(ckpt, disk_key, shape, ours)
         return _checked(ckpt, disk_key, shape, ours)
 
     loaded = []
@@ -155,6 +160,19 @@ def _checked(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.nda
             f"{ckpt.model_dir}: tensor {disk_key!r} has shape {tuple(got)}, the model expects {tuple(shape)} "
             f"(for {ours})")
     return ckpt.get(disk_key)
+
+
+def _checked_either_layout(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.ndarray:
+    """The tensor in the model's layout `shape`, whether stored so or with its last two axes swapped. A shape
+    that fits both (square matrices) is taken as stored, as transformers takes it."""
+    got, swapped = tuple(ckpt.shape(disk_key)), (*shape[:-2], shape[-1], shape[-2])
+    if got == tuple(shape):
+        return ckpt.get(disk_key)
+    if got == swapped:
+        return np.swapaxes(ckpt.get(disk_key), -1, -2)
+    raise CheckpointError(
+        f"{ckpt.model_dir}: tensor {disk_key!r} has shape {got}, the model expects {tuple(shape)} or, with its last "
+        f"two axes swapped (the layout on the hub), {swapped} (for {ours})")
 
 
 def _read_bnb(ckpt: Checkpoint, disk_key: str, parts: dict[str, str], shape: tuple, ours: str):

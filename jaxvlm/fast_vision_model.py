@@ -25,7 +25,7 @@ from jaxvlm.converters.safetensors_io import Checkpoint
 from jaxvlm.generate import generate
 from jaxvlm.layers import REMAT_POLICIES
 from jaxvlm.models import model_class
-from jaxvlm.quantize import linear_weight_keys
+from jaxvlm.quantize import quantized_weight_keys
 
 # The processor each loaded model came with, so that for_training / for_inference can set its padding side.
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -164,7 +164,7 @@ class FastVisionModel:
         ckpt = Checkpoint(model_dir)
         abstract = nnx.eval_shape(lambda: cls(cfg, dtype))
         ignored = info.ignored_keys + ((r"^lm_head\.",) if getattr(cfg, "tie_word_embeddings", False) else ())
-        targets = linear_weight_keys(abstract, info.quant_skip) if quant else set()
+        targets = quantized_weight_keys(abstract, info.quant_skip) if quant else set()
         model = load_state(abstract, ckpt, stacked=info.stacked, renames=info.legacy_keys, ignored=ignored,
                            convert=quantizing_convert(quant, targets, dtype, prequantized))
         model.max_seq_length = max_seq_length

@@ -74,6 +74,21 @@ class Linear(nnx.Module):
         return linear(x, self.weight.get_value(), None if self.bias is None else self.bias.get_value())
 
 
+# Grouped matmul: lhs [m, in] with its rows in groups, rhs [groups, out, in] (HF layout), contracting `in`.
+_GROUPED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+    """Each group's rows times its own weight: `x [m, in]` with rows sorted by group, `w [groups, out, in]`
+    (one HF-layout weight per group; an array or a typed weight with a groups axis, e.g. an NF4 per
+    group), `group_sizes [groups]` int32 summing to at most m (rows past the sum give zeros). Returns
+    [m, out] in x's dtype: `jax.lax.ragged_dot`, so no group is looped over and empty groups cost nothing.
+    """
+    w = dense_weight(w, x.dtype)
+    return jax.lax.ragged_dot_general(x, w, group_sizes.astype(jnp.int32), _GROUPED_DIMS)
+
+
 class ConvWeight(nnx.Module):
     """A convolution's `weight [out, in, *kernel]` (HF layout); its callers apply it. Not a Linear:
     LoRA targets and 4-bit quantization leave it alone, as PEFT and bitsandbytes do with HF's Conv3d."""
@@ -151,6 +166,43 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nnx.Module):
+    """A mixture of gated-MLP experts as transformers 5 holds them (its `...Experts` modules): 3-D
+    `gate_up_proj [*stack, experts, 2 * intermediate, hidden]` (gate rows, then up rows) and
+    `down_proj [*stack, experts, hidden, intermediate]`, each expert's matrix in HF's (out, in) layout.
+    Not a Linear: LoRA targets and bitsandbytes leave it alone, as PEFT and bitsandbytes do with these
+    3-D parameters; jaxvlm.quantize still stores it in NF4 (one NF4 per expert matrix) in 4-bit mode.
+    """
+
+    WEIGHTS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, experts: int, hidden: int, intermediate: int, act: str, *, dtype, stack: tuple = ()):
+        self.gate_up_proj = _param((*stack, experts, 2 * intermediate, hidden), dtype)
+        self.down_proj = _param((*stack, experts, hidden, intermediate), dtype)
+        self.act = act
+
+    def __call__(self, x: jax.Array, top_k_index: jax.Array, top_k_weights: jax.Array) -> jax.Array:
+        """sum_j top_k_weights[:, j] * expert_{top_k_index[:, j]}(x) for `x [tokens, hidden]`, the routing
+        `[tokens, k]`; one layer (inside the layer scan)."""
+        n, k = top_k_index.shape
+        gate_up, down = self.gate_up_proj.get_value(), self.down_proj.get_value()
+        experts = jax.eval_shape(lambda w: dense_weight(w, x.dtype), gate_up).shape[0]
+        # The n*k (token, expert) pairs, pair p = (token p // k, choice p % k), sorted by expert so that
+        # each expert's rows are contiguous for the grouped matmul. The rows move by permutation gathers
+        # (gather_rows), whose transposes are gathers too: no scatter-add in the forward or backward pass.
+        choice = top_k_index.reshape(-1)
+        order = jnp.argsort(choice, stable=True)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+        sizes = jnp.bincount(choice, length=experts)
+        rows = gather_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [n*k, hidden], by expert
+        gate, up = jnp.split(grouped_linear(rows, gate_up, sizes), 2, axis=-1)
+        out = grouped_linear(ACTIVATIONS[self.act](gate) * up, down, sizes)  # [n*k, hidden]
+        out = gather_rows(out, inverse, order).reshape(n, k, -1)  # back in (token, choice) order
+        # Weighted in the compute dtype, summed over the k choices in fp32 (as transformers' grouped_mm path).
+        out = out * top_k_weights[..., None].astype(out.dtype)
+        return jnp.sum(out.astype(jnp.float32), axis=1).astype(x.dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
