@@ -33,6 +33,17 @@ def assert_logits_match(ours, ref, attention_mask):
     assert err <= TOL * scale, f"max abs error {err:.3g} for logit scale {scale:.3g}"
 
 
+def assert_greedy_matches(model, hf_model, batch, new_tokens=16, eos=287, pad=285):
+    """Greedy `model.generate` gives transformers' tokens for `new_tokens` steps (the tiny vocabulary's ids)."""
+    ours = model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    with torch.no_grad():
+        ref = hf_model.generate(**tensors, do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos,
+                                pad_token_id=pad).numpy()
+    assert ours.shape == ref.shape == (len(batch["input_ids"]), batch["input_ids"].shape[1] + new_tokens)
+    np.testing.assert_array_equal(ours, ref)
+
+
 def encode(processor, texts, images=None):
     prompts = [processor.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in texts]
     return dict(processor(text=prompts, images=images, padding=True, return_tensors="np"))

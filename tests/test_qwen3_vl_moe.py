@@ -22,7 +22,8 @@ from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
 from tests.test_lora import _is_adapted, peft_adapted, with_random_b
 from tests.test_quantized_import import bnb_dequantized, weight
-from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
+from tests.test_qwen2_vl_parity import (assert_greedy_matches, assert_logits_match, encode, hf_logits,
+                                        load)
 from tests.test_qwen3_vl import EOS, PAD, padded_batch
 from tests.tiny import build_hf_model, save_tiny_processor
 
@@ -141,13 +142,7 @@ def test_padded_batch_of_two_with_images_of_different_sizes(loaded, side):
 def test_greedy_equals_transformers_for_a_left_padded_batch_with_images(loaded):
     model, processor, hf_model = loaded
     batch = padded_batch(processor, "left")
-    ours = model.generate(**batch, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
-    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-    with torch.no_grad():
-        ref = hf_model.generate(**tensors, do_sample=False, max_new_tokens=16, eos_token_id=EOS,
-                                pad_token_id=PAD).numpy()
-    assert ours.shape == ref.shape == (2, batch["input_ids"].shape[1] + 16)
-    np.testing.assert_array_equal(ours, ref)
+    assert_greedy_matches(model, hf_model, batch, eos=EOS, pad=PAD)
 
 
 # -- 3. the experts' on-disk layouts ----------------------------------------------------------------

@@ -8,13 +8,12 @@ the video patches through the vision tower (with Qwen3-VL's deepstack at video t
 """
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from jaxvlm.models.qwen_inputs import rope_index
 from jaxvlm.train.collator import VisionDataCollator, bucket_size
 from tests.conftest import random_image, save_tiny_model
-from tests.test_qwen2_vl_parity import assert_logits_match, hf_logits, load
+from tests.test_qwen2_vl_parity import assert_greedy_matches, assert_logits_match, hf_logits, load
 
 EOS, PAD = 287, 285
 START, END, IMAGE, VIDEO = 288, 289, 290, 291
@@ -107,13 +106,7 @@ def test_video_only_sample_equals_transformers(family_model):
 def test_greedy_generation_with_video_equals_transformers(family_model):
     family, model, processor, hf_model = family_model
     batch = video_batch(family, processor, "left", seed=2)
-    ours = model.generate(**batch, max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD)
-    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-    with torch.no_grad():
-        ref = hf_model.generate(**tensors, do_sample=False, max_new_tokens=16, eos_token_id=EOS,
-                                pad_token_id=PAD).numpy()
-    assert ours.shape == ref.shape == (2, batch["input_ids"].shape[1] + 16)
-    np.testing.assert_array_equal(ours, ref)
+    assert_greedy_matches(model, hf_model, batch, eos=EOS, pad=PAD)
 
 
 def test_rope_index_scales_and_truncates_video_time_like_transformers():
