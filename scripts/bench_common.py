@@ -1,15 +1,22 @@
-"""What the benchmarks share: the model geometries (Qwen2-VL 2B / 7B, Qwen3-VL 2B), random-weight models
-drawn on the device, and the workload's batches (one image + text per sample)."""
+"""What the benchmarks share: the model geometries (Qwen2-VL 2B / 7B, Qwen3-VL 2B, Qwen3-VL-30B-A3B), random-weight
+models drawn on the device, and the workload's batches (one image + text per sample).
+
+`load_geometry(name, tiny=True)` gives the family's tiny config instead (the scripts' hidden `--tiny`), so that
+the benchmarks' code paths run on a CPU in under a minute each (mostly compilation).
+"""
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxvlm.models import qwen2_vl
-from jaxvlm.paths import path_key
-from jaxvlm.quant import quantize_nf4
-from jaxvlm.quantize import linear_weight_keys
+from jaxvlm.paths import path_key, stacked_prefix
+from jaxvlm.quantize import quantize, quantized_weight_keys
 
 MODEL = qwen2_vl.Qwen2VLForConditionalGeneration
 
@@ -55,16 +62,66 @@ def qwen3_vl_2b_hf_config():
         tie_word_embeddings=True)
 
 
+def qwen3_vl_30b_a3b_hf_config():
+    """transformers' config of the Qwen3-VL-30B-A3B geometry (text 2048 wide, 48 sparse MoE layers of 128 experts,
+    8 per token, expert MLP 768, 32 heads of 128, 4 kv heads, untied lm_head; vision 1152 wide, 27 blocks,
+    16-pixel patches, deepstack 8/16/24), as Qwen/Qwen3-VL-30B-A3B-Instruct's config.json gives it (from memory:
+    the values below are also transformers' Qwen3VLMoe*Config defaults where those exist).
+
+    Less sure: text `intermediate_size` 6144 (no dense MLP layer uses it here), `max_position_embeddings`
+    262144 (read only for generation's position warning), and the untied lm_head (Qwen3-30B-A3B's is untied;
+    tied would drop 0.31 B parameters)."""
+    from transformers import Qwen3VLMoeConfig
+    return Qwen3VLMoeConfig(
+        text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                         moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                         max_position_embeddings=262144, rms_norm_eps=1e-6, hidden_act="silu",
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2048,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+                           hidden_act="gelu_pytorch_tanh"),
+        tie_word_embeddings=False)
+
+
 GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config,
-              "qwen3-vl-2b": qwen3_vl_2b_hf_config}
+              "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config}
 
 
-def load_geometry(name: str):
+def hf_geometry(name: str, tiny: bool = False):
+    """transformers' config of a named geometry; with `tiny`, its family's tiny test config instead."""
+    hf = GEOMETRIES[name]()
+    if tiny:
+        from jaxvlm.models import model_class
+        hf = model_class(hf.model_type, name).tiny_config(hf.model_type)
+    return hf
+
+
+def load_geometry(name: str, tiny: bool = False):
     """(model class, config) of a named geometry, the class found by the registry as from_pretrained does."""
     from jaxvlm.models import model_class
-    hf = GEOMETRIES[name]()
+    hf = hf_geometry(name, tiny)
     model_cls = model_class(hf.model_type, name)
     return model_cls, model_cls.config_from_hf(hf)
+
+
+def save_random_hf_model(name: str, path: str, tiny: bool = False) -> str:
+    """`path`, holding a random-weight bf16 transformers model of geometry `name` (save_pretrained), for the peers
+    that load with from_pretrained (bitsandbytes quantizes while loading); written once (marker MODEL_DONE), on the
+    GPU when there is one. Needs the model's bf16 size on disk (4.3 GB for the 2B geometries)."""
+    if not os.path.exists(os.path.join(path, "MODEL_DONE")):
+        import torch
+        from transformers import AutoModelForImageTextToText
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForImageTextToText.from_config(hf_geometry(name, tiny), dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        open(os.path.join(path, "MODEL_DONE"), "w").close()
+    return path
 
 
 def vision_tower(cfg):
@@ -72,34 +129,75 @@ def vision_tower(cfg):
     return getattr(cfg.vision, "tower", cfg.vision)
 
 
+def image_tokens(cfg, image: int) -> tuple[int, int]:
+    """(patches per side, merged image tokens) of one `image` x `image` picture: Qwen2-VL's 14-pixel patches
+    make 448 -> 32 x 32 patches, 256 tokens; Qwen3-VL's 16-pixel ones 28 x 28 patches, 196 tokens."""
+    vision = vision_tower(cfg)
+    grid = image // vision.patch_size
+    return grid, grid * grid // vision.spatial_merge_size**2
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "nf4"))
+def _draw(key, shape, dtype, nf4):
+    """0.02 x normal of `shape`, as NF4 (one per trailing [out, in] matrix) with `nf4`."""
+    w = 0.02 * jax.random.normal(key, shape, dtype)
+    return quantize(w, "nf4") if nf4 else w
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "nf4"), donate_argnums=0)
+def _draw_layer(stack, key, layer, shape, dtype, nf4):
+    """`stack` (donated: written in place) with row `layer` of every leaf replaced by a fresh `_draw`."""
+    return jax.tree.map(lambda s, x: s.at[layer].set(x), stack, _draw(key, shape, dtype, nf4))
+
+
+def _draw_stacked(key, shape, dtype, nf4):
+    """A stacked weight `[layers, *shape[1:]]` drawn (and with `nf4` quantized) one layer at a time into a
+    preallocated stack: its 16-bit form never exists whole (48 x 128 x 1536 x 2048 experts would be 38 GB),
+    and no second copy of the stack is made (as stacking a list of layers would)."""
+    layer_shape = tuple(shape[1:])
+    layer = jax.eval_shape(functools.partial(_draw, shape=layer_shape, dtype=dtype, nf4=nf4), key)
+    stack = jax.tree.map(lambda a: jnp.zeros((shape[0], *a.shape), a.dtype), layer)
+    for i, k in enumerate(jax.random.split(key, shape[0])):
+        stack = _draw_layer(stack, k, i, layer_shape, dtype, nf4)
+    return jax.block_until_ready(stack)
+
+
 def random_model(cfg, dtype, seed=0, nf4=False, model_cls=MODEL):
-    """Random weights drawn on the device; with `nf4`, each Linear weight is quantized as soon as it is
-    drawn (as load_in_4bit does), so the 16-bit model never exists whole."""
+    """Random weights drawn on the device; with `nf4`, the weights load_in_4bit quantizes (Linear weights and
+    experts, less `INFO.quant_skip`) are quantized as they are drawn, and stacked weights (under
+    `INFO.stacked`) are drawn one layer at a time, so that no 16-bit stacked weight exists whole."""
     abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype))
-    targets = linear_weight_keys(abstract, model_cls.INFO.quant_skip) if nf4 else set()
+    targets = quantized_weight_keys(abstract, model_cls.INFO.quant_skip) if nf4 else set()
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     keys = jax.random.split(jax.random.key(seed), len(flat))
     filled = []
     for (p, v), k in zip(flat, keys):
-        w = 0.02 * jax.random.normal(k, v.get_value().shape, dtype)
-        if path_key(p) in targets:
-            w = jax.block_until_ready(jax.vmap(quantize_nf4)(w))
+        name, a = path_key(p), v.get_value()
+        if stacked_prefix(name, model_cls.INFO.stacked) is None:
+            w = jax.block_until_ready(_draw(k, tuple(a.shape), a.dtype, name in targets))
+        else:
+            w = _draw_stacked(k, tuple(a.shape), a.dtype, name in targets)
         filled.append((p, v.replace(w)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def batch_inputs(cfg, batch, text, image, model_cls=MODEL):
-    """prepare_inputs arrays of `batch` samples: <vision_start>, one image x image, <vision_end>, `text` tokens."""
-    vision = vision_tower(cfg)
-    grid = image // vision.patch_size
-    n_img = grid * grid // vision.spatial_merge_size**2
+def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
+    """What a processor would return for `batch` samples of <vision_start>, one image x image, <vision_end>,
+    `text` random tokens (below the special tokens' ids): input_ids, attention_mask, pixel_values (float32
+    `[patches, patch_dim]`), image_grid_thw."""
+    grid, n_img = image_tokens(cfg, image)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 150000, (batch, n_img + text + 2))
+    ids = rng.integers(0, min(150000, cfg.vision_start_token_id), (batch, n_img + text + 2))
     ids[:, 0] = cfg.vision_start_token_id
     ids[:, 1:1 + n_img] = cfg.image_token_id
     ids[:, 1 + n_img] = cfg.vision_start_token_id + 1
-    pix = rng.standard_normal((batch * grid * grid, vision.patch_dim)).astype(np.float32)
+    pix = rng.standard_normal((batch * grid * grid, vision_tower(cfg).patch_dim)).astype(np.float32)
     thw = np.array([[1, grid, grid]] * batch)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix, image_grid_thw=thw)
+
+
+def batch_inputs(cfg, batch, text, image, model_cls=MODEL):
+    """prepare_inputs arrays of `raw_batch`: <vision_start>, one image x image, <vision_end>, `text` tokens."""
     model = nnx.eval_shape(lambda: model_cls(cfg, np.float32))  # prepare_inputs reads only the config
-    return model.prepare_inputs(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix, image_grid_thw=thw)
+    return model.prepare_inputs(**raw_batch(cfg, batch, text, image))

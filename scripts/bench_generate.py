@@ -1,24 +1,32 @@
-"""Decode speed of the Qwen2-VL-2B geometry (random weights): jaxvlm vs transformers' generate, same GPU.
+"""Decode speed of a geometry of bench_common (random weights): jaxvlm vs transformers' generate, same GPU.
 
-    python scripts/bench_generate.py [--batch 1 8] [--new 128] [--quant 16bit nf4] [--hf]
+On the lent GPU machine:
 
-Each prompt: one 448x448 image (256 merged tokens) + 32 text tokens. Generation runs exactly --new tokens
-(no EOS). Prints one JSON line per (implementation, weights, batch): generate seconds (median of 3 after a
-warm-up), new tokens/s, peak device memory.
+    PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/bench_generate.py --geometry qwen3-vl-2b \
+        --batch 1 --new 128 --quant 16bit nf4 --hf
+
+Each prompt: one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL) + 32
+text tokens. Generation runs exactly --new tokens (no EOS), greedy. Each implementation/weights runs in its own
+process (its own peak-memory reading); one JSON line per batch size: generate seconds for the whole call (prefill +
+--new tokens) and for a call generating one token (the prefill), each the median of 3 after a warm-up; new
+tokens/s of the whole call, decode tokens/s = batch x (new - 1) / (generate - prefill), peak device memory.
+jaxvlm runs in bf16 ("16bit") or with its Linear weights (and experts) in NF4 ("nf4"); transformers (--hf) in
+bf16, its model built on the GPU from the config.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import batch_inputs, qwen2_vl_2b_config, qwen2_vl_2b_hf_config, random_model
+from scripts.bench_common import GEOMETRIES, hf_geometry, load_geometry, random_model, raw_batch
+
+TEXT = 32
 
 
 def timed(fn, repeats=3):
@@ -31,75 +39,106 @@ def timed(fn, repeats=3):
     return float(np.median(times))
 
 
-def bench_jaxvlm(cfg, model, batch, new, label):
-    inputs = batch_inputs(cfg, batch, 32, 448)
-    raw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-               pixel_values=inputs["pixel_values"], image_grid_thw=np.array([[1, 32, 32]] * batch))
+def speeds(generate_s: float, prefill_s: float, batch: int, new: int) -> dict:
+    decode_s = generate_s - prefill_s  # None below: the two medians too close to tell (tiny models)
+    return dict(generate_s=round(generate_s, 4), prefill_s=round(prefill_s, 4),
+                new_tokens_per_s=round(batch * new / generate_s, 1),
+                decode_tokens_per_s=round(batch * (new - 1) / decode_s, 1) if decode_s > 0.01 * generate_s else None)
+
+
+def bench_jaxvlm(model, cfg, batch: int, new: int, image: int) -> dict:
+    import jax
+
     from jaxvlm.generate import generate
-    seconds = timed(lambda: generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0))
+    raw = raw_batch(cfg, batch, TEXT, image)
+
+    def run(n):
+        return lambda: generate(model, **raw, max_new_tokens=n, eos_token_id=-1, pad_token_id=0)
+    out = generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0)
+    assert out.shape == (batch, raw["input_ids"].shape[1] + new), out.shape
+    generate_s, prefill_s = timed(run(new)), timed(run(1))
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(impl="jaxvlm", weights=label, batch=batch, new_tokens=new, generate_s=round(seconds, 3),
-                new_tokens_per_s=round(batch * new / seconds, 1),
-                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2))
+    return dict(impl="jaxvlm", batch=batch, prompt_tokens=raw["input_ids"].shape[1], new_tokens=new,
+                **speeds(generate_s, prefill_s, batch, new),
+                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), device=jax.devices()[0].device_kind)
 
 
-def bench_hf(batch, new):
+def bench_hf(geometry: str, batches: list[int], new: int, image: int, tiny: bool):
+    """Yields one result per batch size, the transformers model built once (bf16, sdpa)."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
-    hf_cfg = qwen2_vl_2b_hf_config()
-    with torch.device("cuda"):
-        model = Qwen2VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=torch.bfloat16).eval()
-    cfg = qwen2_vl_2b_config()
-    inputs = batch_inputs(cfg, batch, 32, 448)
-    ids = torch.tensor(inputs["input_ids"], device="cuda", dtype=torch.long)
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-              pixel_values=torch.tensor(inputs["pixel_values"], device="cuda", dtype=torch.bfloat16),
-              image_grid_thw=torch.tensor([[1, 32, 32]] * batch, device="cuda"),
-              mm_token_type_ids=(ids == cfg.image_token_id).long())
+    from transformers import AutoModelForImageTextToText
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    _, cfg = load_geometry(geometry, tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(hf_geometry(geometry, tiny), dtype=torch.bfloat16,
+                                                        attn_implementation="sdpa").eval()
+    for batch in batches:
+        raw = raw_batch(cfg, batch, TEXT, image)
+        ids = torch.tensor(raw["input_ids"], device=device, dtype=torch.long)
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  pixel_values=torch.tensor(raw["pixel_values"], device=device, dtype=torch.bfloat16),
+                  image_grid_thw=torch.tensor(raw["image_grid_thw"], device=device),
+                  mm_token_type_ids=(ids == cfg.image_token_id).long())
 
-    def run():
-        with torch.no_grad():
-            model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    seconds = timed(run)
-    out = dict(impl="transformers", weights="16bit", batch=batch, new_tokens=new, generate_s=round(seconds, 3),
-               new_tokens_per_s=round(batch * new / seconds, 1),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-    del model
-    torch.cuda.empty_cache()
-    return out
+        def run(n):
+            def call():
+                with torch.no_grad():
+                    out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                sync()
+                return out
+            return call
+        assert run(new)().shape == (batch, ids.shape[1] + new)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        generate_s, prefill_s = timed(run(new)), timed(run(1))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+        yield dict(impl="transformers", weights="16bit", batch=batch, prompt_tokens=ids.shape[1], new_tokens=new,
+                   **speeds(generate_s, prefill_s, batch, new), peak_gib=round(peak, 2),
+                   device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--geometry", default="qwen2-vl-2b", choices=sorted(GEOMETRIES))
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--quant", nargs="+", default=["16bit"], choices=["16bit", "nf4"])
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (needs torch+cuda)")
     ap.add_argument("--dir", help="load this checkpoint (scripts/bench_load.py writes one) instead of random "
                                   "weights, so that the NF4 run's peak memory never holds a 16-bit copy")
-    ap.add_argument("--one", help="(internal) run one implementation/weights in this process")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run one implementation/weights in this process
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
     args = ap.parse_args()
+    image = 64 if args.tiny else 448
+    common = ["--geometry", args.geometry, "--new", str(args.new), "--batch", *map(str, args.batch),
+              *(["--dir", args.dir] if args.dir else []), *(["--tiny"] if args.tiny else [])]
     if args.one is None:
         # One process per configuration, so that each peak-memory reading is its own.
         for one in [*args.quant, *(["hf"] if args.hf else [])]:
-            subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--one", one, "--new", str(args.new),
-                            "--batch", *map(str, args.batch), *(["--dir", args.dir] if args.dir else [])],
-                           check=True)
+            # transformers' process keeps JAX (imported with bench_common) off the GPU that torch measures.
+            env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if one == "hf" else {}))
+            r = subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--one", one, *common], env=env)
+            if r.returncode:
+                print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=one, batch=args.batch,
+                                      error=f"exit {r.returncode}")), flush=True)
         return
     if args.one == "hf":
-        for b in args.batch:
-            print(json.dumps(bench_hf(b, args.new)), flush=True)
+        for line in bench_hf(args.geometry, args.batch, args.new, image, args.tiny):
+            print(json.dumps(dict(bench="generate", geometry=args.geometry, **line)), flush=True)
         return
-    cfg = qwen2_vl_2b_config()
+    import jax.numpy as jnp
     if args.dir:
         from jaxvlm import FastVisionModel
         model, _ = FastVisionModel.from_pretrained(args.dir, load_in_4bit=args.one == "nf4")
+        cfg = model.config
     else:
-        model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4")
+        model_cls, cfg = load_geometry(args.geometry, args.tiny)
+        model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4", model_cls=model_cls)
     for b in args.batch:
-        print(json.dumps(bench_jaxvlm(cfg, model, b, args.new, args.one)), flush=True)
+        line = bench_jaxvlm(model, cfg, b, args.new, image)
+        print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=args.one, **line)), flush=True)
 
 
 if __name__ == "__main__":

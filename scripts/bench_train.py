@@ -1,12 +1,14 @@
 """LoRA training step of a model geometry (random weights; Qwen2-VL-2B by default) through jaxvlm's SFTTrainer,
-on the GPU.
+on the GPU. On the lent GPU machine:
 
+    PYTHONPATH=. python -m scripts.bench_train --geometry qwen3-vl-2b --batch 4 8 --weights bf16 nf4 --remat full
     python -m scripts.bench_train --batch 4 8 --weights bf16 nf4 --remat unsloth full
     python -m scripts.bench_train --batch 4 --attn xla auto --loss-chunk 0 512 --trace $OUT/trace
 
-Workload (the benchmark issue's): each sample one 448x448 image (256 merged tokens) + `--text` text
-tokens, LoRA r=16 on every Linear Unsloth's default regex picks (vision and language, attention and
-MLP), AdamW, remat per block. Each configuration runs in its own process; one JSON line each: median
+Workload (the benchmark issue's): each sample one 448x448 image (256 merged tokens with Qwen2-VL's 14-pixel
+patches, 196 with Qwen3-VL's 16-pixel ones) + `--text` text tokens, LoRA r=16 on every Linear Unsloth's default
+regex picks (vision and language, attention and MLP; not MoE experts, which are no Linear), AdamW, remat per
+block. Each configuration runs in its own process; one JSON line each: median
 step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
 With --trace DIR the first configuration runs once more, in its own process after the measurements,
 under a profiler (3 steps); its GPU time is summarised by kernel kind and kernel, with the GPU's busy
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import GEOMETRIES, batch_inputs, load_geometry, random_model, vision_tower
+from scripts.bench_common import GEOMETRIES, batch_inputs, image_tokens, load_geometry, random_model, vision_tower
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 
@@ -37,17 +39,21 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     """6 x params x tokens for the matmuls of a full step (LoRA still back-propagates through the base),
     plus attention (12 x layers x tokens x seq x width; causal text attention counted in full), text
-    and vision."""
+    and vision. A MoE layer counts the parameters a token uses (router and its experts)."""
     t, v = cfg.text, vision_tower(cfg)
     deepstack = len(getattr(cfg.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: a merger per index
-    text_params = t.num_layers * (t.hidden_size * (t.hidden_size + 2 * t.num_kv_heads * t.head_dim) +
-                                  t.hidden_size * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    # A MoE layer's MLP: the router and the experts each token goes through (the active parameters).
+    mlp = (3 * t.hidden_size * t.num_experts_per_tok * t.moe_intermediate_size + t.hidden_size * t.num_experts
+           if hasattr(t, "num_experts") else 3 * t.hidden_size * t.intermediate_size)
+    q_width = t.num_heads * t.head_dim
+    text_params = t.num_layers * (t.hidden_size * (q_width + 2 * t.num_kv_heads * t.head_dim) +
+                                  q_width * t.hidden_size + mlp)
     text_params += t.vocab_size * t.hidden_size  # lm_head
     vision_params = v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     merger = (v.hidden_size * 4) ** 2 + v.hidden_size * 4 * v.out_hidden_size
     tokens, vis_tokens = batch * seq, batch * patches
     flops = 6 * (text_params * tokens + (vision_params + (1 + deepstack) * merger / 4) * vis_tokens)
-    flops += 12 * t.num_layers * tokens * seq * t.hidden_size
+    flops += 12 * t.num_layers * tokens * seq * q_width
     flops += 12 * v.depth * vis_tokens * patches * v.hidden_size
     return flops
 
@@ -153,18 +159,19 @@ def name_kernels(rows: list, hlo: str) -> list:
 
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
-            trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b") -> dict:
+            trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b",
+            tiny: bool = False) -> dict:
     from jaxvlm import FastVisionModel, layers
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
-    model_cls, cfg = load_geometry(geometry)
+    model_cls, cfg = load_geometry(geometry, tiny)
+    image = 64 if tiny else 448
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
     model.max_seq_length = max(2048, text + 258)
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
     FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
-    inputs = batch_inputs(cfg, batch, text, 448, model_cls)
-    grid = 448 // vision_tower(cfg).patch_size
-    n_img = grid * grid // vision_tower(cfg).spatial_merge_size**2
+    inputs = batch_inputs(cfg, batch, text, image, model_cls)
+    grid, n_img = image_tokens(cfg, image)
     raw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                pixel_values=inputs["pixel_values"], image_grid_thw=np.array([[1, grid, grid]] * batch))
     labels = inputs["input_ids"].copy()
@@ -223,18 +230,20 @@ def main():
     ap.add_argument("--remat", nargs="+", default=["unsloth"], help="unsloth (host offload), full, dots, none")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="auto (cuDNN on a GPU), xla, cudnn")
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[512], help="tokens per loss chunk; 0: all logits")
-    ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside 256 image tokens)")
+    ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside the image's 256 tokens "
+                                                          "for Qwen2-VL, 196 for Qwen3-VL)")
     ap.add_argument("--geometry", default="qwen2-vl-2b", choices=sorted(GEOMETRIES))
     ap.add_argument("--trace", help="profile the first configuration into this directory")
     ap.add_argument("--trace-tool", default="torch", choices=["torch", "jax"],
                     help="torch: CUPTI through torch's profiler (jax.profiler crashed on the lent H100)")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
     runs = [dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text,
-                 geometry=args.geometry)
+                 geometry=args.geometry, **({"tiny": True} if args.tiny else {}))
             for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn,
                                                                      args.loss_chunk, args.batch)]
     if args.trace:  # the first configuration once more, under the profiler, after all measurements
