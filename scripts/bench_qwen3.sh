@@ -4,7 +4,8 @@
 # One JSON line per configuration in ${OUT:-.}/<group>.jsonl, each tool's stderr in <group>.log.
 #
 #   bash scripts/bench_qwen3.sh dense   # Qwen3-VL-2B: GPU 0 jaxvlm + transformers/PEFT(+bnb); GPU 1 Unsloth + decode
-#   bash scripts/bench_qwen3.sh moe     # Qwen3-VL-30B-A3B: GPU 0 jaxvlm NF4; GPU 1 transformers + PEFT bf16
+#   bash scripts/bench_qwen3.sh moe     # Qwen3-VL-30B-A3B: GPU 0 jaxvlm NF4 (+ transformers' 2B decode);
+#                                       # GPU 1 transformers + PEFT bf16 (+ Unsloth's 2B bf16 step, batch 4)
 #
 # Needs .peers/ (scripts/fetch_peers.sh; carried with the call) for bitsandbytes and Unsloth.
 set -uo pipefail
@@ -29,12 +30,16 @@ case "${1:-}" in
        --geometry $G --batch 4 8 --q4 0 1 --timeout 120
      run dense-gpu1 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 scripts/bench_generate.py --geometry $G --batch 1 --new 128 --quant 16bit nf4 --hf) &
     wait ;;
-  moe)
+  moe)  # with the 2B runs the dense group's time limits cut (Unsloth's bf16 compile, transformers' decode)
     (export CUDA_VISIBLE_DEVICES=0
-     run moe-gpu0 560 python3 -m scripts.bench_train --geometry qwen3-vl-30b-a3b --batch 4 8 --weights nf4 \
-       --remat full) &
+     run moe-gpu0 340 python3 -m scripts.bench_train --geometry qwen3-vl-30b-a3b --batch 4 8 --weights nf4 \
+       --remat full
+     run moe-gpu0 220 env JAX_PLATFORMS=cpu python3 -m scripts.bench_generate --one hf --geometry $G --batch 1 \
+       --new 128) &
     (export CUDA_VISIBLE_DEVICES=1
-     run moe-gpu1 560 python3 scripts/bench_hf_peft.py --geometry qwen3-vl-30b-a3b --batch 4 8 --quant bf16) &
+     run moe-gpu1 300 python3 scripts/bench_hf_peft.py --geometry qwen3-vl-30b-a3b --batch 4 8 --quant bf16
+     run moe-gpu1 270 env PYTHONPATH=$PWD/.peers/unsloth:$PYTHONPATH python3 scripts/bench_unsloth.py \
+       --geometry $G --batch 4 --q4 0 --timeout 260) &
     wait ;;
   *) echo "usage: bash scripts/bench_qwen3.sh dense|moe" >&2; exit 2 ;;
 esac
