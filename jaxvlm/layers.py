@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import nf4_matmul
+from jaxvlm.kernels import grouped_matmul, nf4_matmul
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -74,19 +74,14 @@ class Linear(nnx.Module):
         return linear(x, self.weight.get_value(), None if self.bias is None else self.bias.get_value())
 
 
-# Grouped matmul: lhs [m, in] with its rows in groups, rhs [groups, out, in] (HF layout), contracting `in`.
-_GROUPED_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-
-
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     """Each group's rows times its own weight: `x [m, in]` with rows sorted by group, `w [groups, out, in]`
     (one HF-layout weight per group; an array or a typed weight with a groups axis, e.g. an NF4 per
     group), `group_sizes [groups]` int32 summing to at most m (rows past the sum give zeros). Returns
-    [m, out] in x's dtype: `jax.lax.ragged_dot`, so no group is looped over and empty groups cost nothing.
+    [m, out] in x's dtype: a ragged dot (jaxvlm.kernels.grouped_matmul: JAX's Mosaic GPU kernel on Hopper,
+    else XLA's op), so no group is looped over.
     """
-    w = dense_weight(w, x.dtype)
-    return jax.lax.ragged_dot_general(x, w, group_sizes.astype(jnp.int32), _GROUPED_DIMS)
+    return grouped_matmul.grouped_matmul(x, dense_weight(w, x.dtype), group_sizes)
 
 
 class ConvWeight(nnx.Module):

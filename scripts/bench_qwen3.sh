@@ -6,6 +6,8 @@
 #   bash scripts/bench_qwen3.sh dense   # Qwen3-VL-2B: GPU 0 jaxvlm + transformers/PEFT(+bnb); GPU 1 Unsloth + decode
 #   bash scripts/bench_qwen3.sh moe     # Qwen3-VL-30B-A3B: GPU 0 jaxvlm NF4 (+ transformers' 2B decode);
 #                                       # GPU 1 transformers + PEFT bf16 (+ Unsloth's 2B bf16 step, batch 4)
+#   bash scripts/bench_qwen3.sh moe-kernel   # the grouped-matmul kernel check, then the MoE step with it;
+#                                            # GPU 1 Unsloth's 2B batch-8 rows
 #
 # Needs .peers/ (scripts/fetch_peers.sh; carried with the call) for bitsandbytes and Unsloth.
 set -uo pipefail
@@ -41,5 +43,17 @@ case "${1:-}" in
      run moe-gpu1 270 env PYTHONPATH=$PWD/.peers/unsloth:$PYTHONPATH python3 scripts/bench_unsloth.py \
        --geometry $G --batch 4 --q4 0 --timeout 260) &
     wait ;;
-  *) echo "usage: bash scripts/bench_qwen3.sh dense|moe" >&2; exit 2 ;;
+  moe-kernel)  # the MoE step with the Mosaic GPU grouped matmul; Unsloth's 2B batch-8 rows beside it
+    (export CUDA_VISIBLE_DEVICES=0
+     run kernel-gpu0 90 python3 -m scripts.bench_grouped_matmul
+     # A kernel that fails to lower leaves the step on XLA's op (the row then says so by its speed).
+     if grep -q mgpu_error "$OUT/kernel-gpu0.jsonl" 2>/dev/null || ! grep -q mgpu_ms "$OUT/kernel-gpu0.jsonl"; then
+       export JAXVLM_GROUPED_MATMUL=xla; echo "grouped matmul: xla" >> "$OUT/kernel-gpu0.log"; fi
+     run kernel-gpu0 460 python3 -m scripts.bench_train --geometry qwen3-vl-30b-a3b --batch 4 8 --weights nf4 bf16 \
+       --remat full) &
+    (export CUDA_VISIBLE_DEVICES=1
+     run kernel-gpu1 560 env PYTHONPATH=$PWD/.peers/unsloth:$PYTHONPATH python3 scripts/bench_unsloth.py \
+       --geometry $G --batch 8 --q4 0 1 --timeout 270) &
+    wait ;;
+  *) echo "usage: bash scripts/bench_qwen3.sh dense|moe|moe-kernel" >&2; exit 2 ;;
 esac

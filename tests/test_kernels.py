@@ -139,3 +139,24 @@ def test_gather_rows_transpose_is_the_scatter_add():
         toks = row[:length]
         ref = _reference_attention(q[toks][None], k[toks][None], v[toks][None], np.ones((1, length, length), bool))
         np.testing.assert_allclose(np.asarray(out)[toks], ref[0], atol=1e-5)
+
+
+def test_grouped_matmul_vjp_wiring_with_the_kernel_interface():
+    """The custom VJP around the Mosaic GPU ragged dot (which needs a Hopper GPU) with a stand-in kernel of the
+    same interface: outputs, input and weight gradients equal XLA's ragged_dot_general, empty groups included."""
+    from jaxvlm.kernels import grouped_matmul as gm
+
+    def stand_in(lhs, rhs, sizes, transpose_rhs):  # rhs [g, n, k] transposed, or [g, k, n]
+        rhs = rhs if transpose_rhs else jnp.swapaxes(rhs, 1, 2)
+        return gm.xla_grouped_matmul(lhs, rhs, sizes)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((11, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 5, 6)), jnp.float32)
+    sizes = jnp.array([3, 0, 6, 2], jnp.int32)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, sizes)))  # noqa: E731
+    ours = jax.value_and_grad(loss(gm.with_kernel(stand_in)), argnums=(0, 1))(x, w)
+    ref = jax.value_and_grad(loss(gm.xla_grouped_matmul), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not gm.use_kernel(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # no Hopper GPU here: XLA's op
