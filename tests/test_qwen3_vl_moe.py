@@ -24,7 +24,11 @@ from tests.test_lora import _is_adapted, peft_adapted, with_random_b
 from tests.test_quantized_import import bnb_dequantized, weight
 from tests.test_qwen2_vl_parity import (assert_greedy_matches, assert_logits_match, encode, hf_logits,
                                         load)
-from tests.test_qwen3_vl import EOS, PAD, padded_batch
+# The tests and fixture imported from test_qwen3_vl run here again, on this module's MoE `tiny` and `loaded`.
+from tests.test_qwen3_vl import (EOS, PAD, bnb_checkpoint, padded_batch,  # noqa: F401
+                                 test_peft_adapter_loads_here_with_peft_logits,
+                                 test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce,
+                                 test_train_and_generate_clis)
 from tests.tiny import build_hf_model, save_tiny_processor
 
 FAMILY = "qwen3_vl_moe"
@@ -322,3 +326,20 @@ def test_lora_sft_losses_equal_transformers_and_peft_for_2_steps(tiny, tmp_path)
     print("relative loss differences", np.abs(ours - ref) / ref)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     assert ours[1] < ours[0], "the loss should fall"
+
+
+# -- the rows shared with Qwen3-VL dense, run here on the MoE model (this module's `tiny` and `loaded`) ----------
+
+
+def test_bnb_4bit_checkpoint_imports_attention_as_nf4_and_experts_as_stored(bnb_checkpoint):  # noqa: F811
+    """transformers + bitsandbytes quantize the Linear layers (attention, vision) and keep the 3-D experts and
+    the router in float: the import keeps both as they are, with bitsandbytes' logits."""
+    path, reference = bnb_checkpoint
+    model, processor = load(path, load_in_4bit=True)
+    for key in ("model.language_model.layers.1.self_attn.q_proj.weight", "model.visual.blocks.0.attn.qkv.weight"):
+        assert isinstance(weight(model, key), NF4), key
+    for key in ("model.language_model.layers.0.mlp.experts.gate_up_proj",
+                "model.language_model.layers.0.mlp.gate.weight", "lm_head.weight"):
+        assert not isinstance(weight(model, key), NF4), key
+    batch = image_batch(processor)
+    assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
