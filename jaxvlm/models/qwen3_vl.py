@@ -29,16 +29,15 @@ from jaxvlm.layers import (
     Embedding,
     LayerNorm,
     Linear,
-    RMSNorm,
     dropout_key,
     linear,
     next_dropout_key,
     scan_blocks,
 )
+from jaxvlm.models import qwen_text
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.qwen_inputs import qwen_inputs
-from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, KVCache,
-                                     DecoderLayer, MRoPEModelMethods)
+from jaxvlm.models.qwen_text import ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, MRoPEModelMethods
 from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, vision_cos_sin, vision_layout
 
 MODEL_TYPE = "qwen3_vl"
@@ -349,60 +348,12 @@ def interleaved_mrope_cos_sin(cfg: TextConfig, position_ids: jax.Array) -> tuple
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def add_deepstack(h: jax.Array, layer: jax.Array, deepstack) -> jax.Array:
-    """`h [batch, seq, hidden]` plus deepstack feature `layer` at the image tokens, when the layer has one.
+class TextModel(qwen_text.TextModel):
+    """Qwen's decoder stack with Qwen3-VL's interleaved M-RoPE (its layers: qwen_text.DecoderLayer with the
+    q/k norms this TextConfig switches on; deepstack through qwen_text.TextModel)."""
 
-    deepstack: (image_pos [merged] flat token indices (out of range: dropped), features
-    [deepstack, merged, hidden]) or None.
-    """
-    if deepstack is None or deepstack[1].shape[0] == 0:
-        return h
-    image_pos, features = deepstack
-    n = features.shape[0]
-    add = jnp.where(layer < n, features[jnp.minimum(layer, n - 1)], 0).astype(h.dtype)
-    b, t, d = h.shape
-    return h.reshape(b * t, d).at[image_pos].add(add, mode="drop").reshape(b, t, d)
-
-
-class TextModel(nnx.Module):
-    LAYER: ClassVar[type] = DecoderLayer  # the decoder layer class (a variant's own: the MoE family's)
-
-    def __init__(self, cfg: TextConfig, dtype):
-        self.cfg = cfg
-        self.remat = None
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = self.LAYER(cfg, dtype, stack=(cfg.num_layers,))
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-
-    def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None, index=0, deepstack=None):
-        """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`.
-
-        Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one, the step's
-        tokens go to cache slots index..index+seq, and `attention_mask [batch, cache_len]` marks the
-        slots holding real tokens. `deepstack` (see `add_deepstack`) is added after the first layers.
-        Returns (hidden, cache).
-        """
-        cos, sin = interleaved_mrope_cos_sin(self.cfg, position_ids)
-        t = h.shape[1]
-        keys = attention_mask.shape[1]
-        key_ok = jnp.broadcast_to(attention_mask[:, None, None, :] > 0, (h.shape[0], 1, t, keys))
-        layers = jnp.arange(self.cfg.num_layers)
-        if cache is None:  # causal over the sequence itself: the attention kernel applies it
-            def layer_step(layer, x, i):
-                return add_deepstack(layer(x, cos, sin, key_ok)[0], i, deepstack), None
-
-            h, _ = scan_blocks(self.layers, h, layer_step, layers, remat=self.remat)
-        else:
-            mask = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None] & key_ok
-
-            def layer_step(layer, x, i, kv):
-                x, kv = layer(x, cos, sin, mask, kv, index)
-                return add_deepstack(x, i, deepstack), kv
-
-            h, kv = scan_blocks(self.layers, h, layer_step, layers, (cache.k, cache.v))
-            cache = KVCache(*kv)
-        return self.norm(h), cache
+    def cos_sin(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return interleaved_mrope_cos_sin(self.cfg, position_ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,36 +114,68 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+def add_deepstack(h: jax.Array, layer: jax.Array, deepstack) -> jax.Array:
+    """`h [batch, seq, hidden]` plus deepstack feature `layer` at the vision tokens, when the layer has one
+    (Qwen3-VL adds features of the vision tower's middle blocks to the first decoder layers' outputs).
+
+    deepstack: (image_pos [merged] flat token indices (out of range: dropped), features
+    [deepstack, merged, hidden]) or None.
+    """
+    if deepstack is None or deepstack[1].shape[0] == 0:
+        return h
+    image_pos, features = deepstack
+    n = features.shape[0]
+    add = jnp.where(layer < n, features[jnp.minimum(layer, n - 1)], 0).astype(h.dtype)
+    b, t, d = h.shape
+    return h.reshape(b * t, d).at[image_pos].add(add, mode="drop").reshape(b, t, d)
+
+
 class TextModel(nnx.Module):
+    """The decoder stack. A variant sets `LAYER` (its decoder layer class) and overrides `cos_sin` (its M-RoPE
+    frequency layout)."""
+
+    LAYER: ClassVar[type] = DecoderLayer
+
     def __init__(self, cfg: TextConfig, dtype):
         self.cfg = cfg
         self.remat = None
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = DecoderLayer(cfg, dtype, stack=(cfg.num_layers,))
+        self.layers = self.LAYER(cfg, dtype, stack=(cfg.num_layers,))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
+    def cos_sin(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return mrope_cos_sin(self.cfg, position_ids)
+
     def __call__(self, h: jax.Array, position_ids: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None, index=0):
+                 cache: KVCache | None = None, index=0, deepstack=None):
         """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`.
 
         Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one, the step's
         tokens go to cache slots index..index+seq, and `attention_mask [batch, cache_len]` marks the
-        slots holding real tokens. Returns (hidden, cache).
+        slots holding real tokens. `deepstack` (see `add_deepstack`) is added after the first layers.
+        Returns (hidden, cache).
         """
-        cos, sin = mrope_cos_sin(self.cfg, position_ids)
+        cos, sin = self.cos_sin(position_ids)
         t = h.shape[1]
         keys = attention_mask.shape[1]
         key_ok = jnp.broadcast_to(attention_mask[:, None, None, :] > 0, (h.shape[0], 1, t, keys))
+        # The layer index rides along the scan only when deepstack features need it.
+        per_layer = () if deepstack is None else (jnp.arange(self.cfg.num_layers),)
         if cache is None:  # causal over the sequence itself: the attention kernel applies it
-            h, _ = scan_blocks(self.layers, h, lambda layer, x: (layer(x, cos, sin, key_ok)[0], None),
-                               remat=self.remat)
+            def layer_step(layer, x, *i):
+                x = layer(x, cos, sin, key_ok)[0]
+                return (add_deepstack(x, i[0], deepstack) if i else x), None
+
+            h, _ = scan_blocks(self.layers, h, layer_step, *per_layer, remat=self.remat)
         else:
             mask = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None] & key_ok
 
-            def layer_step(layer, x, kv):
-                return layer(x, cos, sin, mask, kv, index)
+            def layer_step(layer, x, *rest):
+                *i, kv = rest
+                x, kv = layer(x, cos, sin, mask, kv, index)
+                return (add_deepstack(x, i[0], deepstack) if i else x), kv
 
-            h, kv = scan_blocks(self.layers, h, layer_step, (cache.k, cache.v))
+            h, kv = scan_blocks(self.layers, h, layer_step, *per_layer, (cache.k, cache.v))
             cache = KVCache(*kv)
         return self.norm(h), cache
 
