@@ -10,26 +10,15 @@ product + input gradient). One JSON line per shape and batch.
 from __future__ import annotations
 
 import json
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.kernels import grouped_matmul as gm
+from scripts.bench_kernels import median_us
 
 SHAPES = {"gate_up_proj": (1536, 2048), "down_proj": (2048, 768)}
 EXPERTS, TOP_K, SEQ = 128, 8, 454
-
-
-def median_ms(fn, *args, n=20):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def rel(a, b):
@@ -55,8 +44,8 @@ def main():
                     fwd = jax.jit(f)
                     both = jax.jit(lambda x, w, s, f=f: jax.vjp(lambda x_: f(x_, w, s), x)[1](g)[0])
                     results[label] = (fwd(x, w, sizes), both(x, w, sizes))
-                    line[f"{label}_ms"] = round(median_ms(fwd, x, w, sizes), 3)
-                    line[f"{label}_with_dx_ms"] = round(median_ms(both, x, w, sizes), 3)
+                    line[f"{label}_ms"] = round(median_us(fwd, x, w, sizes, n=20) / 1e3, 3)
+                    line[f"{label}_with_dx_ms"] = round(median_us(both, x, w, sizes, n=20) / 1e3, 3)
                 except Exception as e:  # a lowering failure is a result too
                     line[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:400]}"
             if len(results) == 2:
