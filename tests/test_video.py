@@ -1,4 +1,4 @@
-"""Video through the Qwen families' models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): fp32 logits and greedy tokens equal
+"""Video through the Qwen families' models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE): fp32 logits and greedy tokens equal
 transformers' for videos of 2-4 frames of different sizes, mixed with images, padded on either side.
 
 The batches are built by hand from the processors' token layout (tests/test_video_processing.py checks the
@@ -17,8 +17,8 @@ from tests.test_qwen2_vl_parity import assert_greedy_matches, assert_logits_matc
 
 EOS, PAD = 287, 285
 START, END, IMAGE, VIDEO = 288, 289, 290, 291
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -39,7 +39,7 @@ def _video_tokens(family, tokenizer, grid, seconds_per_frame):
     (Qwen2-VL, Qwen2.5-VL), or per frame a timestamp then its own run (Qwen3-VL)."""
     t, h, w = grid
     per_frame = h * w // 4
-    if family != "qwen3_vl":
+    if not family.startswith("qwen3_vl"):
         return [START] + [VIDEO] * (t * per_frame) + [END]
     out = []
     for frame in range(t):
