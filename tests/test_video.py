@@ -1,5 +1,5 @@
-"""Video through the Qwen families' models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE): fp32 logits and greedy tokens equal
-transformers' for videos of 2-4 frames of different sizes, mixed with images, padded on either side.
+"""Video through the Qwen families' models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE): fp32 logits and
+greedy tokens equal transformers' for videos of 2-4 frames of different sizes, mixed with images, padded on either side.
 
 The batches are built by hand from the processors' token layout (tests/test_video_processing.py checks the
 processors), so these tests pin the model side: the video tokens' M-RoPE positions (frame steps for Qwen2-VL,
