@@ -66,7 +66,7 @@ def rope_index(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw
     return positions, deltas
 
 
-def _grid(name: str, value) -> np.ndarray | None:
+def _grid(value) -> np.ndarray | None:
     return None if value is None else np.asarray(value).astype(np.int64).reshape(-1, 3)
 
 
@@ -91,7 +91,7 @@ def qwen_inputs(*, input_ids, attention_mask=None, pixel_values=None, image_grid
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {input_ids.shape} like input_ids, got {attention_mask.shape}")
     m = spatial_merge_size
-    image_grid, video_grid = _grid("image", image_grid_thw), _grid("video", video_grid_thw)
+    image_grid, video_grid = _grid(image_grid_thw), _grid(video_grid_thw)
     time_scale = None
     if video_grid is not None and tokens_per_second is not None:
         seconds = (np.ones(len(video_grid), np.float32) if second_per_grid_ts is None
