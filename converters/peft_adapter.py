@@ -3,6 +3,13 @@
 Keys are PEFT's: `base_model.model.<HF module name>.lora_A.weight` (per layer), plus the full weights
 of `modules_to_save`. Adapters written here load in `peft.PeftModel.from_pretrained`, and adapters PEFT
 wrote load here.
+
+Expert weights (PEFT's `target_parameters`) are adapted by PEFT's ParamWrapper, one per parameter, nested
+in the module's parameter order (the first innermost): with both `gate_up_proj` and `down_proj` of
+`...mlp.experts` targeted, gate_up_proj's factors are `...mlp.experts.base_layer.lora_A.weight` and
+down_proj's `...mlp.experts.lora_A.weight`. Its factors hold the experts interleaved: lora_A
+[experts * r, in] is A [experts, r, in] flattened, lora_B [out, r * experts] is B [experts, out, r] with
+index (j, e) at column j * experts + e.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.converters.safetensors_io import Checkpoint
-from jaxvlm.lora import LoRA, add_lora, config_string, has_lora, linear_modules
+from jaxvlm.layers import Experts
+from jaxvlm.lora import LoRA, add_lora, config_string, expert_params, has_lora, lora_targets
 from jaxvlm.paths import layer_key, path_key, split_layer, stacked_prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,11 +37,18 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
     """PEFT's adapter state dict: lora_A / lora_B of the adapted layers and the modules_to_save weights."""
     stacked = type(model).INFO.stacked
     keep = tuple(getattr(model, "modules_to_save", ()) or ())
-    out = {}
+    experts = {ours for ours, _ in expert_params(model).values()}
+    out, expert_factors = {}, {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key, value = path_key(path), var.get_value()
         prefix = stacked_prefix(key, stacked)
-        if isinstance(value, LoRA):
+        if isinstance(value, LoRA) and key in experts:
+            a, b, mask = np.asarray(value.lora_A), np.asarray(value.lora_B), np.asarray(value.mask)
+            if mask.ndim == 1:
+                expert_factors[key] = (a, b)
+            for i in np.flatnonzero(mask.any(axis=-1)) if mask.ndim > 1 else []:
+                expert_factors[layer_key(key, int(i), stacked)] = (a[i], b[i])
+        elif isinstance(value, LoRA):
             module = key.removesuffix(".weight")
             a, b = np.asarray(value.lora_A), np.asarray(value.lora_B)
             if value.mask is None:
@@ -51,7 +66,27 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
             else:
                 for i in range(array.shape[0]):
                     out[f"{_PREFIX}{layer_key(key, i, stacked)}"] = array[i]
+    wrappers = _wrapper_keys(expert_factors)
+    for name, (a, b) in expert_factors.items():
+        experts_n, r, in_f = a.shape
+        out[f"{_PREFIX}{wrappers[name]}.lora_A.weight"] = a.reshape(experts_n * r, in_f)
+        out[f"{_PREFIX}{wrappers[name]}.lora_B.weight"] = b.transpose(1, 2, 0).reshape(b.shape[1], r * experts_n)
     return out
+
+
+def _wrapper_keys(param_names) -> dict[str, str]:
+    """{HF parameter name: the key of its PEFT wrapper}, for the adapted parameters `param_names`: PEFT nests
+    the wrappers of one module's parameters in the module's parameter order, the first innermost."""
+    by_module: dict[str, list[str]] = {}
+    for name in param_names:
+        module, _, leaf = name.rpartition(".")
+        by_module.setdefault(module, []).append(leaf)
+    keys = {}
+    for module, leaves in by_module.items():
+        leaves.sort(key=Experts.WEIGHTS.index)
+        for k, leaf in enumerate(leaves):
+            keys[f"{module}.{leaf}"] = module + ".base_layer" * (len(leaves) - 1 - k)
+    return keys
 
 
 def save_adapter(model, directory: str) -> None:
@@ -89,22 +124,38 @@ def load_adapter(model, directory: str):
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights}: missing")
     ckpt = Checkpoint.from_file(weights)
-    modules = linear_modules(model)
+    targets = lora_targets(model)
+    params = expert_params(model)
+    wrapped = _wrapped_params(params, config.get("target_parameters") or [])
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    sources: dict[tuple[str, str], str] = {}  # (target name, lora_A / lora_B): the tensor's key in the file
     saved: dict[str, np.ndarray] = {}
     for key in ckpt.keys():
-        m = re.fullmatch(re.escape(_PREFIX) + r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
+        m = re.fullmatch(re.escape(_PREFIX) + r"(.+?)((?:\.base_layer)*)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
         if m:
-            if m.group(1) not in modules:
-                raise ValueError(f"{weights}: {key} names module {m.group(1)!r}, which this model has no Linear "
-                                 f"for (is it the adapter of another base model?)")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = ckpt.get(key)
+            module, depth, part = m.group(1), m.group(2).count(".base_layer"), m.group(3)
+            if not depth and module in targets:
+                pairs.setdefault(module, {})[part] = ckpt.get(key)
+                sources[module, part] = key
+                continue
+            if module not in wrapped:
+                raise ValueError(f"{weights}: {key} names module {module!r}, which this model has no Linear "
+                                 f"for, nor expert weights that target_parameters="
+                                 f"{config.get('target_parameters')} in {config_path} name (is it the adapter of "
+                                 f"another base model?)")
+            leaves = wrapped[module]
+            if depth >= len(leaves):
+                raise ValueError(f"{weights}: {key} is nested {depth} wrappers deep, but target_parameters in "
+                                 f"{config_path} name only {[f'{module}.{w}' for w in leaves]}")
+            name = f"{module}.{leaves[len(leaves) - 1 - depth]}"
+            pairs.setdefault(name, {})[part] = _from_peft_experts(ckpt.get(key), part, r, key, weights)
+            sources[name, part] = key
         elif key.startswith(_PREFIX):
             saved[key[len(_PREFIX):]] = ckpt.get(key)
         else:
             raise ValueError(f"{weights}: unexpected tensor {key!r}")
     model = add_lora(model, sorted(pairs), r, scale, dropout=float(config.get("lora_dropout") or 0.0))
-    model = _fill_lora(model, modules, pairs, weights)
+    model = _fill_lora(model, targets, pairs, sources, weights)
     model = _fill_saved(model, saved, weights)
     config["base_model_name_or_path"] = config.get("base_model_name_or_path") or getattr(model, "name_or_path", None)
     model.peft_config = config_string(config)
@@ -112,12 +163,36 @@ def load_adapter(model, directory: str):
     return model
 
 
-def _fill_lora(model, modules, pairs, where):
+def _wrapped_params(params, target_parameters) -> dict[str, list[str]]:
+    """{expert module name: the leaves of its parameters that `target_parameters` wrap, in nesting order}."""
+    wrapped: dict[str, list[str]] = {}
+    for name in params:
+        if any(name == t or name.endswith("." + t) for t in target_parameters):
+            module, _, leaf = name.rpartition(".")
+            wrapped.setdefault(module, []).append(leaf)
+    for leaves in wrapped.values():
+        leaves.sort(key=Experts.WEIGHTS.index)
+    return wrapped
+
+
+def _from_peft_experts(array: np.ndarray, part: str, r: int, key: str, where: str) -> np.ndarray:
+    """PEFT's interleaved expert factor -> ours: lora_A [experts * r, in] -> [experts, r, in];
+    lora_B [out, r * experts] -> [experts, out, r]."""
+    n = array.shape[0] if part == "lora_A" else array.shape[1]
+    if array.ndim != 2 or n % r:
+        raise ValueError(f"{where}: {key} has shape {tuple(array.shape)}; expected a 2-D expert factor with "
+                         f"experts x r={r} {'rows' if part == 'lora_A' else 'columns'}")
+    if part == "lora_A":
+        return array.reshape(n // r, r, array.shape[1])
+    return array.reshape(array.shape[0], r, n // r).transpose(2, 0, 1)
+
+
+def _fill_lora(model, targets, pairs, sources, where):
     graphdef, state = nnx.split(model)
     by_param: dict[str, list[tuple[int | None, dict]]] = {}
     for name, ab in pairs.items():
-        ours, i = modules[name]
-        by_param.setdefault(ours + ".weight", []).append((i, ab, name))
+        ours, i = targets[name]
+        by_param.setdefault(ours, []).append((i, ab, name))
     flat = []
     for path, var in nnx.to_flat_state(state):
         key = path_key(path)
@@ -129,11 +204,12 @@ def _fill_lora(model, modules, pairs, where):
         for i, ab, name in by_param[key]:
             for part, target in (("lora_A", a), ("lora_B", b)):
                 if part not in ab:
-                    raise ValueError(f"{where}: {_PREFIX}{name}.{part}.weight is missing")
+                    other = sources[name, "lora_B" if part == "lora_A" else "lora_A"]
+                    raise ValueError(f"{where}: {other} has no {part} beside it (the {part} factor of {name})")
                 dest = target if i is None else target[i]
                 if ab[part].shape != dest.shape:
-                    raise ValueError(f"{where}: {_PREFIX}{name}.{part}.weight has shape {tuple(ab[part].shape)}, "
-                                     f"the model expects {tuple(dest.shape)}")
+                    raise ValueError(f"{where}: {sources[name, part]} has shape {tuple(ab[part].shape)}, the model "
+                                     f"expects {tuple(dest.shape)}")
                 dest[...] = ab[part]
         flat.append((path, var.replace(dataclasses.replace(lora, lora_A=jnp.asarray(a), lora_B=jnp.asarray(b)))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -79,8 +79,11 @@ def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     (one HF-layout weight per group; an array or a typed weight with a groups axis, e.g. an NF4 per
     group), `group_sizes [groups]` int32 summing to at most m (rows past the sum give zeros). Returns
     [m, out] in x's dtype: a ragged dot (jaxvlm.kernels.grouped_matmul: JAX's Mosaic GPU kernel on Hopper,
-    else XLA's op), so no group is looped over.
+    else XLA's op), so no group is looped over. A typed weight with a `grouped_linear` method (LoRA on the
+    experts) forms the product itself.
     """
+    if hasattr(w, "grouped_linear"):
+        return w.grouped_linear(x, group_sizes)
     return grouped_matmul.grouped_matmul(x, dense_weight(w, x.dtype), group_sizes)
 
 
@@ -167,8 +170,9 @@ class Experts(nnx.Module):
     """A mixture of gated-MLP experts as transformers 5 holds them (its `...Experts` modules): 3-D
     `gate_up_proj [*stack, experts, 2 * intermediate, hidden]` (gate rows, then up rows) and
     `down_proj [*stack, experts, hidden, intermediate]`, each expert's matrix in HF's (out, in) layout.
-    Not a Linear: LoRA targets and bitsandbytes leave it alone, as PEFT and bitsandbytes do with these
-    3-D parameters; jaxvlm.quantize still stores it in NF4 (one NF4 per expert matrix) in 4-bit mode.
+    Not a Linear: bitsandbytes leaves it alone, and LoRA reaches it only by parameter name (PEFT's
+    `target_parameters`, jaxvlm.lora.expert_params); jaxvlm.quantize still stores it in NF4 (one NF4 per
+    expert matrix) in 4-bit mode.
     """
 
     WEIGHTS = ("gate_up_proj", "down_proj")

@@ -1,9 +1,10 @@
 """LoRA as a transform of the param tree: chosen Linear weights become `LoRA(base, lora_A, lora_B)`.
 
 Targets are the per-layer HF module names of the model's Linear layers (`linear_modules`), chosen as
-Unsloth and PEFT choose them (jaxvlm.targets). Stacked weights ([layers, out, in]) carry a per-layer
-`mask`, so a choice of some layers adapts only those. Nothing here reads or writes files: PEFT adapter
-directories are jaxvlm.converters.peft_adapter.
+Unsloth and PEFT choose them (jaxvlm.targets), and the per-layer HF parameter names of mixture-of-experts
+weights (`expert_params`, PEFT's `target_parameters`). Stacked weights ([layers, out, in]) carry a
+per-layer `mask`, so a choice of some layers adapts only those. Nothing here reads or writes files: PEFT
+adapter directories are jaxvlm.converters.peft_adapter.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.kernels.lora_matmul import concat_linear
-from jaxvlm.layers import Linear, dense_weight, linear, next_dropout_key
+from jaxvlm.layers import Experts, Linear, dense_weight, grouped_linear, linear, next_dropout_key
 from jaxvlm.paths import path_key, stacked_prefix
 from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
-from jaxvlm.targets import get_peft_regex, select_modules
+from jaxvlm.targets import get_peft_regex, moe_target_parameters, select_modules, select_parameters
 
 
 @jax.tree_util.register_dataclass
@@ -33,6 +34,11 @@ class LoRA:
     `mask [*stack]` is 1.0 on the layers the adapter applies to (None for an unstacked weight). The LoRA
     factors are fp32; products are formed in the input's dtype. `dropout` applies to the adapter's input
     inside `layers.dropout_key` (the trainer's step), never in inference.
+
+    On the experts of a mixture (layers.Experts: base [*stack, experts, out, in]) the experts axis is one more
+    stack axis: each expert has its own A [r, in] and B [out, r] (PEFT's ParamWrapper; its adapter files
+    hold them interleaved, converters.peft_adapter), `mask [*stack, experts]`, and `grouped_linear` forms
+    the product.
     """
 
     base: Any
@@ -66,6 +72,14 @@ class LoRA:
             return concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + linear(xa, b)
 
+    def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """x [m, in] (rows sorted by expert) -> [m, out] for one layer's experts: base, plus each expert's
+        scale * x A^T B^T, as two more grouped products (never the [experts, out, in] delta)."""
+        scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)[:, None, None]
+        a = (self.lora_A.astype(x.dtype) * scale).astype(x.dtype)
+        return (grouped_linear(x, self.base, group_sizes)
+                + grouped_linear(grouped_linear(x, a, group_sizes), self.lora_B.astype(x.dtype), group_sizes))
+
     def dequantize(self, dtype=None) -> jax.Array:
         """The merged weight base + scale * B @ A [out, in] of one layer, in `dtype`."""
         dtype = dtype or jnp.float32
@@ -97,6 +111,33 @@ def linear_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
     return names
 
 
+def expert_params(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
+    """{HF parameter name: (our param path, layer index or None)} for the weights of every layers.Experts
+    (`model.language_model.layers.3.mlp.experts.gate_up_proj`), layers expanded, in the order of
+    Experts.WEIGHTS within each module (the order PEFT nests its wrappers in)."""
+    stacked = type(model).INFO.stacked
+    names = {}
+    for path, module in nnx.iter_modules(model):
+        if not isinstance(module, Experts):
+            continue
+        ours = path_key(path)
+        prefix = stacked_prefix(ours, stacked)
+        n = None if prefix is None else jax.tree.leaves(module.gate_up_proj.get_value())[0].shape[0]
+        for i in [None] if n is None else range(n):
+            module_name = ours if i is None else f"{prefix}.{i}.{ours[len(prefix) + 1:]}"
+            for w in Experts.WEIGHTS:
+                names[f"{module_name}.{w}"] = (f"{ours}.{w}", i)
+    return names
+
+
+def lora_targets(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
+    """{HF name: (our param path, layer)} of everything LoRA can adapt: Linear modules by module name (their
+    `.weight`), expert weights by parameter name."""
+    targets = {name: (f"{ours}.weight", i) for name, (ours, i) in linear_modules(model).items()}
+    targets.update(expert_params(model))
+    return targets
+
+
 # ----------------------------------------------------------------------------------------------
 # The transform.
 
@@ -126,12 +167,14 @@ def _olora(w: jax.Array, r: int, scale: float):
     return rr[:r], q[:, :r]
 
 
-def _init_factors(key, base, stack, out_f, in_f, r, scale, init, layer_mask, where):
-    """(lora_A, lora_B, base) for one weight; `base` changes only for pissa / olora (the residual)."""
+def _init_factors(key, base, stack, out_f, in_f, r, scale, init, layer_mask, where, b_fan_in=None):
+    """(lora_A, lora_B, base) for one weight; `base` changes only for pissa / olora (the residual).
+    `b_fan_in`: the fan-in of B's default init (r; PEFT's expert wrappers hold B as one [out, r * experts])."""
     ka, kb = jax.random.split(key)
     if init in (True, False):
         a = _uniform(ka, (*stack, r, in_f), in_f)
-        b = _uniform(kb, (*stack, out_f, r), r) if init is False else jnp.zeros((*stack, out_f, r), jnp.float32)
+        b = (_uniform(kb, (*stack, out_f, r), b_fan_in or r) if init is False
+             else jnp.zeros((*stack, out_f, r), jnp.float32))
         return a, b, base
     if init == "gaussian":
         return jax.random.normal(ka, (*stack, r, in_f), jnp.float32) / r, jnp.zeros((*stack, out_f, r), jnp.float32), base
@@ -162,37 +205,53 @@ def _init_factors(key, base, stack, out_f, in_f, r, scale, init, layer_mask, whe
 
 def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=True, random_state: int = 3407,
              dropout: float = 0.0):
-    """The model with the Linear weights of `chosen` HF module names wrapped in LoRA."""
+    """The model with the weights of `chosen` HF names (lora_targets: Linear module names, expert parameter
+    names) wrapped in LoRA."""
     if init_lora_weights not in INIT_LORA_WEIGHTS or isinstance(init_lora_weights, int) and not isinstance(
             init_lora_weights, bool):
         raise ValueError(f"init_lora_weights={init_lora_weights!r}: expected one of "
                          f"{', '.join(map(repr, INIT_LORA_WEIGHTS))} (loftq, eva, corda and the other PEFT "
                          f"initialisations are not supported)")
-    modules = linear_modules(model)
+    targets = lora_targets(model)
+    experts = {ours for ours, _ in expert_params(model).values()}
     layers: dict[str, list[int | None]] = {}
     for name in chosen:
-        ours, i = modules[name]
+        ours, i = targets[name]
         layers.setdefault(ours, []).append(i)
+    if dropout and experts & set(layers):
+        raise ValueError(f"lora_dropout={dropout}: LoRA on expert weights ({', '.join(sorted(experts & set(layers)))}) "
+                         f"needs lora_dropout=0, as in PEFT (the dropped input cannot be factored out of the experts' "
+                         f"grouped product)")
     graphdef, state = nnx.split(model)
     flat = []
     key = jax.random.key(random_state)
     for index, (path, var) in enumerate(nnx.to_flat_state(state)):
-        ours = path_key(path).removesuffix(".weight")
-        if not path_key(path).endswith(".weight") or ours not in layers:
+        ours = path_key(path)
+        if ours not in layers:
             flat.append((path, var))
             continue
         base = var.get_value()
+        where = ours.removesuffix(".weight")
         if isinstance(base, LoRA):
-            raise ValueError(f"{ours} already has a LoRA adapter")
+            raise ValueError(f"{where} already has a LoRA adapter")
         shape = jax.eval_shape(lambda w: dense_weight(w, jnp.float32), base).shape
         *stack, out_f, in_f = shape
+        groups = stack.pop() if ours in experts else None  # the experts axis: one more stack axis, never masked
         mask = None
         if stack:
             mask = np.zeros(stack, np.float32)
             mask[[i for i in layers[ours]]] = 1.0
-            mask = jnp.asarray(mask)
+        elif groups:
+            mask = np.ones((), np.float32)
+        if groups:
+            if init_lora_weights in ("pissa", "olora"):
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} on the expert weight {where}: only True, "
+                                 f"False and 'gaussian' initialise expert adapters (PEFT's too)")
+            mask = np.broadcast_to(mask[..., None], (*stack, groups))
+            stack.append(groups)
+        mask = None if mask is None else jnp.asarray(mask)
         a, b, base = _init_factors(jax.random.fold_in(key, index), base, tuple(stack), out_f, in_f, r, scale,
-                                   init_lora_weights, mask, ours)
+                                   init_lora_weights, mask, where, b_fan_in=r * groups if groups else None)
         flat.append((path, var.replace(LoRA(base=base, lora_A=a, lora_B=b, mask=mask, scale=scale,
                                             dropout=dropout))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -203,12 +262,17 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
                    finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
                    layers_to_transform=None, layers_pattern=None, use_gradient_checkpointing="unsloth",
                    random_state: int = 3407, max_seq_length: int = 2048, use_rslora: bool = False,
-                   modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):  # noqa: B006
+                   modules_to_save=None, init_lora_weights=True, loftq_config={},  # noqa: B006
+                   target_parameters=None, **kwargs):
     """Unsloth's `FastVisionModel.get_peft_model`: the model with LoRA on the chosen Linear weights.
 
     Only the LoRA factors (and `modules_to_save`) are trainable afterwards. `lora_dropout` drops the
     adapters' inputs in training steps (SFTTrainer), as PEFT does; Unsloth's default, and advice, is 0.
     `init_lora_weights` takes PEFT's values listed in INIT_LORA_WEIGHTS.
+
+    `target_parameters` (PEFT's): expert weights of a mixture of experts to adapt, by parameter name or
+    suffix (`["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`); left None, Unsloth's choice
+    (jaxvlm.targets.moe_target_parameters): the experts' weights whose MLP the targets ask for, `[]` for none.
     """
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r}: expected a positive int")
@@ -219,15 +283,24 @@ def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: int = 16
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r}: expected a probability in [0, 1)")
     modules = linear_modules(model)
+    params = list(expert_params(model))
+    if target_parameters is None:
+        target_parameters = moe_target_parameters(params, target_modules, finetune_language_layers,
+                                                  finetune_mlp_modules)
     if target_modules is None:
         target_modules = get_peft_regex(list(modules), finetune_vision_layers, finetune_language_layers,
                                         finetune_attention_modules, finetune_mlp_modules)
-    chosen = select_modules(list(modules), target_modules, layers_to_transform)
+    chosen = select_modules(list(modules), target_modules, layers_to_transform, allow_none=bool(target_parameters))
+    chosen_params = select_parameters(params, target_parameters, layers_to_transform)
+    if chosen_params and layers_to_transform is not None:
+        # PEFT applies layers_to_transform to target_modules only: name each chosen parameter (as Unsloth does).
+        target_parameters = chosen_params
     scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-    model = add_lora(model, chosen, r, scale, init_lora_weights, random_state, float(lora_dropout))
+    model = add_lora(model, chosen + chosen_params, r, scale, init_lora_weights, random_state, float(lora_dropout))
     model.peft_config = config_string({
         "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "bias": bias,
         "target_modules": target_modules if isinstance(target_modules, str) else sorted(target_modules),
+        "target_parameters": list(target_parameters) if target_parameters else None,
         "use_rslora": use_rslora, "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "layers_to_transform": layers_to_transform, "init_lora_weights": init_lora_weights,
         "base_model_name_or_path": getattr(model, "name_or_path", None), "task_type": None,

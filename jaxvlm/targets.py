@@ -46,9 +46,10 @@ def get_peft_regex(module_names, finetune_vision_layers=True, finetune_language_
     return regex
 
 
-def select_modules(module_names, target_modules, layers_to_transform=None) -> list[str]:
+def select_modules(module_names, target_modules, layers_to_transform=None, allow_none=False) -> list[str]:
     """The module names PEFT adapts for `target_modules`: a regex (fully matched), a list (exact or
-    suffix after a dot), or "all-linear" (every Linear but lm_head)."""
+    suffix after a dot), or "all-linear" (every Linear but lm_head). `allow_none`: no match is no error
+    (other targets, e.g. target_parameters, are chosen)."""
     if target_modules == "all-linear":
         chosen = [n for n in module_names if n != "lm_head"]
     elif isinstance(target_modules, str):
@@ -56,9 +57,9 @@ def select_modules(module_names, target_modules, layers_to_transform=None) -> li
     else:
         targets = list(target_modules)
         chosen = [n for n in module_names if any(n == t or n.endswith("." + t) for t in targets)]
-    if layers_to_transform is not None:
-        layers = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
-        chosen = [n for n in chosen if (m := re.search(r"\.(\d+)\.", n)) and int(m.group(1)) in layers]
+    chosen = _in_layers(chosen, layers_to_transform)
+    if not chosen and allow_none:
+        return []
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names})
         wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -71,4 +72,66 @@ def select_modules(module_names, target_modules, layers_to_transform=None) -> li
         raise ValueError(f"target_modules={target_modules!r} matches no Linear module"
                          f"{'' if layers_to_transform is None else f' in layers {layers_to_transform}'}; "
                          f"close module names: {', '.join(close) or '-'}; all: {', '.join(leaves)}{hint}")
+    return chosen
+
+
+def _in_layers(names, layers_to_transform):
+    if layers_to_transform is None:
+        return names
+    layers = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+    return [n for n in names if (m := re.search(r"\.(\d+)\.", n)) and int(m.group(1)) in layers]
+
+
+# Unsloth's MLP leaf names that ask for the experts' weights: gate / up / gate_up adapt `gate_up_proj`,
+# down adapts `down_proj`.
+MOE_MLP_TARGETS = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "gate_up_proj": "gate_up_proj",
+                   "down_proj": "down_proj"}
+
+
+def moe_target_parameters(param_names, target_modules=None, finetune_language_layers=True,
+                          finetune_mlp_modules=True) -> list[str]:
+    """Unsloth's automatic `target_parameters` for a mixture of experts' weights (`param_names`, per layer):
+    with its default targets (None or "all-linear") every expert weight, when the language layers' MLPs
+    are finetuned; with a list of leaf names, the expert weights of the MLP leaves it names (gate_proj /
+    up_proj / gate_up_proj -> gate_up_proj, down_proj -> down_proj). Suffixes as PEFT matches them
+    (`mlp.experts.gate_up_proj`); [] for a model without experts or a regex string (pass target_parameters).
+
+    Unsloth (2026.10) also adapts the experts for finetune_language_layers=False when the vision MLPs are
+    finetuned (its scoped regex still names an MLP); its own comment says the experts should drop out
+    there, and here they do: the experts are language-model weights.
+    """
+    if not param_names or not (finetune_language_layers and finetune_mlp_modules):
+        return []
+    if target_modules is None or target_modules == "all-linear":
+        wanted = set(MOE_MLP_TARGETS.values())
+    elif isinstance(target_modules, str):
+        return []
+    else:
+        wanted = {MOE_MLP_TARGETS[t] for t in target_modules if t in MOE_MLP_TARGETS}
+    suffixes = []
+    for name in param_names:
+        suffix = re.sub(r"^.*?\.\d+\.", "", name)  # the name inside its layer: mlp.experts.gate_up_proj
+        if suffix.rsplit(".", 1)[-1] in wanted and suffix not in suffixes:
+            suffixes.append(suffix)
+    return suffixes
+
+
+def select_parameters(param_names, target_parameters, layers_to_transform=None) -> list[str]:
+    """The parameter names PEFT adapts for `target_parameters` (each name equal to a target or ending in
+    "." + target), in the layers of `layers_to_transform` (Unsloth's reading: PEFT itself ignores it there)."""
+    if not target_parameters:
+        return []
+    if isinstance(target_parameters, str):
+        raise ValueError(f"target_parameters={target_parameters!r}: expected a list of parameter names, "
+                         f"e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']")
+    chosen = [n for n in param_names if any(n == t or n.endswith("." + t) for t in target_parameters)]
+    unmatched = [t for t in target_parameters if not any(n == t or n.endswith("." + t) for n in param_names)]
+    if unmatched:
+        leaves = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in param_names})
+        raise ValueError(f"target_parameters {unmatched} match no expert weight of this model; it has "
+                         f"{', '.join(leaves) or 'none (it is no mixture of experts)'}")
+    chosen = _in_layers(chosen, layers_to_transform)
+    if not chosen:
+        raise ValueError(f"target_parameters={list(target_parameters)} match no expert weight in layers "
+                         f"{layers_to_transform}")
     return chosen

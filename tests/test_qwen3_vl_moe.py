@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from jaxvlm import FastVisionModel
 from jaxvlm.converters.safetensors_io import CheckpointError
 from jaxvlm.layers import Experts, dense_weight
-from jaxvlm.lora import LoRA, linear_modules
+from jaxvlm.lora import LoRA, count_parameters, linear_modules
 from jaxvlm.quant import NF4, quantize_nf4
 from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
@@ -113,6 +113,19 @@ def test_experts_equal_a_dense_reference_with_gradients_and_nf4():
     _, out = ours_and_grad(x, q_gate_up, q_down)
     dequantized = jax.jit(lambda ws: [dense_weight(w, jnp.float32) for w in ws])((q_gate_up, q_down))
     np.testing.assert_allclose(out, reference(x, *dequantized), rtol=1e-5, atol=1e-5)
+
+    # LoRA on both NF4 expert weights (expert 2's adapter masked off): the grouped products equal the merged
+    # weights' reference, and the merge equals base + scale * B @ A expert by expert.
+    mask = jnp.ones(e).at[2].set(0.0)
+    loras = [LoRA(base=q, lora_A=jnp.asarray(rng.standard_normal((e, 3, w.shape[-1]), np.float32)),
+                  lora_B=jnp.asarray(rng.standard_normal((e, w.shape[-2], 3), np.float32)), mask=mask, scale=0.5)
+             for q, w in ((q_gate_up, gate_up), (q_down, down))]
+    merged = jax.jit(lambda ws: [dense_weight(w, jnp.float32) for w in ws])(loras)
+    for lora, m, d in zip(loras, merged, dequantized):
+        delta = 0.5 * np.einsum("eor,eri->eoi", lora.lora_B, lora.lora_A) * np.asarray(mask)[:, None, None]
+        np.testing.assert_allclose(m, d + delta, rtol=1e-5, atol=1e-5)
+    _, out = ours_and_grad(x, *loras)
+    np.testing.assert_allclose(out, reference(x, *merged), rtol=1e-4, atol=1e-4)
 
 
 # -- 1. logits --------------------------------------------------------------------------------------
@@ -250,10 +263,12 @@ def test_merged_4bit_export_loads_in_transformers_with_bitsandbytes(loaded, tmp_
 
 
 @pytest.mark.parametrize("vision,language,attention,mlp", [
-    (True, True, True, True), (False, True, True, True), (True, True, False, True), (False, True, False, True)])
+    (True, True, True, True), (False, True, True, True), (True, True, False, True), (False, True, False, True),
+    (True, False, True, True), (True, True, True, False)])
 def test_adapted_modules_equal_peft_with_unsloths_regex(loaded, vision, language, attention, mlp):
     """The experts and routers are no Linear modules (in transformers neither): Unsloth's regex and PEFT's
-    target_modules never select them, so finetune_mlp_modules adapts only the vision tower's MLPs."""
+    target_modules select attention and the vision tower's MLPs; the experts are adapted through PEFT's
+    target_parameters, which Unsloth sets to both expert weights when the language MLPs are finetuned."""
     model, processor, hf_model = loaded
     flags = dict(finetune_vision_layers=vision, finetune_language_layers=language,
                  finetune_attention_modules=attention, finetune_mlp_modules=mlp)
@@ -262,11 +277,53 @@ def test_adapted_modules_equal_peft_with_unsloths_regex(loaded, vision, language
     regex = get_peft_regex(names, vision, language, attention, mlp)
     adapted = FastVisionModel.get_peft_model(model, r=8, **flags)
     ours = {name for name, (param, layer) in linear_modules(adapted).items() if _is_adapted(adapted, param, layer)}
-    assert ours == set(select_modules(names, regex)) == peft_adapted(copy.deepcopy(hf_model), regex)
+    experts = json.loads(adapted.peft_config)["target_parameters"]
+    assert experts == (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if language and mlp else None)
+    peft_modules = peft_adapted(copy.deepcopy(hf_model), regex, target_parameters=experts or [])
+    assert ours == set(select_modules(names, regex)) == {n for n in peft_modules if ".experts" not in n}
     assert ours or not (attention or vision)
     moe = adapted.model.language_model.layers.mlp
     assert not isinstance(moe.gate.weight.get_value(), LoRA)
-    assert not any(isinstance(getattr(moe.experts, n).get_value(), LoRA) for n in EXPERTS)
+    for name in EXPERTS:
+        lora = getattr(moe.experts, name).get_value()
+        assert isinstance(lora, LoRA) == bool(experts)
+        if experts:  # every layer's every expert: its own A [r, in] and B [out, r]
+            layers, e, out_f, in_f = lora.base.shape
+            assert lora.lora_A.shape == (layers, e, 8, in_f) and lora.lora_B.shape == (layers, e, out_f, 8)
+            assert lora.mask.shape == (layers, e) and np.all(lora.mask == 1)
+    assert bool(experts) == any(".experts" in n for n in peft_modules)
+
+
+def test_expert_lora_options_and_bad_input_match_peft(loaded):
+    """A list of MLP leaves picks the expert weights Unsloth picks; layers_to_transform reaches the experts, each
+    chosen layer named in target_parameters (PEFT applies layers_to_transform to target_modules only); the
+    trainable count equals PEFT's; PEFT's refusals (lora_dropout, inits that need the weight) and unknown
+    names are errors that name the parameter."""
+    from peft import LoraConfig, get_peft_model
+    model, processor, hf_model = loaded
+    down = FastVisionModel.get_peft_model(model, r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
+    experts = json.loads(down.peft_config)["target_parameters"]
+    assert experts == ["model.language_model.layers.1.mlp.experts.down_proj"]
+    lora = down.model.language_model.layers.mlp.experts.down_proj.get_value()
+    assert isinstance(lora, LoRA) and np.array_equal(lora.mask.any(axis=-1), [False, True, False])
+    assert not isinstance(down.model.language_model.layers.mlp.experts.gate_up_proj.get_value(), LoRA)
+    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
+        r=4, target_modules=["q_proj"], layers_to_transform=[1], target_parameters=experts))
+    assert count_parameters(down)[0] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+    assert json.loads(FastVisionModel.get_peft_model(model, r=4, target_modules=["gate_proj", "q_proj"]).peft_config)[
+        "target_parameters"] == ["mlp.experts.gate_up_proj"]
+    only = FastVisionModel.get_peft_model(model, r=4, target_modules=[], target_parameters=["experts.gate_up_proj"])
+    assert not any(_is_adapted(only, p, i) for p, i in linear_modules(only).values())
+    assert isinstance(only.model.language_model.layers.mlp.experts.gate_up_proj.get_value(), LoRA)
+    with pytest.raises(ValueError, match=r"lora_dropout=0.1: LoRA on expert weights .*experts.gate_up_proj"):
+        FastVisionModel.get_peft_model(model, r=4, lora_dropout=0.1)
+    assert FastVisionModel.get_peft_model(model, r=4, lora_dropout=0.1, target_parameters=[])  # attention only
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa' on the expert weight .*experts\.\w+_proj: only"):
+        FastVisionModel.get_peft_model(copy.deepcopy(model), r=4, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match=r"target_parameters \['mlp.experts.up_proj'\] match no expert weight of "
+                                         r"this model; it has mlp.experts.down_proj, mlp.experts.gate_up_proj"):
+        FastVisionModel.get_peft_model(model, r=4, target_parameters=["mlp.experts.up_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -281,29 +338,92 @@ def adapted(loaded):
 
 
 def test_our_adapter_loads_in_peft_with_our_logits(loaded, adapted, tmp_path):
+    """With the experts adapted too: PEFT's nested wrapper keys, its interleaved expert factors."""
     from peft import PeftModel
     model, processor, hf_model = loaded
     adapted, batch, logits = adapted
     adapted.save_pretrained(str(tmp_path / "adapter"), processor)
+    keys = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert "base_model.model.model.language_model.layers.1.mlp.experts.base_layer.lora_B.weight" in keys
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "adapter")).eval()
     assert_logits_match(logits, hf_logits(peft_model, batch), batch["attention_mask"])
+    assert_logits_match(model.load_adapter(str(tmp_path / "adapter"))(**batch), logits, batch["attention_mask"])
+
+
+@pytest.mark.parametrize("target_parameters,layers", [
+    (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], None), (["mlp.experts.down_proj"], [1]),
+    (["model.language_model.layers.0.mlp.experts.gate_up_proj"], None)])
+def test_peft_expert_adapter_loads_here_with_peft_logits(loaded, tmp_path, target_parameters, layers):
+    """Adapters PEFT made with target_parameters (random A and B): one wrapper or two nested, some layers only."""
+    from peft import LoraConfig, get_peft_model
+    model, processor, hf_model = loaded
+    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj"], layers_to_transform=layers,
+        target_parameters=target_parameters, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".experts." in name and "lora_B" in name:
+                p.mul_(30.0)  # B's default init is U(+-1/sqrt(r * experts)): make the experts' share show
+    peft_model.save_pretrained(tmp_path)
+    batch = image_batch(processor)
+    ref = hf_logits(peft_model.eval(), batch)
+    assert np.abs(np.asarray(model(**batch)) - ref).max() > 1e-2, "the adapter should change the logits"
+    assert_logits_match(model.load_adapter(str(tmp_path))(**batch), ref, batch["attention_mask"])
+
+
+def test_expert_lora_gradients_match_peft(loaded, tmp_path):
+    """The gradients of every LoRA factor (attention, vision, both expert weights) equal PEFT's, key by key in
+    PEFT's adapter layout."""
+    from peft import PeftModel
+    from jaxvlm.converters.peft_adapter import adapter_tensors
+    from jaxvlm.kernels.cross_entropy import token_loss_sum
+    from jaxvlm.train.trainer import split_trainable
+    model, processor, hf_model = loaded
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8))
+    batch = encode(processor, [chat("describe the image in detail, " * 4, 1)], [random_image(56, 84)])
+    labels = batch["input_ids"].copy()
+    inputs = {k: jnp.asarray(v) for k, v in adapted.prepare_inputs(**batch).items() if k != "rope_deltas"}
+    trainable, frozen, rebuild, paths = split_trainable(adapted, lambda p: p[-1].name in ("lora_A", "lora_B"))
+
+    def loss(t):
+        s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
+        return s / n
+    grads = rebuild(jax.grad(loss)(trainable), frozen)  # the model with the gradients in place of the factors
+    adapted.save_pretrained(str(tmp_path))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path), is_trainable=True)
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    peft_model(**tensors, labels=torch.from_numpy(labels)).loss.backward()
+    theirs = {n.replace(".default.", "."): p.grad.numpy() for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours = adapter_tensors(grads)
+    assert set(ours) == set(theirs)
+    layers = hf_model.config.text_config.num_hidden_layers
+    assert sum(".experts." in k for k in ours) == layers * 2 * 2  # every layer's 2 expert weights' A and B
+    worst = max(np.abs(ours[k] - theirs[k]).max() / np.abs(ours[k]).max() for k in ours)
+    assert worst < 1e-4, f"LoRA gradients differ from PEFT's by {worst:.2g} of their scale"
 
 
 def test_merged_16bit_export_loads_in_transformers_with_our_logits(loaded, adapted, tmp_path):
-    """The export holds what transformers' save_pretrained writes (the experts in its in-memory layout)."""
+    """The export holds what transformers' save_pretrained writes (the experts in its in-memory layout), the expert
+    weights as PEFT's merge_and_unload of our adapter makes them."""
     import transformers
+    from peft import PeftModel
     model, processor, hf_model = loaded
     adapted, batch, logits = adapted
     adapted.save_pretrained_merged(str(tmp_path / "out"), processor, save_method="merged_16bit")
     merged = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert_logits_match(logits, hf_logits(merged.eval(), batch), batch["attention_mask"])
-    hf_model.save_pretrained(tmp_path / "hf")
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    peft_merged = PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "adapter")).merge_and_unload()
+    peft_merged.save_pretrained(tmp_path / "hf")
     theirs = load_file(str(tmp_path / "hf" / "model.safetensors"))
     ours = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     for key in theirs:
-        if key.endswith(EXPERTS) or key.endswith("mlp.gate.weight"):
+        if key.endswith("mlp.gate.weight"):
             np.testing.assert_array_equal(ours[key], theirs[key])
+        elif key.endswith(EXPERTS):
+            assert np.abs(ours[key] - hf_model.state_dict()[key].numpy()).max() > 1e-3
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == FAMILY
 
 
