@@ -70,7 +70,8 @@ def load_model(geometry: str, quant: str, device: str, path: str | None, tiny: b
                                                        attn_implementation="sdpa", device_map={"": device})
 
 
-def run(geometry: str, quant: str, batches: list[int], text: int, path: str | None, tiny: bool = False):
+def run(geometry: str, quant: str, batches: list[int], text: int, path: str | None, tiny: bool = False,
+        lora_experts: str = "auto"):
     """Yields one result dict per batch size, the model built once."""
     from peft import LoraConfig, get_peft_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,7 +91,13 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
         import bitsandbytes as bnb
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         info.update(n_linear4bit=n4, n_linear16=len(linears) - n4)
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=get_peft_regex(linears))
+    # Unsloth's targets: its regex over the Linear layers, and on a mixture of experts both expert weights
+    # (PEFT's target_parameters) unless lora_experts="off".
+    experts = (["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+               if hasattr(cfg.text, "num_experts") and lora_experts == "auto" else None)
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=get_peft_regex(linears),
+                      target_parameters=experts)
+    info["lora_experts"] = lora_experts if hasattr(cfg.text, "num_experts") else None
     model = get_peft_model(model, lora)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -150,18 +157,20 @@ def main():
     ap.add_argument("--text", type=int, default=256)
     ap.add_argument("--dir", help="where --quant nf4 saves (once) and loads the random bf16 model "
                                   "(default /tmp/bench_hf_<geometry>)")
+    ap.add_argument("--lora-experts", default="auto", choices=["auto", "off"],
+                    help="a mixture of experts' weights: auto (Unsloth's default, adapted) or off (attention only)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run this --quant in this process
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
     args = ap.parse_args()
     path = args.dir or f"/tmp/bench_hf_{args.geometry}{'_tiny' if args.tiny else ''}"
     if args.one:
-        for line in run(args.geometry, args.one, args.batch, args.text, path, args.tiny):
+        for line in run(args.geometry, args.one, args.batch, args.text, path, args.tiny, args.lora_experts):
             print(json.dumps(line), flush=True)
         return
     for quant in args.quant:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", quant, "--geometry", args.geometry,
                "--batch", *map(str, args.batch), "--text", str(args.text), "--dir", path,
-               *(["--tiny"] if args.tiny else [])]
+               "--lora-experts", args.lora_experts, *(["--tiny"] if args.tiny else [])]
         r = subprocess.run(cmd)
         if r.returncode:
             print(json.dumps(dict(bench="train", impl="transformers+peft", geometry=args.geometry, quant=quant,

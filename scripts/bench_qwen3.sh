@@ -8,6 +8,9 @@
 #                                       # GPU 1 transformers + PEFT bf16 (+ Unsloth's 2B bf16 step, batch 4)
 #   bash scripts/bench_qwen3.sh moe-kernel   # the grouped-matmul kernel check, then the MoE step with it;
 #                                            # GPU 1 Unsloth's 2B batch-8 rows
+#   bash scripts/bench_qwen3.sh moe-lora     # LoRA on the experts too (Unsloth's default): the kernels' check
+#                                            # (LoRA factor shapes, weight gradients), jaxvlm NF4 and bf16;
+#                                            # GPU 1 transformers + PEFT bf16 (target_parameters)
 #
 # Needs .peers/ (scripts/fetch_peers.sh; carried with the call) for bitsandbytes and Unsloth.
 set -uo pipefail
@@ -55,5 +58,14 @@ case "${1:-}" in
      run kernel-gpu1 560 env PYTHONPATH=$PWD/.peers/unsloth:$PYTHONPATH python3 scripts/bench_unsloth.py \
        --geometry $G --batch 8 --q4 0 1 --timeout 270) &
     wait ;;
-  *) echo "usage: bash scripts/bench_qwen3.sh dense|moe|moe-kernel" >&2; exit 2 ;;
+  moe-lora)
+    (export CUDA_VISIBLE_DEVICES=0
+     run lora-gpu0 120 python3 -m scripts.bench_grouped_matmul
+     run lora-gpu0 440 python3 -m scripts.bench_train --geometry qwen3-vl-30b-a3b --batch 4 8 --weights nf4 bf16 \
+       --remat full --lora-experts auto) &
+    (export CUDA_VISIBLE_DEVICES=1
+     run lora-gpu1 560 python3 scripts/bench_hf_peft.py --geometry qwen3-vl-30b-a3b --batch 4 8 --quant bf16 \
+       --lora-experts auto) &
+    wait ;;
+  *) echo "usage: bash scripts/bench_qwen3.sh dense|moe|moe-kernel|moe-lora" >&2; exit 2 ;;
 esac

@@ -160,15 +160,19 @@ def name_kernels(rows: list, hlo: str) -> list:
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
             trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b",
-            tiny: bool = False) -> dict:
+            tiny: bool = False, lora_experts: str = "auto") -> dict:
     from jaxvlm import FastVisionModel, layers
+    from jaxvlm.lora import count_parameters
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
     model_cls, cfg = load_geometry(geometry, tiny)
     image = 64 if tiny else 448
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
     model.max_seq_length = max(2048, text + 258)
-    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
+    # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
+    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16,
+                                           **({"target_parameters": []} if lora_experts == "off" else {}))
+    trainable = count_parameters(model)[0]
     FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
     inputs = batch_inputs(cfg, batch, text, image, model_cls)
     grid, n_img = image_tokens(cfg, image)
@@ -219,7 +223,8 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                loss_chunk=loss_chunk, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
                step_s=round(step_s, 4), tokens_per_s=round(batch * seq / step_s),
                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-               mfu=round(flops / step_s / H100_BF16_FLOPS, 3), run_s=round(wall, 1))
+               mfu=round(flops / step_s / H100_BF16_FLOPS, 3), run_s=round(wall, 1), trainable=trainable,
+               lora_experts=lora_experts if hasattr(cfg.text, "num_experts") else None)
     return out
 
 
@@ -236,6 +241,8 @@ def main():
     ap.add_argument("--trace", help="profile the first configuration into this directory")
     ap.add_argument("--trace-tool", default="torch", choices=["torch", "jax"],
                     help="torch: CUPTI through torch's profiler (jax.profiler crashed on the lent H100)")
+    ap.add_argument("--lora-experts", nargs="+", default=["auto"], choices=["auto", "off"],
+                    help="a mixture of experts' weights: auto (Unsloth's default, adapted) or off (attention only)")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
     args = ap.parse_args()
@@ -243,9 +250,9 @@ def main():
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
     runs = [dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text,
-                 geometry=args.geometry, **({"tiny": True} if args.tiny else {}))
-            for weights, remat, attn, chunk, b in itertools.product(args.weights, args.remat, args.attn,
-                                                                     args.loss_chunk, args.batch)]
+                 geometry=args.geometry, lora_experts=experts, **({"tiny": True} if args.tiny else {}))
+            for experts, weights, remat, attn, chunk, b in itertools.product(
+                args.lora_experts, args.weights, args.remat, args.attn, args.loss_chunk, args.batch)]
     if args.trace:  # the first configuration once more, under the profiler, after all measurements
         runs.append(dict(runs[0], trace=args.trace, trace_tool=args.trace_tool))
     for one in runs:

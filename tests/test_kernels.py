@@ -142,21 +142,36 @@ def test_gather_rows_transpose_is_the_scatter_add():
 
 
 def test_grouped_matmul_vjp_wiring_with_the_kernel_interface():
-    """The custom VJP around the Mosaic GPU ragged dot (which needs a Hopper GPU) with a stand-in kernel of the
-    same interface: outputs, input and weight gradients equal XLA's ragged_dot_general, empty groups included."""
+    """The custom VJP around the Mosaic GPU ragged dots (which need a Hopper GPU) with stand-in kernels of the
+    same interfaces, widths padded as on the GPU: outputs, input and weight gradients equal XLA's
+    ragged_dot_general, empty groups included; a frozen weight's gradient is never formed."""
     from jaxvlm.kernels import grouped_matmul as gm
 
     def stand_in(lhs, rhs, sizes, transpose_rhs):  # rhs [g, n, k] transposed, or [g, k, n]
+        assert lhs.shape[1] % gm.WIDTH == 0 and rhs.shape[1] % gm.WIDTH == 0 == rhs.shape[2] % gm.WIDTH
         rhs = rhs if transpose_rhs else jnp.swapaxes(rhs, 1, 2)
         return gm.xla_grouped_matmul(lhs, rhs, sizes)
+
+    weight_calls = []
+
+    def weight_stand_in(dy, x, sizes):  # [g, out, in]: each group's dy rows^T x rows
+        weight_calls.append(dy.shape)
+        starts = jnp.cumsum(sizes) - sizes
+        rows = jnp.arange(x.shape[0])
+        member = (rows[None] >= starts[:, None]) & (rows[None] < (starts + sizes)[:, None])  # [g, m]
+        return jnp.einsum("gm,mo,mi->goi", member.astype(x.dtype), dy, x)
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((11, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((4, 5, 6)), jnp.float32)
     sizes = jnp.array([3, 0, 6, 2], jnp.int32)
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, sizes)))  # noqa: E731
-    ours = jax.value_and_grad(loss(gm.with_kernel(stand_in)), argnums=(0, 1))(x, w)
+    kernel = gm.padded(gm.with_kernel(stand_in, weight_stand_in))
+    ours = jax.value_and_grad(loss(kernel), argnums=(0, 1))(x, w)
     ref = jax.value_and_grad(loss(gm.xla_grouped_matmul), argnums=(0, 1))(x, w)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert weight_calls == [(11, gm.WIDTH)]
+    np.testing.assert_allclose(jax.grad(loss(kernel))(x, w), ref[1][0], rtol=1e-5, atol=1e-5)  # w frozen
+    assert weight_calls == [(11, gm.WIDTH)], "the frozen weight's gradient should not be formed"
     assert not gm.use_kernel(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # no Hopper GPU here: XLA's op
