@@ -160,6 +160,7 @@ class FastVisionModel:
         family, hf_config = read_config(model_dir)
         cls, info = user_class(family), family.INFO
         cfg = family.config_from_hf(hf_config)
+        dtype = jnp.dtype(family.resolve_dtype(dtype))
         prequantized = _check_quantization_config(hf_config, model_dir)
         ckpt = Checkpoint(model_dir)
         abstract = nnx.eval_shape(lambda: cls(cfg, dtype))

@@ -118,6 +118,17 @@ class RMSNorm(nnx.Module):
         return self.weight.get_value().astype(x.dtype) * h.astype(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weight is zero-centred (scale 1 + weight), applied in fp32 before the cast back."""
+
+    ZERO_CENTERED = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (h * (1.0 + self.weight.get_value().astype(jnp.float32))).astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm with weight and bias, statistics in fp32."""
 
@@ -239,24 +250,25 @@ def _use_cudnn(q: jax.Array) -> bool:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-              causal: bool = False, lengths: jax.Array | None = None) -> jax.Array:
+              causal: bool = False, lengths: jax.Array | None = None, scale: float | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
     mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend); causal: query i also
     attends only keys j <= i; lengths [batch]: only the first lengths[b] queries and keys of row b are
-    real (the outputs of the other queries are unspecified). Returns [batch, q_len, heads, head_dim];
+    real (the outputs of the other queries are unspecified); scale: of the logits (None: 1/sqrt(head_dim)).
+    Returns [batch, q_len, heads, head_dim];
     logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
     memory); elsewhere XLA's.
     """
     if _use_cudnn(q):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
-                                            key_value_seq_lengths=lengths, implementation="cudnn")
+                                            key_value_seq_lengths=lengths, scale=scale, implementation="cudnn")
     if lengths is not None:
         key_ok = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
         key_ok = key_ok[:, None, None, :]
         mask = key_ok if mask is None else mask & key_ok
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla")
 
 
 @jax.custom_vjp

@@ -13,7 +13,8 @@ SIZES = ("test", "demo")
 _WORDS = ["<unk>", "\n", *"abcdefghijklmnopqrstuvwxyz0123456789", *".,?!:;'\"-()/", *"""
     you are helpful assistant system user what is this that the image picture photo describe digit number
     in of to and it how many there color red green blue black white one two three four five six seven eight
-    nine zero answer question write please shows show see do does which where who can with on for from""".split()]
+    nine zero answer question write please shows show see do does which where who can with on for from
+    model""".split()]
 
 
 def _family(model_type: str):
@@ -45,8 +46,11 @@ def tiny_tokenizer(model_type: str):
     # Words, single punctuation marks and newlines are tokens; other whitespace only separates them.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="removed", invert=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.special_tokens])
+    extra = {"bos_token": spec.bos_token} if spec.bos_token else {}
+    if spec.extra_special_tokens:
+        extra["extra_special_tokens"] = dict(spec.extra_special_tokens)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token=spec.pad_token,
-                                   eos_token=spec.eos_token, chat_template=spec.chat_template)
+                                   eos_token=spec.eos_token, chat_template=spec.chat_template, **extra)
 
 
 def save_tiny_processor(path, model_type):
@@ -58,7 +62,8 @@ def save_tiny_processor(path, model_type):
     tiny_tokenizer(model_type).save_pretrained(path)
     processor_class = family.INFO.processor_class(model_type)
     configs = {"preprocessor_config.json": family.TINY.image_processor,
-               "video_preprocessor_config.json": family.TINY.video_processor}
+               "video_preprocessor_config.json": family.TINY.video_processor,
+               "processor_config.json": family.TINY.processor}
     for name, config in configs.items():
         if config is not None:
             with open(os.path.join(path, name), "w") as f:
@@ -85,7 +90,8 @@ def save_random_model(path, model_type="qwen2_vl", seed=0, std=0.02, size="test"
     model = nnx.eval_shape(lambda: family(family.config_from_hf(hf_config), jnp.float32))
     rng = np.random.default_rng(seed)
     tensors = {}
-    norm_scales = {f"{path_key(p)}.weight" for p, m in nnx.iter_modules(model) if isinstance(m, (RMSNorm, LayerNorm))}
+    norm_scales = {f"{path_key(p)}.weight" for p, m in nnx.iter_modules(model)
+                   if isinstance(m, (RMSNorm, LayerNorm)) and not getattr(m, "ZERO_CENTERED", False)}
     shape_only = lambda v: np.broadcast_to(np.empty((), np.float32), v.shape)  # noqa: E731
     for key, array in hf_tensors(model, family.INFO.stacked, shape_only):
         # Norm scales near 1, everything else small: the forward then behaves like a trained model's.

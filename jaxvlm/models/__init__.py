@@ -11,6 +11,7 @@ REGISTRY = {
     "qwen2_5_vl": "jaxvlm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
     "qwen3_vl": "jaxvlm.models.qwen3_vl:Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "jaxvlm.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
+    "gemma3": "jaxvlm.models.gemma3:Gemma3ForConditionalGeneration",
 }
 
 

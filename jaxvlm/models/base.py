@@ -18,6 +18,7 @@ Parts of ../shared/FAMILY.md and where they live:
                                `INFO.response_part`
   generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
+  dtypes it cannot run in      `resolve_dtype`
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ class TinySpec:
     # video_preprocessor_config.json, less processor_class; None: the family writes none (a video
     # processor then reads preprocessor_config.json, as transformers' does).
     video_processor: dict | None = None
+    bos_token: str | None = None
+    # The tokenizer's named extra tokens that the processor reads (Gemma 3's boi_token, image_token, ...).
+    extra_special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    # processor_config.json's processor arguments (e.g. image_seq_length), less processor_class; None: none.
+    processor: dict | None = None
 
 
 class VisionLanguageModel(nnx.Module):
@@ -103,6 +109,12 @@ class VisionLanguageModel(nnx.Module):
         """The family's frozen config dataclass from a transformers config object; ValueError naming
         the config.json field this code does not understand."""
         raise NotImplementedError
+
+    @classmethod
+    def resolve_dtype(cls, dtype):
+        """The compute dtype to use when the user asks for `dtype` (a family whose numerics do not hold in it
+        warns and says which it takes instead)."""
+        return dtype
 
     @classmethod
     def tiny_config(cls, model_type: str, size: str = "test", **text_overrides):
