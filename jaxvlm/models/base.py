@@ -15,7 +15,7 @@ Parts of ../shared/FAMILY.md and where they live:
                                `get_peft_regex` to them, as Unsloth does to the torch model's names)
   modules kept 16-bit in 4-bit `INFO.quant_skip`
   chat / collator specifics    `INFO.processor_classes`, `INFO.vision_tokens`, `INFO.instruction_part`,
-                               `INFO.response_part`
+                               `INFO.response_part`, `pixel_row_shape`, `PIXEL_BUCKET_MIN`
   generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
   dtypes it cannot run in      `resolve_dtype`
@@ -97,6 +97,9 @@ class VisionLanguageModel(nnx.Module):
 
     INFO: ClassVar[FamilyInfo]
     TINY: ClassVar[TinySpec]
+    # The collator pads pixel_values along its first axis (patches, or whole images) to a bucket ladder
+    # (64, 96, 128, ...) that starts here.
+    PIXEL_BUCKET_MIN: ClassVar[int] = 64
 
     def __init__(self, cfg, dtype):
         self.config = cfg
@@ -129,6 +132,11 @@ class VisionLanguageModel(nnx.Module):
         transformers' forward takes for this family). `n_pad_patches` (the collator's bucket padding)
         is accepted as well."""
         raise NotImplementedError
+
+    def pixel_row_shape(self, image_processor) -> tuple[int, ...]:
+        """The shape of one row of the processor's pixel_values (the collator pads with such rows): by default a
+        flattened patch of `temporal_patch_size` frames, as the Qwen processors give them."""
+        return (3 * image_processor.temporal_patch_size * image_processor.patch_size ** 2,)
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         """Final hidden states `[batch, seq, hidden]`; jit-compatible."""

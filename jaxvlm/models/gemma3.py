@@ -13,7 +13,9 @@ As transformers' modeling_gemma3.py computes it:
              from `token_type_ids`: a run of image tokens), padding masked; the sliding layers see keys less than
              `sliding_window` slots back.
 Positions count real tokens only (a left-padded row starts at 0, as transformers' generate sets them). The
-layers are stacked with a per-layer sliding flag. Attribute paths mirror transformers 5's in-memory names
+layers are stacked with a per-layer sliding flag. Generation's cache keeps the whole sequence for the global
+layers and a ring of `sliding_window` slots for the sliding ones (KVCache), so those layers' memory grows with
+the window, not the sequence. Attribute paths mirror transformers 5's in-memory names
 (`model.vision_tower.encoder.layers...`, `model.multi_modal_projector...`, `model.language_model.layers...`).
 
 Not supported: attention logit soft-capping (no Gemma 3 checkpoint uses it), `use_bidirectional_attention`
@@ -216,9 +218,23 @@ def rope_cos_sin(cfg: GemmaTextConfig, positions: jax.Array, theta: float, facto
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: `[layers, batch, cache_len, kv_heads, head_dim]` each."""
-    k: jax.Array
-    v: jax.Array
+    """Keys and values: the global layers' `[global layers + 1, batch, cache_len, kv_heads, head_dim]`, the sliding
+    layers' rings `[sliding layers + 1, batch, ring, kv_heads, head_dim]` of ring = min(sliding_window, cache_len)
+    slots (slot s holds the latest token whose cache slot is s modulo ring). The last entry of each is scratch: a
+    layer of the other kind writes there, so that every layer writes both without branching."""
+    k_global: jax.Array
+    v_global: jax.Array
+    k_local: jax.Array
+    v_local: jax.Array
+
+
+def cache_indices(cfg: GemmaTextConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: its entry in the global and in the sliding cache (the scratch entry for the other kind)."""
+    sliding = np.asarray(cfg.sliding)
+    n_local, n_global = int(sliding.sum()), int((~sliding).sum())
+    global_index = np.where(sliding, n_global, np.cumsum(~sliding) - 1)
+    local_index = np.where(sliding, np.cumsum(sliding) - 1, n_local)
+    return global_index.astype(np.int32), local_index.astype(np.int32)
 
 
 class Attention(nnx.Module):
@@ -233,18 +249,73 @@ class Attention(nnx.Module):
         self.q_norm = GemmaRMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.k_norm = GemmaRMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """As jaxvlm.models.qwen_text.Attention: `mask` always given (it spans the cache when there is one)."""
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """Self-attention over `x [batch, seq, hidden]` with `mask [batch, 1, seq, seq]`. With `cache` (a `LayerCache`)
+        the step's keys and values are also written to the cache, and a one-token step (decode) attends to the
+        cache instead (its layer's entry: the whole cache for a global layer, the ring for a sliding one).
+        Returns (out, cache)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, -1))
         k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, -1))
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k, v)
-        return self.o_proj(attention(q, k, v, mask, scale=self.scale).reshape(b, t, -1)), kv
+        if cache is None:
+            return self.o_proj(attention(q, k, v, mask, scale=self.scale).reshape(b, t, -1)), None
+        cache = cache.write(k, v)
+        if cache.prefill:  # the prompt attends to itself: its keys are all here
+            out = attention(q, k, v, mask, scale=self.scale)
+        else:
+            out = cache.attend(q, lambda kk, vv, m: attention(q, kk, vv, m, scale=self.scale))
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+@dataclasses.dataclass
+class LayerCache:
+    """One layer's view of the KVCache inside the layer scan: where it writes, what it reads."""
+    caches: tuple  # (k_global, v_global, k_local, v_local), all layers
+    is_sliding: jax.Array
+    global_index: jax.Array
+    local_index: jax.Array
+    index: object  # the step's first cache slot (an int for the prefill, traced in decode)
+    key_mask: jax.Array  # [batch, cache_len]
+    prefill: bool
+
+    def write(self, k, v):
+        kg, vg, kl, vl = self.caches
+        t, ring = k.shape[1], kl.shape[2]
+        z = jnp.int32(0)
+        kg = jax.lax.dynamic_update_slice(kg, k[None].astype(kg.dtype), (self.global_index, z, self.index, z, z))
+        vg = jax.lax.dynamic_update_slice(vg, v[None].astype(vg.dtype), (self.global_index, z, self.index, z, z))
+        if self.prefill:  # the prompt at slots 0..t-1: its last `ring` tokens, each at its slot modulo ring
+            if t >= ring:
+                k, v = (jnp.roll(a[:, t - ring:], (t - ring) % ring, axis=1) for a in (k, v))
+            kl = jax.lax.dynamic_update_slice(kl, k[None].astype(kl.dtype), (self.local_index, z, z, z, z))
+            vl = jax.lax.dynamic_update_slice(vl, v[None].astype(vl.dtype), (self.local_index, z, z, z, z))
+        else:  # one token at slot index
+            slot = jnp.asarray(self.index, jnp.int32) % ring
+            kl = jax.lax.dynamic_update_slice(kl, k[None].astype(kl.dtype), (self.local_index, z, slot, z, z))
+            vl = jax.lax.dynamic_update_slice(vl, v[None].astype(vl.dtype), (self.local_index, z, slot, z, z))
+        return dataclasses.replace(self, caches=(kg, vg, kl, vl))
+
+    def attend(self, q, attend):
+        """`attend(keys, values, mask)` over this layer's entry: the global cache or the sliding ring."""
+        kg, vg, kl, vl = self.caches
+        index = jnp.asarray(self.index, jnp.int32)
+        keys = kg.shape[2]
+
+        def global_attention():
+            mask = (jnp.arange(keys)[None, :] <= index) & (self.key_mask > 0)
+            return attend(kg[self.global_index], vg[self.global_index], mask[:, None, None, :])
+
+        def sliding_attention():
+            ring = kl.shape[2]
+            s = jnp.arange(ring)
+            slot = index - (index - s) % ring  # the cache slot each ring entry holds (negative: never written)
+            ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1)[None].repeat(
+                self.key_mask.shape[0], 0), axis=1) > 0)
+            return attend(kl[self.local_index], vl[self.local_index], ok[:, None, None, :])
+
+        return jax.lax.cond(self.is_sliding, sliding_attention, global_attention)
 
 
 class DecoderLayer(nnx.Module):
@@ -257,10 +328,10 @@ class DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(d, eps=eps, dtype=dtype, stack=stack)
         self.post_feedforward_layernorm = GemmaRMSNorm(d, eps=eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, cache=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + self.post_attention_layernorm(attn)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
 class GemmaTextModel(nnx.Module):
@@ -282,43 +353,49 @@ class GemmaTextModel(nnx.Module):
         """Final hidden states from input embeddings `h [batch, seq, hidden]` at `positions [batch, seq]`.
 
         `blocks [batch, seq]`: image runs (`image_blocks`). Without a cache `key_mask [batch, seq]` marks the real
-        tokens; with one the tokens go to slots index..index+seq and `key_mask [batch, cache_len]` marks the
-        slots that hold real tokens. Returns (hidden, cache).
+        tokens. With one, `key_mask [batch, cache_len]` marks the cache slots that hold real tokens; a prompt
+        (`index` 0, an int) is written to slots 0..seq-1, a one-token step to slot `index`. Returns (hidden, cache).
         """
         c = self.cfg
-        b, t, _ = h.shape
-        keys = key_mask.shape[1]
-        query_slot = jnp.arange(t)[:, None] + index
-        key_slot = jnp.arange(keys)[None, :]
-        if cache is None or isinstance(index, int):  # the sequence itself, or a prefill at a known slot
-            key_blocks = blocks if cache is None else jnp.pad(blocks, ((0, 0), (index, keys - t - index)),
-                                                              constant_values=-1)
-            same_image = (blocks[:, :, None] == key_blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-        else:  # a decode step: generated tokens are text
-            same_image = jnp.zeros((b, t, keys), bool)
-        full = ((key_slot <= query_slot)[None] | same_image) & (key_mask[:, None, :] > 0)
-        window = (key_slot > query_slot - c.sliding_window)[None]
-        masks = (full[:, None], (full & window)[:, None])  # [batch, 1, seq, keys]: global, sliding
+        t = h.shape[1]
+        mask_over = key_mask if cache is None else key_mask[:, :t]
+        prefill = cache is None or (isinstance(index, int) and index == 0)
+        if cache is not None and not prefill and t != 1:
+            raise ValueError(f"a step of {t} tokens at cache slot {index}: only a prompt (at slot 0) or one token at a "
+                             f"time is supported")
+        if prefill:
+            slot = jnp.arange(t)
+            same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            full = ((slot[None, :] <= slot[:, None])[None] | same_image) & (mask_over[:, None, :] > 0)
+            window = (slot[None, :] > slot[:, None] - c.sliding_window)[None]
+            masks = (full[:, None], (full & window)[:, None])  # [batch, 1, seq, seq]: global, sliding
+        else:
+            masks = (None, None)  # a decode step builds its masks over the cache (LayerCache.attend)
         local = rope_cos_sin(c, positions, c.rope_local_theta, 1.0)
         glob = rope_cos_sin(c, positions, c.rope_global_theta, c.rope_global_factor)
-        sliding = jnp.asarray(c.sliding)
 
         def pick(is_sliding):
             cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
-            return cos, sin, jnp.where(is_sliding, masks[1], masks[0])
+            return cos, sin, None if masks[0] is None else jnp.where(is_sliding, masks[1], masks[0])
 
+        sliding = jnp.asarray(c.sliding)
         if cache is None:
             def layer_step(layer, x, is_sliding):
                 return layer(x, *pick(is_sliding))[0], None
 
             h, _ = scan_blocks(self.layers, h, layer_step, sliding, remat=self.remat)
-        else:
-            def layer_step(layer, x, is_sliding, kv):
-                return layer(x, *pick(is_sliding), kv, index)
+            return self.norm(h), None
 
-            h, kv = scan_blocks(self.layers, h, layer_step, sliding, (cache.k, cache.v))
-            cache = KVCache(*kv)
-        return self.norm(h), cache
+        def layer_step(layer, carry, is_sliding, global_index, local_index):
+            x, caches = carry
+            view = LayerCache(caches, is_sliding, global_index, local_index, index, key_mask, prefill and t > 1)
+            x, view = layer(x, *pick(is_sliding), view)
+            return (x, view.caches), None
+
+        global_index, local_index = (jnp.asarray(i) for i in cache_indices(c))
+        carry = (h, (cache.k_global, cache.v_global, cache.k_local, cache.v_local))
+        (h, caches), _ = scan_blocks(self.layers, carry, layer_step, sliding, global_index, local_index)
+        return self.norm(h), KVCache(*caches)
 
 
 class Gemma3Model(nnx.Module):
@@ -393,6 +470,8 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
         processor={"image_seq_length": 4},
     )
 
+    PIXEL_BUCKET_MIN = 1  # pixel_values rows are whole images: the collator pads to 1, 2, 3, 4, 6, 8, ... images
+
     def __init__(self, cfg: Gemma3Config, dtype=jnp.bfloat16):
         super().__init__(cfg, dtype)
         self.model = Gemma3Model(cfg, dtype)
@@ -443,6 +522,10 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
 
+    def pixel_row_shape(self, image_processor) -> tuple[int, ...]:
+        v = self.config.vision
+        return (v.num_channels, v.image_size, v.image_size)
+
     def embed(self, inputs: dict[str, jax.Array]) -> jax.Array:
         lm = self.model.language_model
         h = lm.embed(inputs["input_ids"])
@@ -475,9 +558,13 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
         return self.config.text.max_position_embeddings
 
     def init_cache(self, batch: int, length: int) -> KVCache:
+        """Global layers: `length` slots each; sliding layers: a ring of min(sliding_window, length) slots."""
         t = self.config.text
-        shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        n_local = sum(t.sliding)
+        ring = min(t.sliding_window, length)
+        full = (t.num_layers - n_local + 1, batch, length, t.num_kv_heads, t.head_dim)
+        local = (n_local + 1, batch, ring, t.num_kv_heads, t.head_dim)
+        return KVCache(*(jnp.zeros(shape, self.dtype) for shape in (full, full, local, local)))
 
     def prefill(self, inputs, cache, key_mask):
         return self.model.language_model(self.embed(inputs), inputs["positions"], inputs["blocks"], key_mask,

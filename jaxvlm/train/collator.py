@@ -6,9 +6,11 @@ unsloth_zoo's `UnslothVisionDataCollator` arguments with the same meanings, and 
     input_ids          int32 [batch, seq]
     attention_mask     int32 [batch, seq]      1 at tokens, 0 at padding
     labels             int32 [batch, seq]      input_ids, or ignore_index (-100) where no loss is taken
-    mm_token_type_ids  int32 [batch, seq]      1 at image tokens, 2 at video tokens (when the processor returns it)
-    pixel_values       float32 [patches, patch_dim]
-    image_grid_thw     int64 [images, 3]       the real images only, in order
+    mm_token_type_ids  int32 [batch, seq]      1 at image tokens, 2 at video tokens (when the processor returns it;
+                                               `token_type_ids` for Gemma 3, as its processor names it)
+    pixel_values       float32 [patches, patch_dim] (Qwen), or [images, 3, size, size] (Gemma 3): rows as the
+                       family's processor gives them
+    image_grid_thw     int64 [images, 3]       the real images only, in order (families whose processor gives it)
     n_pad_patches      int                     with pad_to_bucket: zero rows at the end of pixel_values
   and when a record of the batch has a video:
     pixel_values_videos  float32 [video patches, patch_dim]
@@ -69,11 +71,12 @@ _SIZE_OF = {0: lambda im: im.size[0], 1: lambda im: im.size[1],
 _OVERFLOW_POLICIES = ("error", "skip")
 
 
-def bucket_size(n: int, limit: int | None = None) -> int:
-    """The smallest bucket >= n of 64, 96, 128, 192, 256, ... (powers of two and 1.5x them), capped at `limit`."""
+def bucket_size(n: int, limit: int | None = None, smallest: int = _SMALLEST_BUCKET) -> int:
+    """The smallest bucket >= n of 64, 96, 128, 192, 256, ... (powers of two and 1.5x them, from `smallest`),
+    capped at `limit`."""
     if limit is not None and n > limit:
         raise ValueError(f"length {n} is over the bucket limit {limit}")
-    size = _SMALLEST_BUCKET
+    size = smallest
     while True:
         for bucket in (size, size * 3 // 2):
             if bucket >= n:
@@ -121,8 +124,8 @@ class _Row:
     """One encoded record, unpadded."""
     input_ids: np.ndarray  # int [seq]
     labels: np.ndarray  # int [seq]
-    mm_token_type_ids: np.ndarray | None  # int [seq]
-    pixel_values: np.ndarray | None  # float32 [patches, patch_dim]
+    mm_token_type_ids: np.ndarray | None  # int [seq] (under the processor's name: mm_token_type_ids or token_type_ids)
+    pixel_values: np.ndarray | None  # float32 [rows (patches or images), *row shape]
     image_grid_thw: np.ndarray | None  # int64 [images, 3]
     videos: dict[str, np.ndarray]  # pixel_values_videos, video_grid_thw, second_per_grid_ts (those returned)
 
@@ -201,8 +204,11 @@ class VisionDataCollator:
         names = [*family_tokens, *(getattr(processor, a, None) for a in ("image_token", "video_token"))]
         ids = tok.convert_tokens_to_ids([n for n in names if n])
         self.vision_token_ids = np.array(sorted({i for i in ids if i is not None and i != tok.unk_token_id}))
-        image_processor = processor.image_processor
-        self.patch_dim = 3 * image_processor.temporal_patch_size * image_processor.patch_size**2
+        # The rows of pixel_values (patches, or whole images) and their bucket ladder are the family's.
+        self.pixel_row_shape = tuple(model.pixel_row_shape(processor.image_processor))
+        self.pixel_bucket_min = type(model).PIXEL_BUCKET_MIN
+        self.grids = "image_grid_thw" in getattr(processor, "model_input_names", ())  # images as patch grids
+        self.type_ids_key = "mm_token_type_ids"
         self._shapes = set()
 
     def _marker_ids(self, name: str, text: str) -> list[int]:
@@ -244,7 +250,8 @@ class VisionDataCollator:
         except (ValueError, OSError) as e:
             raise DataError(f"{where}: the processor rejected the record: {e}") from e
         ids = out["input_ids"][0]
-        mm = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None
+        self.type_ids_key = next((k for k in _TYPE_IDS_KEYS if k in out), self.type_ids_key)
+        mm = out[self.type_ids_key][0] if self.type_ids_key in out else None
         n_prompt = 0
         if completion_text is not None:
             completion = np.asarray(self.tokenizer(completion_text, add_special_tokens=False)["input_ids"], ids.dtype)
@@ -349,7 +356,7 @@ class VisionDataCollator:
             "labels": self._pad([empty if r is None else r.labels for r in rows], seq, self.ignore_index),
         }
         if all(row.mm_token_type_ids is not None for row in kept):
-            batch["mm_token_type_ids"] = self._pad([empty if r is None else r.mm_token_type_ids for r in rows], seq, 0)
+            batch[self.type_ids_key] = self._pad([empty if r is None else r.mm_token_type_ids for r in rows], seq, 0)
 
         pixels = [row.pixel_values for row in kept if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in kept if row.image_grid_thw is not None]
@@ -361,15 +368,18 @@ class VisionDataCollator:
         if self.pad_to_bucket:
             # One bucket for all the patches the vision tower sees (the model joins images and videos).
             n_patches = sum(len(p) for p in pixels)
-            n_pad = bucket_size(n_patches + n_video_patches) - n_patches - n_video_patches
-            pixels.append(np.zeros((n_pad, self.patch_dim), np.float32))
+            n_pad = (bucket_size(n_patches + n_video_patches, smallest=self.pixel_bucket_min)
+                     - n_patches - n_video_patches)
+            pixels.append(np.zeros((n_pad, *self.pixel_row_shape), np.float32))
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
-            batch["image_grid_thw"] = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+            if grids or self.grids:
+                batch["image_grid_thw"] = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
             batch["n_pad_patches"] = n_pad
             self._log_new_shape(len(rows), seq, n_patches + n_video_patches + n_pad)
         elif pixels:
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
-            batch["image_grid_thw"] = np.concatenate(grids)
+            if grids:
+                batch["image_grid_thw"] = np.concatenate(grids)
         return batch
 
     def _pad(self, seqs: list[np.ndarray], length: int, value: int) -> np.ndarray:
@@ -389,6 +399,7 @@ class VisionDataCollator:
 UnslothVisionDataCollator = VisionDataCollator
 
 _VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+_TYPE_IDS_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 def _media_kind(item) -> str | None:
