@@ -1,5 +1,12 @@
-"""What the benchmarks share: the model geometries (Qwen2-VL 2B / 7B, Qwen3-VL 2B, Qwen3-VL-30B-A3B), random-weight
-models drawn on the device, and the workload's batches (one image + text per sample).
+"""What the benchmarks share: the model geometries (Qwen2-VL 2B / 7B, Qwen3-VL 2B, Qwen3-VL-30B-A3B, Gemma 3 4B /
+27B), random-weight models drawn on the device, and the workload's batches (one image + text per sample).
+
+The workload per family (the functions below dispatch on the config's type, jaxvlm's Gemma3Config or not):
+  Qwen-VL   <vision_start>, one image x image picture (448: 256 merged tokens of Qwen2-VL's 14-pixel patches,
+            196 of Qwen3-VL's 16-pixel ones), <vision_end>, then the text tokens;
+  Gemma 3   one picture of the SigLIP tower's fixed size (896: 64 x 64 patches pooled to 256 tokens), wrapped as
+            Gemma3Processor expands <start_of_image>: "\n\n<boi>" + 256 image tokens + "<eoi>\n\n", then the
+            text tokens; token_type_ids 1 exactly at the image tokens.
 
 `load_geometry(name, tiny=True)` gives the family's tiny config instead (the scripts' hidden `--tiny`), so that
 the benchmarks' code paths run on a CPU in under a minute each (mostly compilation).
@@ -15,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.models import qwen2_vl
+from jaxvlm.models.gemma3 import Gemma3Config
 from jaxvlm.paths import path_key, stacked_prefix
 from jaxvlm.quantize import quantize, quantized_weight_keys
 
@@ -87,8 +95,46 @@ def qwen3_vl_30b_a3b_hf_config():
         tie_word_embeddings=False)
 
 
+def _gemma3_hf_config(hidden, intermediate, layers, heads, kv_heads, head_dim, query_pre_attn_scalar):
+    """transformers' Gemma3Config of a Gemma 3 vision geometry: the given language model (sliding window 1024,
+    5 sliding layers then 1 global, repeated: transformers' default sliding_window_pattern 6; rotary base 1e4 on
+    the sliding layers, 1e6 with linear scaling 8 on the global ones; vocabulary 262,208, tied embeddings) and
+    the SigLIP tower all Gemma 3 vision models share (1152 wide, 27 layers, 16 heads, 896-pixel images of
+    14-pixel patches, no pooling head), 256 tokens per image."""
+    from transformers import Gemma3Config as HFGemma3Config
+    return HFGemma3Config(
+        text_config=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         query_pre_attn_scalar=query_pre_attn_scalar, sliding_window=1024,
+                         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                      for i in range(layers)],
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                             "rope_theta": 1000000.0}},
+                         vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                         hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           num_channels=3, image_size=896, patch_size=14, layer_norm_eps=1e-6,
+                           hidden_act="gelu_pytorch_tanh", vision_use_head=False),
+        mm_tokens_per_image=256, boi_token_index=255999, eoi_token_index=256000, image_token_index=262144,
+        tie_word_embeddings=True)
+
+
+def gemma3_4b_hf_config():
+    """transformers' config of the Gemma-3-4B geometry (text 2560 wide, 34 layers, 8 heads of 256, 4 kv heads,
+    MLP 10240, query_pre_attn_scalar 256; the SigLIP tower at 896 pixels)."""
+    return _gemma3_hf_config(2560, 10240, 34, 8, 4, 256, 256)
+
+
+def gemma3_27b_hf_config():
+    """transformers' config of the Gemma-3-27B geometry (text 5376 wide, 62 layers, 32 heads of 128, 16 kv heads,
+    MLP 21504, query_pre_attn_scalar 168 = 5376 / 32; the SigLIP tower at 896 pixels)."""
+    return _gemma3_hf_config(5376, 21504, 62, 32, 16, 128, 168)
+
+
 GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config,
-              "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config}
+              "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config,
+              "gemma3-4b": gemma3_4b_hf_config, "gemma3-27b": gemma3_27b_hf_config}
 
 
 def hf_geometry(name: str, tiny: bool = False):
@@ -124,17 +170,41 @@ def save_random_hf_model(name: str, path: str, tiny: bool = False) -> str:
     return path
 
 
+def is_gemma3(cfg) -> bool:
+    """Whether `cfg` (a jaxvlm config) is Gemma 3's: fixed-size SigLIP images, token_type_ids, no image_grid_thw."""
+    return isinstance(cfg, Gemma3Config)
+
+
 def vision_tower(cfg):
     """The vision blocks' config (Qwen3-VL nests it beside its position table and deepstack indexes)."""
     return getattr(cfg.vision, "tower", cfg.vision)
 
 
+def workload_image(cfg, tiny: bool = False) -> int:
+    """The workload's image side in pixels: Gemma 3's SigLIP takes one fixed size (896; the tiny config's 28);
+    the Qwen-VL families take any, and the benchmark gives them 448 (64 with `tiny`)."""
+    if is_gemma3(cfg):
+        return cfg.vision.image_size
+    return 64 if tiny else 448
+
+
 def image_tokens(cfg, image: int) -> tuple[int, int]:
-    """(patches per side, merged image tokens) of one `image` x `image` picture: Qwen2-VL's 14-pixel patches
-    make 448 -> 32 x 32 patches, 256 tokens; Qwen3-VL's 16-pixel ones 28 x 28 patches, 196 tokens."""
+    """(patches per side, image tokens) of one `image` x `image` picture: Qwen2-VL's 14-pixel patches make
+    448 -> 32 x 32 patches, 256 merged tokens; Qwen3-VL's 16-pixel ones 28 x 28 patches, 196 tokens; Gemma 3's
+    SigLIP 896 -> 64 x 64 patches, average-pooled to mm_tokens_per_image (256) tokens."""
     vision = vision_tower(cfg)
     grid = image // vision.patch_size
+    if is_gemma3(cfg):
+        if image != vision.image_size:
+            raise ValueError(f"Gemma 3's vision tower takes {vision.image_size}-pixel images, not {image}")
+        return grid, cfg.mm_tokens_per_image
     return grid, grid * grid // vision.spatial_merge_size**2
+
+
+def image_prefix(cfg, image: int) -> int:
+    """Tokens of a sample's image part (before its text; the labels are -100 there): the image tokens and their
+    wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\n\n<boi>" .. "<eoi>\n\n" for Gemma 3."""
+    return image_tokens(cfg, image)[1] + (4 if is_gemma3(cfg) else 2)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "nf4"))
@@ -185,7 +255,11 @@ def random_model(cfg, dtype, seed=0, nf4=False, model_cls=MODEL):
 def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     """What a processor would return for `batch` samples of <vision_start>, one image x image, <vision_end>,
     `text` random tokens (below the special tokens' ids): input_ids, attention_mask, pixel_values (float32
-    `[patches, patch_dim]`), image_grid_thw."""
+    `[patches, patch_dim]`), image_grid_thw. Gemma 3: "\n\n<boi>", the image's tokens, "<eoi>\n\n" (the
+    two "\n\n" random text ids), `text` random tokens: input_ids, attention_mask, pixel_values (float32
+    `[batch, 3, image, image]`), token_type_ids (1 at the image tokens)."""
+    if is_gemma3(cfg):
+        return _gemma3_raw_batch(cfg, batch, text, image)
     grid, n_img = image_tokens(cfg, image)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(150000, cfg.vision_start_token_id), (batch, n_img + text + 2))
@@ -195,6 +269,35 @@ def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     pix = rng.standard_normal((batch * grid * grid, vision_tower(cfg).patch_dim)).astype(np.float32)
     thw = np.array([[1, grid, grid]] * batch)
     return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix, image_grid_thw=thw)
+
+
+def _gemma3_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
+    _, n_img = image_tokens(cfg, image)
+    rng = np.random.default_rng(0)
+    special = min(cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id)
+    ids = rng.integers(0, special, (batch, n_img + 4 + text))
+    ids[:, 1] = cfg.boi_token_id
+    ids[:, 2:2 + n_img] = cfg.image_token_id
+    ids[:, 2 + n_img] = cfg.eoi_token_id
+    pix = rng.standard_normal((batch, cfg.vision.num_channels, image, image)).astype(np.float32)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix,
+                token_type_ids=(ids == cfg.image_token_id).astype(np.int64))
+
+
+def hf_inputs(cfg, raw: dict, device):
+    """transformers' forward / generate keyword arguments (torch tensors on `device`; pixels bf16) of a
+    `raw_batch`: input_ids, attention_mask, pixel_values and the family's own (Qwen-VL: image_grid_thw,
+    mm_token_type_ids; Gemma 3: token_type_ids)."""
+    import torch
+    ids = torch.tensor(raw["input_ids"], device=device, dtype=torch.long)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+              pixel_values=torch.tensor(raw["pixel_values"], device=device, dtype=torch.bfloat16))
+    if is_gemma3(cfg):
+        kw["token_type_ids"] = torch.tensor(raw["token_type_ids"], device=device, dtype=torch.long)
+    else:
+        kw.update(image_grid_thw=torch.tensor(raw["image_grid_thw"], device=device),
+                  mm_token_type_ids=(ids == cfg.image_token_id).long())
+    return kw
 
 
 def batch_inputs(cfg, batch, text, image, model_cls=MODEL):

@@ -5,8 +5,9 @@ On the lent GPU machine:
     PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false python scripts/bench_generate.py --geometry qwen3-vl-2b \
         --batch 1 --new 128 --quant 16bit nf4 --hf
 
-Each prompt: one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL) + 32
-text tokens. Generation runs exactly --new tokens (no EOS), greedy. Each implementation/weights runs in its own
+Each prompt: one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL; Gemma 3:
+one 896x896 image, 256 tokens in "\n\n<boi>" .. "<eoi>\n\n", with token_type_ids) + 32 text tokens. Generation
+runs exactly --new tokens (no EOS), greedy. Each implementation/weights runs in its own
 process (its own peak-memory reading); one JSON line per batch size: generate seconds for the whole call (prefill +
 --new tokens) and for a call generating one token (the prefill), each the median of 3 after a warm-up; new
 tokens/s of the whole call, decode tokens/s = batch x (new - 1) / (generate - prefill), peak device memory.
@@ -24,7 +25,8 @@ import time
 
 import numpy as np
 
-from scripts.bench_common import GEOMETRIES, hf_geometry, load_geometry, random_model, raw_batch
+from scripts.bench_common import (GEOMETRIES, hf_geometry, hf_inputs, load_geometry, random_model, raw_batch,
+                                  workload_image)
 
 TEXT = 32
 
@@ -63,24 +65,22 @@ def bench_jaxvlm(model, cfg, batch: int, new: int, image: int) -> dict:
                 peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), device=jax.devices()[0].device_kind)
 
 
-def bench_hf(geometry: str, batches: list[int], new: int, image: int, tiny: bool):
+def bench_hf(geometry: str, batches: list[int], new: int, tiny: bool):
     """Yields one result per batch size, the transformers model built once (bf16, sdpa)."""
     import torch
     from transformers import AutoModelForImageTextToText
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     _, cfg = load_geometry(geometry, tiny)
+    image = workload_image(cfg, tiny)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(hf_geometry(geometry, tiny), dtype=torch.bfloat16,
                                                         attn_implementation="sdpa").eval()
     for batch in batches:
-        raw = raw_batch(cfg, batch, TEXT, image)
-        ids = torch.tensor(raw["input_ids"], device=device, dtype=torch.long)
-        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  pixel_values=torch.tensor(raw["pixel_values"], device=device, dtype=torch.bfloat16),
-                  image_grid_thw=torch.tensor(raw["image_grid_thw"], device=device),
-                  mm_token_type_ids=(ids == cfg.image_token_id).long())
+        # Qwen-VL: image_grid_thw and mm_token_type_ids beside the ids and pixels; Gemma 3: token_type_ids.
+        kw = hf_inputs(cfg, raw_batch(cfg, batch, TEXT, image), device)
+        ids = kw["input_ids"]
 
         def run(n):
             def call():
@@ -109,9 +109,9 @@ def main():
     ap.add_argument("--dir", help="load this checkpoint (scripts/bench_load.py writes one) instead of random "
                                   "weights, so that the NF4 run's peak memory never holds a 16-bit copy")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run one implementation/weights in this process
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
+    # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    image = 64 if args.tiny else 448
     common = ["--geometry", args.geometry, "--new", str(args.new), "--batch", *map(str, args.batch),
               *(["--dir", args.dir] if args.dir else []), *(["--tiny"] if args.tiny else [])]
     if args.one is None:
@@ -125,7 +125,7 @@ def main():
                                       error=f"exit {r.returncode}")), flush=True)
         return
     if args.one == "hf":
-        for line in bench_hf(args.geometry, args.batch, args.new, image, args.tiny):
+        for line in bench_hf(args.geometry, args.batch, args.new, args.tiny):
             print(json.dumps(dict(bench="generate", geometry=args.geometry, **line)), flush=True)
         return
     import jax.numpy as jnp
@@ -136,6 +136,7 @@ def main():
     else:
         model_cls, cfg = load_geometry(args.geometry, args.tiny)
         model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4", model_cls=model_cls)
+    image = workload_image(cfg, args.tiny)
     for b in args.batch:
         line = bench_jaxvlm(model, cfg, b, args.new, image)
         print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=args.one, **line)), flush=True)

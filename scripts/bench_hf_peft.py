@@ -4,10 +4,12 @@ frozen base in bf16 or in bitsandbytes NF4.
 On the lent GPU machine (bitsandbytes for --quant nf4 from `.peers/bnb`, built by scripts/fetch_peers.sh, carried):
 
     PYTHONPATH=.peers/bnb:. python scripts/bench_hf_peft.py --geometry qwen3-vl-2b --batch 4 8 --quant bf16 nf4
+    PYTHONPATH=.peers/bnb:. python scripts/bench_hf_peft.py --geometry gemma3-4b --batch 4 8 --quant bf16 nf4
 
 The workload of bench_train (and of ../shared/bench/hf_peft_step.py, which is Qwen2-VL only): random weights, each
-sample one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL) + `--text`
-tokens, labels on the text only, LoRA r=16 alpha=16 on the modules Unsloth's default regex picks
+sample one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL; Gemma 3: one
+896x896 image, 256 tokens in "\n\n<boi>" .. "<eoi>\n\n", token_type_ids 1 at them) + `--text` tokens, labels on
+the text only, LoRA r=16 alpha=16 on the modules Unsloth's default regex picks
 (jaxvlm.targets.get_peft_regex over the torch model's Linear names), gradient checkpointing, torch AdamW lr 1e-4,
 sdpa attention; median step of 10 after 3 warm-ups.
 
@@ -36,8 +38,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import torch  # noqa: E402
 
 from jaxvlm.targets import get_peft_regex  # noqa: E402
-from scripts.bench_common import (GEOMETRIES, hf_geometry, image_tokens, load_geometry,  # noqa: E402
-                                  save_random_hf_model, vision_tower)
+from scripts.bench_common import (GEOMETRIES, hf_geometry, hf_inputs, image_prefix, image_tokens,  # noqa: E402
+                                  is_gemma3, load_geometry, raw_batch, save_random_hf_model, vision_tower,
+                                  workload_image)
 
 
 def skipped_linears(hf_config, skip) -> list[str]:
@@ -75,8 +78,8 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
     """Yields one result dict per batch size, the model built once."""
     from peft import LoraConfig, get_peft_model
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    image = 64 if tiny else 448
     _, cfg = load_geometry(geometry, tiny)
+    image = workload_image(cfg, tiny)
     t0 = time.perf_counter()
     model = load_model(geometry, quant, device, path, tiny)
     load_s = time.perf_counter() - t0
@@ -106,23 +109,29 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     vision = vision_tower(cfg)
     grid, n_img = image_tokens(cfg, image)
+    prefix = image_prefix(cfg, image)
     for batch in batches:
-        seq = n_img + text + 2
-        torch.manual_seed(0)
-        ids = torch.randint(0, min(150000, cfg.vision_start_token_id), (batch, seq), device=device)
-        ids[:, 0] = cfg.vision_start_token_id
-        ids[:, 1:1 + n_img] = cfg.image_token_id
-        ids[:, 1 + n_img] = cfg.vision_start_token_id + 1
-        pixels = torch.randn(batch * grid * grid, vision.patch_dim, device=device, dtype=torch.bfloat16)
-        thw = torch.tensor([[1, grid, grid]] * batch, device=device)
-        mm = (ids == cfg.image_token_id).long()
+        seq = prefix + text
+        if is_gemma3(cfg):  # bench_common's batch: input_ids, attention_mask, pixel_values, token_type_ids
+            kw = hf_inputs(cfg, raw_batch(cfg, batch, text, image), device)
+            ids = kw["input_ids"]
+        else:
+            torch.manual_seed(0)
+            ids = torch.randint(0, min(150000, cfg.vision_start_token_id), (batch, seq), device=device)
+            ids[:, 0] = cfg.vision_start_token_id
+            ids[:, 1:1 + n_img] = cfg.image_token_id
+            ids[:, 1 + n_img] = cfg.vision_start_token_id + 1
+            pixels = torch.randn(batch * grid * grid, vision.patch_dim, device=device, dtype=torch.bfloat16)
+            thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+            kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=thw,
+                      mm_token_type_ids=(ids == cfg.image_token_id).long())
+        assert ids.shape == (batch, seq), (ids.shape, seq)
         labels = ids.clone()
-        labels[:, :2 + n_img] = -100
+        labels[:, :prefix] = -100
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=thw,
-                        mm_token_type_ids=mm, labels=labels)
+            out = model(**kw, labels=labels)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -160,7 +169,8 @@ def main():
     ap.add_argument("--lora-experts", default="auto", choices=["auto", "off"],
                     help="a mixture of experts' weights: auto (Unsloth's default, adapted) or off (attention only)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run this --quant in this process
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
+    # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = args.dir or f"/tmp/bench_hf_{args.geometry}{'_tiny' if args.tiny else ''}"
     if args.one:

@@ -2,11 +2,13 @@
 on the GPU. On the lent GPU machine:
 
     PYTHONPATH=. python -m scripts.bench_train --geometry qwen3-vl-2b --batch 4 8 --weights bf16 nf4 --remat full
+    PYTHONPATH=. python -m scripts.bench_train --geometry gemma3-4b --batch 4 8 --weights bf16 nf4 --remat full
     python -m scripts.bench_train --batch 4 8 --weights bf16 nf4 --remat unsloth full
     python -m scripts.bench_train --batch 4 --attn xla auto --loss-chunk 0 512 --trace $OUT/trace
 
 Workload (the benchmark issue's): each sample one 448x448 image (256 merged tokens with Qwen2-VL's 14-pixel
-patches, 196 with Qwen3-VL's 16-pixel ones) + `--text` text tokens, LoRA r=16 on every Linear Unsloth's default
+patches, 196 with Qwen3-VL's 16-pixel ones; Gemma 3: one 896x896 image, 256 pooled tokens wrapped in
+"\n\n<boi>" .. "<eoi>\n\n", token_type_ids marking them) + `--text` text tokens, LoRA r=16 on every Linear Unsloth's default
 regex picks (vision and language, attention and MLP; not MoE experts, which are no Linear), AdamW, remat per
 block. Each configuration runs in its own process; one JSON line each: median
 step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
@@ -31,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import GEOMETRIES, batch_inputs, image_tokens, load_geometry, random_model, vision_tower
+from scripts.bench_common import (GEOMETRIES, image_prefix, image_tokens, is_gemma3, load_geometry, random_model,
+                                  raw_batch, vision_tower, workload_image)
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 
@@ -40,6 +43,8 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     """6 x params x tokens for the matmuls of a full step (LoRA still back-propagates through the base),
     plus attention (12 x layers x tokens x seq x width; causal text attention counted in full), text
     and vision. A MoE layer counts the parameters a token uses (router and its experts)."""
+    if is_gemma3(cfg):
+        return _gemma3_flops_per_step(cfg, batch, seq, patches)
     t, v = cfg.text, vision_tower(cfg)
     deepstack = len(getattr(cfg.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: a merger per index
     # A MoE layer's MLP: the router and the experts each token goes through (the active parameters).
@@ -55,6 +60,26 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     flops = 6 * (text_params * tokens + (vision_params + (1 + deepstack) * merger / 4) * vis_tokens)
     flops += 12 * t.num_layers * tokens * seq * q_width
     flops += 12 * v.depth * vis_tokens * patches * v.hidden_size
+    return flops
+
+
+def _gemma3_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
+    """model_flops_per_step for Gemma 3: the same counts, with SigLIP's blocks (q/k/v/out + fc1/fc2, full
+    attention over an image's `patches`), the projector's [vision, text] product on each image's
+    mm_tokens_per_image pooled tokens, the tied lm_head (a product all the same), and the sliding layers'
+    attention over at most `sliding_window` keys."""
+    t, v = cfg.text, cfg.vision
+    q_width = t.num_heads * t.head_dim
+    text_params = t.num_layers * (t.hidden_size * (q_width + 2 * t.num_kv_heads * t.head_dim) +
+                                  q_width * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    text_params += t.vocab_size * t.hidden_size  # lm_head (tied to the embedding: still a product)
+    vision_params = v.num_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    projector = v.hidden_size * t.hidden_size * cfg.mm_tokens_per_image / patches  # per patch
+    tokens, vis_tokens = batch * seq, batch * patches
+    flops = 6 * (text_params * tokens + (vision_params + projector) * vis_tokens)
+    keys = sum(min(seq, t.sliding_window) if sliding else seq for sliding in t.sliding)
+    flops += 12 * tokens * keys * q_width
+    flops += 12 * v.num_layers * vis_tokens * patches * v.hidden_size
     return flops
 
 
@@ -166,20 +191,20 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
     model_cls, cfg = load_geometry(geometry, tiny)
-    image = 64 if tiny else 448
+    image = workload_image(cfg, tiny)
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
-    model.max_seq_length = max(2048, text + 258)
+    # What the processor returns (Qwen-VL: image_grid_thw; Gemma 3: token_type_ids), labels on the text only.
+    raw = raw_batch(cfg, batch, text, image)
+    seq = raw["input_ids"].shape[1]
+    model.max_seq_length = max(2048, seq)
     # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16,
                                            **({"target_parameters": []} if lora_experts == "off" else {}))
     trainable = count_parameters(model)[0]
     FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
-    inputs = batch_inputs(cfg, batch, text, image, model_cls)
-    grid, n_img = image_tokens(cfg, image)
-    raw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-               pixel_values=inputs["pixel_values"], image_grid_thw=np.array([[1, grid, grid]] * batch))
-    labels = inputs["input_ids"].copy()
-    labels[:, :2 + n_img] = -100
+    grid, _ = image_tokens(cfg, image)
+    labels = raw["input_ids"].copy()
+    labels[:, :image_prefix(cfg, image)] = -100
 
     class SyntheticTrainer(SFTTrainer):
         def micro_batch(self, index):
@@ -215,7 +240,6 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     tr = trainer(steps)
     tr.train()
     wall = time.perf_counter() - t0
-    seq = inputs["input_ids"].shape[1]
     step_s = float(np.median([batch * seq / r["tokens_per_s"] for r in tr.log_history[3:]]))
     stats = jax.devices()[0].memory_stats() or {}
     flops = model_flops_per_step(cfg, batch, seq, grid * grid)
@@ -236,7 +260,7 @@ def main():
     ap.add_argument("--attn", nargs="+", default=["auto"], help="auto (cuDNN on a GPU), xla, cudnn")
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[512], help="tokens per loss chunk; 0: all logits")
     ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside the image's 256 tokens "
-                                                          "for Qwen2-VL, 196 for Qwen3-VL)")
+                                                          "for Qwen2-VL, 196 for Qwen3-VL, 256 + 4 for Gemma 3)")
     ap.add_argument("--geometry", default="qwen2-vl-2b", choices=sorted(GEOMETRIES))
     ap.add_argument("--trace", help="profile the first configuration into this directory")
     ap.add_argument("--trace-tool", default="torch", choices=["torch", "jax"],
@@ -244,7 +268,8 @@ def main():
     ap.add_argument("--lora-experts", nargs="+", default=["auto"], choices=["auto", "off"],
                     help="a mixture of experts' weights: auto (Unsloth's default, adapted) or off (attention only)")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config, 64-pixel images
+    # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)

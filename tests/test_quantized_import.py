@@ -54,8 +54,10 @@ def bnb_checkpoint(tiny, tmp_path_factory):
 
 
 def weight(model, hf_key):
-    """Our param value (a layer's row of a stacked one) for a transformers key."""
-    m = re.match(r"(model\.language_model\.layers|model\.visual\.blocks)\.(\d+)\.(.*)", hf_key)
+    """Our param value (a layer's row of a stacked one) for a transformers key; the stacked layers are the
+    family's (INFO.stacked, e.g. model.language_model.layers, model.visual.blocks)."""
+    stacked = type(model).INFO.stacked
+    m = re.match("(" + "|".join(map(re.escape, stacked)) + r")\.(\d+)\.(.*)", hf_key)
     module = model
     for part in (m.group(1) + "." + m.group(3) if m else hf_key).split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
