@@ -233,17 +233,27 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 attention_implementation = os.environ.get("JAXVLM_ATTENTION", "auto")
 
 
-def _use_cudnn(q: jax.Array) -> bool:
+def _cudnn_head_dim_limit() -> int:
+    device = jax.devices()[0]
+    return 256 if str(getattr(device, "compute_capability", "")).split(".")[0] in ("9", "10", "11", "12") else 128
+
+
+def _use_cudnn(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> bool:
     impl = attention_implementation
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if impl == "xla":
         return False
-    supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+    # cuDNN's flash attention: head_dim a multiple of 8 up to 128 (256 from Hopper on); with a mask (a bias to
+    # cuDNN) its backward needs even lengths.
+    supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and (
+        q.shape[-1] <= 128 or jax.default_backend() == "gpu" and q.shape[-1] <= _cudnn_head_dim_limit()) and (
+        mask is None or q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
     if impl == "cudnn":
         if not supported:
-            raise ValueError(f"cuDNN attention needs bf16/fp16 and head_dim a multiple of 8 up to 128; got "
-                             f"{q.dtype} and head_dim {q.shape[-1]}")
+            raise ValueError(f"cuDNN attention needs bf16/fp16, head_dim a multiple of 8 up to 128 (256 on Hopper), "
+                             f"and even lengths with a mask; got {q.dtype}, head_dim {q.shape[-1]}, lengths "
+                             f"{q.shape[1]} x {k.shape[1]}{' with a mask' if mask is not None else ''}")
         return True
     # One query (a decode step) reads the cache once; XLA's plain product is as good there.
     return supported and q.shape[1] > 1 and jax.default_backend() == "gpu"
@@ -261,7 +271,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
     memory); elsewhere XLA's.
     """
-    if _use_cudnn(q):
+    if _use_cudnn(q, k, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, scale=scale, implementation="cudnn")
     if lengths is not None:

@@ -72,17 +72,24 @@ def test_attention_causal_with_key_padding_and_lengths():
 
 def test_attention_implementation_choice(monkeypatch):
     q = jnp.zeros((1, 4, 2, 80), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 4, 4), bool)
     monkeypatch.setattr(layers, "attention_implementation", "auto")
-    assert layers._use_cudnn(q) == (jax.default_backend() == "gpu")
-    assert not layers._use_cudnn(q.astype(jnp.float32))  # fp32: XLA, also on a GPU
+    assert layers._use_cudnn(q, q) == (jax.default_backend() == "gpu")
+    assert layers._use_cudnn(q, q, mask) == (jax.default_backend() == "gpu")
+    assert not layers._use_cudnn(q.astype(jnp.float32), q)  # fp32: XLA, also on a GPU
+    odd = jnp.zeros((1, 5, 2, 80), jnp.bfloat16)
+    assert not layers._use_cudnn(odd, odd, jnp.ones((1, 1, 5, 5), bool))  # a mask with odd lengths: XLA
+    assert not layers._use_cudnn(jnp.zeros((1, 4, 2, 256), jnp.bfloat16), q) or jax.default_backend() == "gpu"
     monkeypatch.setattr(layers, "attention_implementation", "xla")
-    assert not layers._use_cudnn(q)
+    assert not layers._use_cudnn(q, q)
     monkeypatch.setattr(layers, "attention_implementation", "cudnn")
     with pytest.raises(ValueError, match="head_dim"):
-        layers._use_cudnn(jnp.zeros((1, 4, 2, 81), jnp.bfloat16))
+        layers._use_cudnn(jnp.zeros((1, 4, 2, 81), jnp.bfloat16), q)
+    with pytest.raises(ValueError, match="even lengths with a mask; .* lengths 5 x 5 with a mask"):
+        layers._use_cudnn(odd, odd, jnp.ones((1, 1, 5, 5), bool))
     monkeypatch.setattr(layers, "attention_implementation", "fast")
     with pytest.raises(ValueError, match="expected one of"):
-        layers._use_cudnn(q)
+        layers._use_cudnn(q, q)
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 64, 128), (3, 96, 320), (8, 48, 64 * 7)])
