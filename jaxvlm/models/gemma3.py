@@ -465,8 +465,7 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
             "image_processor_type": "Gemma3ImageProcessor", "size": {"height": 28, "width": 28}, "resample": 2,
             "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": None,
-            "do_pan_and_scan": None, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 3,
-            "pan_and_scan_min_ratio_to_activate": 1.2},
+            "do_pan_and_scan": None},
         processor={"image_seq_length": 4},
     )
 
