@@ -5,7 +5,7 @@ The workload per family (the functions below dispatch on the config's type, jaxv
   Qwen-VL   <vision_start>, one image x image picture (448: 256 merged tokens of Qwen2-VL's 14-pixel patches,
             196 of Qwen3-VL's 16-pixel ones), <vision_end>, then the text tokens;
   Gemma 3   one picture of the SigLIP tower's fixed size (896: 64 x 64 patches pooled to 256 tokens), wrapped as
-            Gemma3Processor expands <start_of_image>: "\n\n<boi>" + 256 image tokens + "<eoi>\n\n", then the
+            Gemma3Processor expands <start_of_image>: "\\n\\n<boi>" + 256 image tokens + "<eoi>\\n\\n", then the
             text tokens; token_type_ids 1 exactly at the image tokens.
 
 `load_geometry(name, tiny=True)` gives the family's tiny config instead (the scripts' hidden `--tiny`), so that
@@ -203,7 +203,7 @@ def image_tokens(cfg, image: int) -> tuple[int, int]:
 
 def image_prefix(cfg, image: int) -> int:
     """Tokens of a sample's image part (before its text; the labels are -100 there): the image tokens and their
-    wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\n\n<boi>" .. "<eoi>\n\n" for Gemma 3."""
+    wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\\n\\n<boi>" .. "<eoi>\\n\\n" for Gemma 3."""
     return image_tokens(cfg, image)[1] + (4 if is_gemma3(cfg) else 2)
 
 
@@ -255,8 +255,8 @@ def random_model(cfg, dtype, seed=0, nf4=False, model_cls=MODEL):
 def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     """What a processor would return for `batch` samples of <vision_start>, one image x image, <vision_end>,
     `text` random tokens (below the special tokens' ids): input_ids, attention_mask, pixel_values (float32
-    `[patches, patch_dim]`), image_grid_thw. Gemma 3: "\n\n<boi>", the image's tokens, "<eoi>\n\n" (the
-    two "\n\n" random text ids), `text` random tokens: input_ids, attention_mask, pixel_values (float32
+    `[patches, patch_dim]`), image_grid_thw. Gemma 3: "\\n\\n<boi>", the image's tokens, "<eoi>\\n\\n" (the
+    two "\\n\\n" random text ids), `text` random tokens: input_ids, attention_mask, pixel_values (float32
     `[batch, 3, image, image]`), token_type_ids (1 at the image tokens)."""
     if is_gemma3(cfg):
         return _gemma3_raw_batch(cfg, batch, text, image)

@@ -6,7 +6,7 @@ On the lent GPU machine:
         --batch 1 --new 128 --quant 16bit nf4 --hf
 
 Each prompt: one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL; Gemma 3:
-one 896x896 image, 256 tokens in "\n\n<boi>" .. "<eoi>\n\n", with token_type_ids) + 32 text tokens. Generation
+one 896x896 image, 256 tokens in "\\n\\n<boi>" .. "<eoi>\\n\\n", with token_type_ids) + 32 text tokens. Generation
 runs exactly --new tokens (no EOS), greedy. Each implementation/weights runs in its own
 process (its own peak-memory reading); one JSON line per batch size: generate seconds for the whole call (prefill +
 --new tokens) and for a call generating one token (the prefill), each the median of 3 after a warm-up; new

@@ -3,10 +3,13 @@
 On the lent GPU machine (`.peers/` built by scripts/fetch_peers.sh and carried):
 
     PYTHONPATH=.peers/bnb:.peers/unsloth:. python scripts/bench_unsloth.py --geometry qwen3-vl-2b --batch 4 8 --q4 0 1
+    PYTHONPATH=.peers/bnb:.peers/unsloth:. python scripts/bench_unsloth.py --geometry gemma3-4b --batch 4 8 --q4 0 1
 
 Same workload as bench_train and bench_hf_peft: the geometry's model with random weights (bench_common.GEOMETRIES),
 batch B of one 448x448 image (Qwen2-VL's 14-pixel patches: 32x32 patches, 256 merged tokens; Qwen3-VL's 16-pixel
-ones: 28x28 patches, 196 tokens) plus 256 text tokens, labels masked on the image prefix, LoRA r=16 alpha=16 on
+ones: 28x28 patches, 196 tokens; Gemma 3: one 896x896 image, 64x64 patches pooled to 256 tokens, wrapped in
+"\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them) plus 256 text tokens, labels masked on the image prefix,
+LoRA r=16 alpha=16 on
 vision + language attention + MLP, AdamW lr 1e-4; 3 warm-up steps, then the median of 10 timed steps, peak memory
 from torch.cuda.max_memory_allocated. The model goes through Unsloth's public API: FastVisionModel.from_pretrained
 (bf16, or load_in_4bit=True for NF4), get_peft_model, for_training.
@@ -15,10 +18,11 @@ The random model and an offline-built processor are saved once to MODEL_DIR (def
 by a separate process, so that each measured process imports unsloth before transformers and peft.
 
 Needs unsloth, unsloth_zoo, trl, datasets and bitsandbytes importable (on the lent GPU machine:
-PYTHONPATH=.peers/bnb:.peers/unsloth). Other uses:
+PYTHONPATH=.peers/bnb:.peers/unsloth), and a GPU: without them each config prints its error line. Other uses:
 
     GEOMETRY=qwen3-vl-2b B=4 Q4=1 python scripts/bench_unsloth.py --child   # a single config in this process
     python scripts/bench_unsloth.py --geometry qwen3-vl-2b --prep DIR        # only write the model and processor
+    python scripts/bench_unsloth.py --geometry gemma3-4b --tiny --prep DIR   # the same for the family's tiny config
 
 One JSON line per config; a config that fails prints a JSON line with the error and the end of its traceback.
 """
@@ -46,11 +50,68 @@ _SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 15164
             "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
 
 
-def model_dir(geometry: str) -> str:
-    return os.environ.get("MODEL_DIR") or f"/tmp/unsloth_bench_{geometry}"
+def model_dir(geometry: str, tiny: bool = False) -> str:
+    return os.environ.get("MODEL_DIR") or f"/tmp/unsloth_bench_{geometry}{'_tiny' if tiny else ''}"
+
+
+def is_gemma3(hf_config) -> bool:
+    """Whether a transformers config is Gemma 3's (fixed-size SigLIP images, token_type_ids)."""
+    import transformers
+    return isinstance(hf_config, transformers.Gemma3Config)
 
 
 def save_processor(path, hf_config):
+    """The family's offline processor (Qwen-VL's or Gemma 3's), saved to `path`."""
+    if is_gemma3(hf_config):
+        return save_gemma3_processor(path, hf_config)
+    return save_qwen_processor(path, hf_config)
+
+
+# Gemma 3's special tokens at the released tokenizer's ids (the image ones come from the config).
+_GEMMA_SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105, "<end_of_turn>": 106}
+
+
+def save_gemma3_processor(path, hf_config):
+    """An offline Gemma3Processor: a word-level tokenizer over the config's whole vocabulary (plain ids are
+    placeholders), Gemma's special tokens at the released ids and the image tokens (<start_of_image>,
+    <end_of_image>, <image_soft_token>) at the config's, the family's chat template, and a Gemma3ImageProcessor of
+    the tower's image size (mean = std = 0.5, as Gemma 3's) with image_seq_length = mm_tokens_per_image."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxvlm.models import model_class
+    family = model_class(hf_config.model_type, path)
+    special = dict(_GEMMA_SPECIAL, **{"<start_of_image>": hf_config.boi_token_index,
+                                      "<end_of_image>": hf_config.eoi_token_index,
+                                      "<image_soft_token>": hf_config.image_token_index})
+    taken = set(special.values())
+    if len(taken) != len(special) or max(taken) >= hf_config.text_config.vocab_size:
+        raise ValueError(f"Gemma 3 special token ids {special} collide or leave the vocabulary")
+    vocab = {f"t{i}": i for i in range(hf_config.text_config.vocab_size) if i not in taken}
+    vocab.update(special)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+        chat_template=family.TINY.chat_template, extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    size = hf_config.vision_config.image_size
+    kw = dict(size={"height": size, "width": size}, resample=2, do_rescale=True, rescale_factor=1 / 255,
+              do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False)
+    try:  # the torchvision backend, else PIL's
+        image_processor = transformers.Gemma3ImageProcessor(**kw)
+    except Exception:
+        from transformers import Gemma3ImageProcessorPil
+        image_processor = Gemma3ImageProcessorPil(**kw)
+    proc = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=family.TINY.chat_template,
+                                        image_seq_length=hf_config.mm_tokens_per_image)
+    proc.save_pretrained(path)
+
+
+def save_qwen_processor(path, hf_config):
     """An offline processor of the config's family (Qwen2VLProcessor / Qwen3VLProcessor): a word-level tokenizer
     whose 151,643 plain ids are placeholders and whose special tokens sit at Qwen2's ids, the family's chat
     template, and image/video processors with the config's patch size (14 for Qwen2-VL, 16 for Qwen3-VL)."""
@@ -97,19 +158,19 @@ def save_processor(path, hf_config):
     proc.save_pretrained(path)
 
 
-def prep(path, geometry):
+def prep(path, geometry, tiny=False):
     """Saves the geometry's random bf16 model and the processor to `path` (no unsloth in this process)."""
     from scripts.bench_common import hf_geometry, save_random_hf_model
-    save_random_hf_model(geometry, path)
-    save_processor(path, hf_geometry(geometry))
+    save_random_hf_model(geometry, path, tiny)
+    save_processor(path, hf_geometry(geometry, tiny))
     open(os.path.join(path, "DONE"), "w").close()
 
 
-def ensure_model_dir(geometry):
-    path = model_dir(geometry)
+def ensure_model_dir(geometry, tiny=False):
+    path = model_dir(geometry, tiny)
     if not os.path.exists(os.path.join(path, "DONE")):
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--prep", path, "--geometry", geometry],
-                       check=True)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--prep", path, "--geometry", geometry,
+                        *(["--tiny"] if tiny else [])], check=True)
     return path
 
 
@@ -121,14 +182,55 @@ def workload(config):
     return grid, grid * grid // v.spatial_merge_size**2, v.in_channels * v.temporal_patch_size * v.patch_size**2
 
 
+def qwen_batch(cfg, B, device):
+    """(forward keyword arguments, labels, seq, image side, image tokens) of Qwen-VL's workload: <vision_start>,
+    one IMG x IMG image, <vision_end>, TXT random tokens; labels masked on the image part."""
+    import torch
+    grid, n_img_tok, patch_dim = workload(cfg)
+    seq = n_img_tok + TXT + 2
+    torch.manual_seed(0)
+    ids = torch.randint(0, 150000, (B, seq), device=device)
+    ids[:, 0] = cfg.vision_start_token_id
+    ids[:, 1:1 + n_img_tok] = cfg.image_token_id
+    ids[:, 1 + n_img_tok] = cfg.vision_end_token_id
+    pix = torch.randn(B * grid * grid, patch_dim, device=device, dtype=torch.bfloat16)
+    thw = torch.tensor([[1, grid, grid]] * B, device=device)
+    mm = torch.zeros_like(ids); mm[ids == cfg.image_token_id] = 1
+    labels = ids.clone(); labels[:, :2 + n_img_tok] = -100
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, image_grid_thw=thw,
+              mm_token_type_ids=mm)
+    return kw, labels, seq, IMG, n_img_tok
+
+
+def gemma3_batch(cfg, B, device):
+    """The same for Gemma 3 (bench_common's layout): "\\n\\n<boi>" (the "\\n\\n" a random text id), the image's
+    mm_tokens_per_image tokens, "<eoi>\\n\\n", TXT random tokens; one image of the tower's size per sample,
+    token_type_ids 1 at the image tokens."""
+    import torch
+    n_img_tok, size = cfg.mm_tokens_per_image, cfg.vision_config.image_size
+    seq = n_img_tok + 4 + TXT
+    torch.manual_seed(0)
+    special = min(cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index)
+    ids = torch.randint(0, special, (B, seq), device=device)
+    ids[:, 1] = cfg.boi_token_index
+    ids[:, 2:2 + n_img_tok] = cfg.image_token_index
+    ids[:, 2 + n_img_tok] = cfg.eoi_token_index
+    pix = torch.randn(B, cfg.vision_config.num_channels, size, size, device=device, dtype=torch.bfloat16)
+    labels = ids.clone(); labels[:, :4 + n_img_tok] = -100
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
+              token_type_ids=(ids == cfg.image_token_index).long())
+    return kw, labels, seq, size, n_img_tok
+
+
 def child():
     B = int(os.environ.get("B", 4))
     Q4 = os.environ.get("Q4", "0") == "1"
     geometry = os.environ.get("GEOMETRY", DEFAULT_GEOMETRY)
+    tiny = os.environ.get("TINY", "0") == "1"
     impl = "unsloth nf4" if Q4 else "unsloth bf16"
     res = dict(bench="train", impl=impl, geometry=geometry, weights="nf4" if Q4 else "bf16", B=B)
     try:
-        path = ensure_model_dir(geometry)
+        path = ensure_model_dir(geometry, tiny)
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", "/tmp/unsloth_compiled_cache")
         import unsloth  # before transformers and peft
         from unsloth import FastVisionModel
@@ -149,22 +251,11 @@ def child():
             import bitsandbytes as bnb
             res["n_linear4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         cfg = model.config
-        grid, n_img_tok, patch_dim = workload(cfg)
-        seq = n_img_tok + TXT + 2
-        torch.manual_seed(0)
-        ids = torch.randint(0, 150000, (B, seq), device="cuda")
-        ids[:, 0] = cfg.vision_start_token_id
-        ids[:, 1:1 + n_img_tok] = cfg.image_token_id
-        ids[:, 1 + n_img_tok] = cfg.vision_end_token_id
-        pix = torch.randn(B * grid * grid, patch_dim, device="cuda", dtype=torch.bfloat16)
-        thw = torch.tensor([[1, grid, grid]] * B, device="cuda")
-        mm = torch.zeros_like(ids); mm[ids == cfg.image_token_id] = 1
-        labels = ids.clone(); labels[:, :2 + n_img_tok] = -100
+        kw, labels, seq, img, n_img_tok = (gemma3_batch if is_gemma3(cfg) else qwen_batch)(cfg, B, "cuda")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, image_grid_thw=thw,
-                        labels=labels, mm_token_type_ids=mm)
+            out = model(**kw, labels=labels)
             out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
             return out.loss
 
@@ -176,7 +267,7 @@ def child():
             times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
         times.sort(); med = times[len(times) // 2]
-        res.update(seq=seq, img=IMG, image_tokens=n_img_tok, step_s=med, tokens_per_s=B * seq / med,
+        res.update(seq=seq, img=img, image_tokens=n_img_tok, step_s=med, tokens_per_s=B * seq / med,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30, losses=[round(x, 4) for x in losses])
     except BaseException as e:
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -194,20 +285,22 @@ def main():
     ap.add_argument("--prep", metavar="DIR", help="only save the random model and processor to DIR")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per config")
     ap.add_argument("--log", help="append each child's full output to this file")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the family's tiny config (CPU checks)
     args = ap.parse_args()
     if args.prep:
-        return prep(args.prep, args.geometry)
+        return prep(args.prep, args.geometry, args.tiny)
     if args.child:
         return child()
     try:
-        path = ensure_model_dir(args.geometry)
+        path = ensure_model_dir(args.geometry, args.tiny)
     except Exception as e:
         print(json.dumps(dict(bench="train", impl="unsloth", geometry=args.geometry,
                               error=f"model prep failed: {e}")), flush=True)
         return
     for q4 in args.q4:
         for b in args.batch:
-            env = dict(os.environ, B=str(b), Q4=str(q4), GEOMETRY=args.geometry, MODEL_DIR=path)
+            env = dict(os.environ, B=str(b), Q4=str(q4), GEOMETRY=args.geometry, MODEL_DIR=path,
+                       TINY="1" if args.tiny else "0", **({"IMG": os.environ.get("IMG", "64")} if args.tiny else {}))
             impl = "unsloth nf4" if q4 else "unsloth bf16"
             try:
                 p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env,
