@@ -362,7 +362,8 @@ def next_dropout_key() -> jax.Array | None:
 REMAT_POLICIES = ("full", "dots", "offload")
 
 
-def _checkpoint_policy(name: str):
+def checkpoint_policy(name: str):
+    """The jax.checkpoint policy of a REMAT_POLICIES name (blocks name their input "block_input")."""
     policies = jax.checkpoint_policies
     if name == "full":
         return policies.nothing_saveable
@@ -383,7 +384,7 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
     if remat is not None:
         def named(block, c, *xs):
             return fn(block, checkpoint_name(c, "block_input"), *xs)
-        body = nnx.remat(named, policy=_checkpoint_policy(remat), prevent_cse=False)
+        body = nnx.remat(named, policy=checkpoint_policy(remat), prevent_cse=False)
 
     # With dropout, each layer folds its index into the step's key, so layers draw different masks.
     key = _dropout["key"]
