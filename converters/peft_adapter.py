@@ -35,7 +35,7 @@ _PREFIX = "base_model.model."
 
 def adapter_tensors(model) -> dict[str, np.ndarray]:
     """PEFT's adapter state dict: lora_A / lora_B of the adapted layers and the modules_to_save weights."""
-    stacked = type(model).INFO.stacked
+    stacked = model.stacks()
     keep = tuple(getattr(model, "modules_to_save", ()) or ())
     experts = {ours for ours, _ in expert_params(model).values()}
     out, expert_factors = {}, {}
@@ -218,7 +218,7 @@ def _fill_lora(model, targets, pairs, sources, where):
 def _fill_saved(model, saved, where):
     if not saved:
         return model
-    stacked = type(model).INFO.stacked
+    stacked = model.stacks()
     graphdef, state = nnx.split(model)
     flat = dict((path_key(p), (p, v)) for p, v in nnx.to_flat_state(state))
     for name, array in saved.items():

@@ -49,7 +49,7 @@ def _copy_configs(model, out_dir: str, dtype, quantization_config: dict | None =
 def _merged_current_names(model, dtype):
     """(current HF key, host array) of every weight with LoRA merged and NF4 dequantized, in `dtype`."""
     dense = jax.jit(lambda v: dense_weight(v, dtype))
-    yield from hf_tensors(model, type(model).INFO.stacked, lambda v: np.asarray(dense(v)))
+    yield from hf_tensors(model, model.stacks(), lambda v: np.asarray(dense(v)))
 
 
 def merged_tensors(model, dtype):
@@ -67,7 +67,7 @@ def merged_4bit_tensors(model, dtype):
     quantize = jax.jit(quantize_nf4)
     for key, array in _merged_current_names(model, dtype):
         disk_key = normalize_key(key, info.export_keys)
-        if split_layer(key, info.stacked)[0] not in targets:
+        if split_layer(key, model.stacks())[0] not in targets:
             yield disk_key, array
             continue
         for suffix, tensor in nf4_to_bnb(quantize(jnp.asarray(array))).items():
@@ -131,7 +131,7 @@ def _sizes(model, dtype) -> list[int]:
     """Bytes of each tensor `merged_tensors` will yield, without computing any (zero-stride views)."""
     def shape_only(v):
         return np.broadcast_to(np.empty((), dtype), jax.eval_shape(lambda w: dense_weight(w, dtype), v).shape)
-    return [a.nbytes for _, a in hf_tensors(model, type(model).INFO.stacked, shape_only)]
+    return [a.nbytes for _, a in hf_tensors(model, model.stacks(), shape_only)]
 
 
 def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",

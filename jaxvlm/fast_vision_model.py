@@ -166,7 +166,7 @@ class FastVisionModel:
         abstract = nnx.eval_shape(lambda: cls(cfg, dtype))
         ignored = info.ignored_keys + ((r"^lm_head\.",) if getattr(cfg, "tie_word_embeddings", False) else ())
         targets = quantized_weight_keys(abstract, info.quant_skip) if quant else set()
-        model = load_state(abstract, ckpt, stacked=info.stacked, renames=info.legacy_keys, ignored=ignored,
+        model = load_state(abstract, ckpt, stacked=abstract.stacks(), renames=info.legacy_keys, ignored=ignored,
                            convert=quantizing_convert(quant, targets, dtype, prequantized))
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxvlm.kernels.lora_matmul import concat_linear
 from jaxvlm.layers import Experts, Linear, dense_weight, grouped_linear, linear, next_dropout_key
-from jaxvlm.paths import path_key, stacked_prefix
+from jaxvlm.paths import layer_key, path_key, stacked_prefix
 from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
 from jaxvlm.targets import get_peft_regex, moe_target_parameters, select_modules, select_parameters
 
@@ -95,7 +95,7 @@ class LoRA:
 
 def linear_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
     """{HF module name: (our Linear's path, layer index or None)} for every Linear, layers expanded."""
-    stacked = type(model).INFO.stacked
+    stacked = model.stacks()
     names = {}
     for path, module in nnx.iter_modules(model):
         if not isinstance(module, Linear):
@@ -107,7 +107,7 @@ def linear_modules(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
             continue
         n = jax.tree.leaves(module.weight.get_value())[0].shape[0]  # layers (any weight type)
         for i in range(n):
-            names[f"{prefix}.{i}.{ours[len(prefix) + 1:]}"] = (ours, i)
+            names[layer_key(ours, i, stacked)] = (ours, i)
     return names
 
 
@@ -115,7 +115,7 @@ def expert_params(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
     """{HF parameter name: (our param path, layer index or None)} for the weights of every layers.Experts
     (`model.language_model.layers.3.mlp.experts.gate_up_proj`), layers expanded, in the order of
     Experts.WEIGHTS within each module (the order PEFT nests its wrappers in)."""
-    stacked = type(model).INFO.stacked
+    stacked = model.stacks()
     names = {}
     for path, module in nnx.iter_modules(model):
         if not isinstance(module, Experts):
@@ -124,7 +124,7 @@ def expert_params(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
         prefix = stacked_prefix(ours, stacked)
         n = None if prefix is None else jax.tree.leaves(module.gate_up_proj.get_value())[0].shape[0]
         for i in [None] if n is None else range(n):
-            module_name = ours if i is None else f"{prefix}.{i}.{ours[len(prefix) + 1:]}"
+            module_name = layer_key(ours, i, stacked)
             for w in Experts.WEIGHTS:
                 names[f"{module_name}.{w}"] = (f"{ours}.{w}", i)
     return names

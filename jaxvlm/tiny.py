@@ -93,9 +93,9 @@ def save_random_model(path, model_type="qwen2_vl", seed=0, std=0.02, size="test"
     norm_scales = {f"{path_key(p)}.weight" for p, m in nnx.iter_modules(model)
                    if isinstance(m, (RMSNorm, LayerNorm)) and not getattr(m, "ZERO_CENTERED", False)}
     shape_only = lambda v: np.broadcast_to(np.empty((), np.float32), v.shape)  # noqa: E731
-    for key, array in hf_tensors(model, family.INFO.stacked, shape_only):
+    for key, array in hf_tensors(model, model.stacks(), shape_only):
         # Norm scales near 1, everything else small: the forward then behaves like a trained model's.
-        base = 1.0 if split_layer(key, family.INFO.stacked)[0] in norm_scales else 0.0
+        base = 1.0 if split_layer(key, model.stacks())[0] in norm_scales else 0.0
         tensors[key] = (base + std * rng.standard_normal(array.shape)).astype(np.float32)
     os.makedirs(path, exist_ok=True)
     hf_config.save_pretrained(path)

@@ -153,3 +153,22 @@ def test_gradients_flow_through_both_stacks_under_remat(models):
             assert all(np.abs(g[i]).max() > 0 for i in range(g.shape[0])), key
     finally:
         ours.remat = None
+
+
+def test_two_stacks_numbered_within_one_hf_prefix_round_trip():
+    """jaxvlm.paths.Stack: transformers' layer N goes to the row of its kind's stack, and back."""
+    from jaxvlm.paths import Stack, layer_key, split_layer, stacked_prefix
+    stacks = (Stack("model.language_model.layers", "model.language_model.layers", (0, 2, 4)),
+              Stack("model.language_model.cross_attention_layers", "model.language_model.layers", (1, 3)),
+              "model.vision_model.transformer.layers")
+    cases = {"model.language_model.layers.3.cross_attn.q_proj.weight":
+             ("model.language_model.cross_attention_layers.cross_attn.q_proj.weight", 1),
+             "model.language_model.layers.4.self_attn.q_proj.weight": ("model.language_model.layers.self_attn.q_proj.weight", 2),
+             "model.vision_model.transformer.layers.7.mlp.fc1.weight": ("model.vision_model.transformer.layers.mlp.fc1.weight", 7),
+             "model.language_model.norm.weight": ("model.language_model.norm.weight", None)}
+    for hf, (ours, row) in cases.items():
+        assert split_layer(hf, stacks) == (ours, row)
+        assert layer_key(ours, row, stacks) == hf
+    assert stacked_prefix("model.language_model.cross_attention_layers.mlp.up_proj.weight", stacks) == \
+        "model.language_model.cross_attention_layers"
+    assert split_layer("model.language_model.layers.5.self_attn.q_proj.weight", stacks)[1] is None  # no such layer

@@ -55,14 +55,14 @@ def bnb_checkpoint(tiny, tmp_path_factory):
 
 def weight(model, hf_key):
     """Our param value (a layer's row of a stacked one) for a transformers key; the stacked layers are the
-    family's (INFO.stacked, e.g. model.language_model.layers, model.visual.blocks)."""
-    stacked = type(model).INFO.stacked
-    m = re.match("(" + "|".join(map(re.escape, stacked)) + r")\.(\d+)\.(.*)", hf_key)
+    family's (model.stacks(), e.g. model.language_model.layers, model.visual.blocks)."""
+    from jaxvlm.paths import split_layer
+    ours, row = split_layer(hf_key, model.stacks())
     module = model
-    for part in (m.group(1) + "." + m.group(3) if m else hf_key).split("."):
+    for part in ours.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     value = module.get_value()
-    return value if m is None else __import__("jax").tree.map(lambda a: a[int(m.group(2))], value)
+    return value if row is None else __import__("jax").tree.map(lambda a: a[row], value)
 
 
 def batch_for(processor):

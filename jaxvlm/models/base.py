@@ -8,8 +8,8 @@ which family it holds: the importer, LoRA, quantization, export, the collator, t
 Parts of ../shared/FAMILY.md and where they live:
   config                       `config_from_hf` (a frozen dataclass from the transformers config)
   modules                      the subclass's attributes, paths mirroring transformers' module paths
-  HF key map, current and old  `INFO.stacked`, `INFO.legacy_keys`, `INFO.export_keys`, `INFO.ignored_keys`,
-                               `INFO.transposed_keys`
+  HF key map, current and old  `INFO.stacked` (`stacks()`), `INFO.legacy_keys`, `INFO.export_keys`,
+                               `INFO.ignored_keys`, `INFO.transposed_keys`
   input preparation            `prepare_inputs` (host side, numpy) -> the arrays `forward` takes
   LoRA target names            the Linear modules' per-layer HF names (jaxvlm.targets applies Unsloth's
                                `get_peft_regex` to them, as Unsloth does to the torch model's names)
@@ -132,6 +132,11 @@ class VisionLanguageModel(nnx.Module):
         transformers' forward takes for this family). `n_pad_patches` (the collator's bucket padding)
         is accepted as well."""
         raise NotImplementedError
+
+    def stacks(self) -> tuple:
+        """The stacked blocks (jaxvlm.paths): `INFO.stacked` (row r = transformers' layer r), unless the family's
+        config numbers a stack's rows otherwise (then `paths.Stack`s)."""
+        return type(self).INFO.stacked
 
     def pixel_row_shape(self, image_processor) -> tuple[int, ...]:
         """The shape of one row of the processor's pixel_values (the collator pads with such rows): by default a
