@@ -287,7 +287,6 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, cfg: MllamaVisionConfig, dtype, num_layers: int, *, gated: bool):
         self.layers = EncoderLayer(cfg, dtype, stack=(num_layers,), gated=gated)
-        self.num_layers = num_layers
 
 
 def _layer_slice(stack: nnx.Module, start: int, stop: int) -> nnx.Module:
