@@ -1,5 +1,6 @@
 """Bad checkpoints and configs give an exception naming what is wrong, never a partial model."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -36,7 +37,9 @@ def edit_tensors(path, fn):
 
 def test_unsupported_model_type_lists_the_supported_ones(model_dir):
     edit_config(model_dir, lambda c: c.update(model_type="llava"))
-    with pytest.raises(ValueError, match=r"'llava' is not supported; supported: qwen2_5_vl, qwen2_vl"):
+    from jaxvlm.models import REGISTRY
+    assert {"gemma3", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"} <= set(REGISTRY)
+    with pytest.raises(ValueError, match=re.escape(f"'llava' is not supported; supported: {', '.join(sorted(REGISTRY))}")):
         load(model_dir)
 
 
