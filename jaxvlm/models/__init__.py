@@ -12,6 +12,7 @@ REGISTRY = {
     "qwen3_vl": "jaxvlm.models.qwen3_vl:Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "jaxvlm.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
     "gemma3": "jaxvlm.models.gemma3:Gemma3ForConditionalGeneration",
+    "mllama": "jaxvlm.models.mllama:MllamaForConditionalGeneration",
 }
 
 

@@ -1,0 +1,147 @@
+"""Llama 3.2 Vision (mllama) through the family seam, so far: transformers' fp32 logits (text only, images of
+different tile counts, a batch mixing a sample with images and one without, left padding), its two language-model
+stacks numbered within `model.language_model.layers` on import, LoRA targets, PEFT adapters both ways and the
+merged export (which must put every layer back under its own number). Generation is not implemented yet."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from jaxvlm import FastVisionModel
+from jaxvlm.lora import linear_modules
+from jaxvlm.targets import get_peft_regex, select_modules
+from tests.conftest import chat, random_image
+from tests.test_lora import _is_adapted, peft_adapted, with_random_b
+from tests.test_qwen2_vl_parity import assert_logits_match, encode, hf_logits, load
+from tests.tiny import build_hf_model, save_tiny_processor
+
+FAMILY = "mllama"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, transformers model): the gates (zero in transformers' init) set, so that cross-attention shows."""
+    path = tmp_path_factory.mktemp(FAMILY)
+    hf = build_hf_model(FAMILY)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "cross_attn" in name and "gate" in name:
+                p.copy_(torch.tensor([0.6]))
+            elif name.endswith((".gate", "gate_attn", "gate_ffn")):
+                p.add_(0.5)
+    hf.save_pretrained(path)
+    save_tiny_processor(path, FAMILY)
+    return str(path), hf
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    path, hf = tiny
+    model, processor = load(path)
+    return model, processor, hf
+
+
+def _batch(processor, side="right"):
+    old = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = side
+    try:
+        return encode(processor, [chat("what is this digit", 2), chat("describe the picture " * 3), chat("and this", 1)],
+                      [[random_image(56, 84), random_image(30, 90, 2)], [], [random_image(40, 40, 3)]])
+    finally:
+        processor.tokenizer.padding_side = old
+
+
+def test_tiny_config_uses_the_switches_of_the_real_checkpoints(tiny):
+    path, hf = tiny
+    text, vision = hf.config.text_config, hf.config.vision_config
+    assert len(text.cross_attention_layers) >= 2 and text.num_hidden_layers > len(text.cross_attention_layers)
+    assert text.rope_parameters["rope_type"] == "llama3" and vision.max_num_tiles == 4
+    assert vision.num_global_layers >= 2 and len(vision.intermediate_layers_indices) == 2
+    assert hf.config.image_token_index == text.vocab_size  # outside the vocabulary, as in the checkpoints
+
+
+def test_text_only(loaded):
+    model, processor, hf = loaded
+    batch = encode(processor, [chat("what is this digit")])
+    assert_logits_match(model(**batch), hf_logits(hf, batch), batch["attention_mask"])
+
+
+def test_one_image(loaded):
+    model, processor, hf = loaded
+    batch = encode(processor, [chat("describe the image in many words", 1)], [[random_image(56, 84)]])
+    assert batch["aspect_ratio_mask"].sum() > 1, "the image should take several tiles"
+    ref = hf_logits(hf, batch)
+    assert_logits_match(model(**batch), ref, batch["attention_mask"])
+    text = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    assert np.abs(hf_logits(hf, text) - ref).max() > 1e-2, "the cross-attention layers should weigh in"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batch_mixing_images_and_a_text_only_sample_with_padding(loaded, side):
+    model, processor, hf = loaded
+    batch = _batch(processor, side)
+    mask = batch["attention_mask"]
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # as transformers' generate sets them
+    assert_logits_match(model(**batch), hf_logits(hf, {**batch, "position_ids": positions}), mask)
+
+
+def test_the_two_language_stacks_hold_their_own_layers(loaded):
+    """Layer N of transformers' ModuleList is a row of the self- or the cross-attention stack, by kind."""
+    model, processor, hf = loaded
+    t = hf.config.text_config
+    cross = model.model.language_model.cross_attention_layers.cross_attn.q_proj.weight.get_value()
+    selfs = model.model.language_model.layers.self_attn.q_proj.weight.get_value()
+    for row, layer in enumerate(t.cross_attention_layers):
+        ref = hf.model.language_model.layers[layer].cross_attn.q_proj.weight.detach().numpy()
+        np.testing.assert_array_equal(np.asarray(cross[row]), ref)
+    own = [i for i in range(t.num_hidden_layers) if i not in t.cross_attention_layers]
+    for row, layer in enumerate(own):
+        ref = hf.model.language_model.layers[layer].self_attn.q_proj.weight.detach().numpy()
+        np.testing.assert_array_equal(np.asarray(selfs[row]), ref)
+
+
+@pytest.mark.parametrize("vision,language,attention,mlp", [
+    (True, True, True, True), (False, True, True, True), (True, False, True, True), (True, True, False, True)])
+def test_adapted_modules_equal_peft_with_unsloths_regex(loaded, vision, language, attention, mlp):
+    model, processor, hf = loaded
+    names = list(linear_modules(model))
+    assert "model.language_model.layers.1.cross_attn.q_proj" in names  # layer 1 is a cross-attention layer
+    assert "model.language_model.layers.1.self_attn.q_proj" not in names
+    regex = get_peft_regex(names, vision, language, attention, mlp)
+    adapted = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=vision,
+                                             finetune_language_layers=language, finetune_attention_modules=attention,
+                                             finetune_mlp_modules=mlp)
+    ours = {name for name, (param, layer) in linear_modules(adapted).items() if _is_adapted(adapted, param, layer)}
+    assert ours == set(select_modules(names, regex)) == peft_adapted(copy.deepcopy(hf), regex)
+
+
+def test_our_adapter_loads_in_peft_and_back_with_equal_logits(loaded, tmp_path):
+    from peft import PeftModel
+    model, processor, hf = loaded
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8))
+    batch = _batch(processor)
+    logits = np.asarray(adapted(**batch))
+    assert np.abs(logits - hf_logits(hf, batch)).max() > 1e-2, "the adapter should change the logits"
+    adapted.save_pretrained(str(tmp_path / "adapter"), processor)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "adapter")).eval()
+    assert_logits_match(logits, hf_logits(peft_model, batch), batch["attention_mask"])
+    assert_logits_match(model.load_adapter(str(tmp_path / "adapter"))(**batch), logits, batch["attention_mask"])
+
+
+def test_merged_16bit_export_loads_in_transformers_with_our_logits(loaded, tmp_path):
+    import transformers
+    model, processor, hf = loaded
+    adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4))
+    batch = _batch(processor)
+    logits = np.asarray(adapted(**batch))
+    adapted.save_pretrained_merged(str(tmp_path / "out"), processor, save_method="merged_16bit")
+    merged = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert_logits_match(logits, hf_logits(merged.eval(), batch), batch["attention_mask"])
+
+
+def test_generation_says_it_is_not_there_yet(loaded):
+    model, processor, hf = loaded
+    batch = encode(processor, [chat("what is this digit")])
+    with pytest.raises(NotImplementedError, match="generation for Llama 3.2 Vision"):
+        model.generate(**batch, max_new_tokens=2)
