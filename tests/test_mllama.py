@@ -1,7 +1,8 @@
 """Llama 3.2 Vision (mllama) through the family seam, so far: transformers' fp32 logits (text only, images of
 different tile counts, a batch mixing a sample with images and one without, left padding), its two language-model
 stacks numbered within `model.language_model.layers` on import, LoRA targets, PEFT adapters both ways and the
-merged export (which must put every layer back under its own number). Generation is not implemented yet."""
+merged export (which must put every layer back under its own number), greedy generation with the cached image keys
+and values."""
 import copy
 
 import numpy as np
@@ -140,8 +141,17 @@ def test_merged_16bit_export_loads_in_transformers_with_our_logits(loaded, tmp_p
     assert_logits_match(logits, hf_logits(merged.eval(), batch), batch["attention_mask"])
 
 
-def test_generation_says_it_is_not_there_yet(loaded):
+def test_greedy_equals_transformers_for_a_left_padded_batch_mixing_images_and_text(loaded):
+    from tests.test_qwen2_vl_parity import assert_greedy_matches
+    model, processor, hf = loaded
+    batch = _batch(processor, "left")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
+
+
+def test_greedy_text_only_prompt(loaded):
+    from tests.test_qwen2_vl_parity import assert_greedy_matches
     model, processor, hf = loaded
     batch = encode(processor, [chat("what is this digit")])
-    with pytest.raises(NotImplementedError, match="generation for Llama 3.2 Vision"):
-        model.generate(**batch, max_new_tokens=2)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)

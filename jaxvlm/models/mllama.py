@@ -9,8 +9,9 @@ tokens on the device). Positions count real tokens only, as transformers' genera
 mirror transformers 5's (`model.vision_model`, `model.multi_modal_projector`, `model.language_model.layers.N`);
 the language model's two stacks number their rows within `model.language_model.layers` (`stacks()`).
 
-Not supported yet: generation (its cache of the cross-attention layers' image keys and values is the next step;
-`init_cache` says so).
+Generation caches the self-attention keys and values and, once per prompt, each cross-attention layer's image keys
+and values (mllama_text.KVCache); generated tokens see the image tiles the prompt's last token sees, as in
+transformers.
 """
 from __future__ import annotations
 
@@ -189,16 +190,19 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         b = features.shape[0]
         return self.model.multi_modal_projector(features).reshape(b, -1, self.config.text.hidden_size)
 
+    def _vision_and_mask(self, inputs, dtype):
+        if "patches" not in inputs:
+            return None, None
+        vision = self.vision_states(inputs).astype(dtype)
+        tiles = inputs["cross_tiles"]  # [batch, seq, images, tiles]
+        cross = jnp.repeat(tiles, self.config.vision.num_patches, axis=3).reshape(*tiles.shape[:2], -1)
+        return vision, cross
+
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         lm = self.model.language_model
         h = lm.embed_tokens(inputs["input_ids"])
-        vision = cross = None
-        if "patches" in inputs:
-            vision = self.vision_states(inputs).astype(h.dtype)
-            tiles = inputs["cross_tiles"]  # [batch, seq, images, tiles]
-            tokens = self.config.vision.num_patches
-            cross = jnp.repeat(tiles, tokens, axis=3).reshape(*tiles.shape[:2], -1)
-        return lm(h, inputs["positions"], inputs["attention_mask"], vision, cross)
+        vision, cross = self._vision_and_mask(inputs, h.dtype)
+        return lm(h, inputs["positions"], inputs["attention_mask"], vision, cross)[0]
 
     def logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -214,5 +218,14 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         return (np.asarray(inputs["positions"]).max(axis=1) + 1).astype(np.int32)
 
     def init_cache(self, batch: int, length: int):
-        raise NotImplementedError("generation for Llama 3.2 Vision (mllama) is not implemented yet: its cache of "
-                                  "the cross-attention layers' image keys and values comes next")
+        return self.model.language_model.init_cache(batch, length, self.dtype)
+
+    def prefill(self, inputs, cache, key_mask):
+        lm = self.model.language_model
+        h = lm.embed_tokens(inputs["input_ids"])
+        vision, cross = self._vision_and_mask(inputs, h.dtype)
+        return lm(h, inputs["positions"], key_mask, vision, cross, cache, 0)
+
+    def decode(self, tokens, positions, cache, key_mask, index):
+        lm = self.model.language_model
+        return lm(lm.embed_tokens(tokens[:, None]), positions[:, None], key_mask, cache=cache, index=index)

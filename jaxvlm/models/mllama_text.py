@@ -99,13 +99,19 @@ class SelfAttention(nnx.Module):
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=False, dtype=dtype, stack=stack)
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """Causal self-attention; with a cache `kv = (k, v)` `[batch, cache_len, kv_heads, head_dim]` the step's keys
+        and values go to slot `index` and `mask` spans the cache. Returns (out, kv)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attention(q, k, v, mask, causal=True).reshape(b, t, -1))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            kv = (k, v)
+        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
 
 
 class SelfAttentionDecoderLayer(nnx.Module):
@@ -115,9 +121,10 @@ class SelfAttentionDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class CrossAttention(nnx.Module):
@@ -153,10 +160,9 @@ class CrossAttentionDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.cross_attn_mlp_gate = nnx.Param(jnp.zeros((*stack, 1), dtype))
 
-    def __call__(self, x, vision, mask, rows):
-        """`vision [batch, vision tokens, hidden]`, `mask` as CrossAttention's, `rows [batch, seq]` (1: the row may
-        see some vision token)."""
-        k, v = self.cross_attn.keys_values(vision)
+    def __call__(self, x, k, v, mask, rows):
+        """`k, v`: this layer's `cross_attn.keys_values(vision states)`; `mask` as CrossAttention's; `rows [batch,
+        seq]` (1: the row may see some vision token)."""
         attn = self.cross_attn(self.input_layernorm(x), k, v, mask)
         x = x + jnp.tanh(self.cross_attn_attn_gate.get_value()).astype(x.dtype) * attn
         mlp = self.mlp(self.post_attention_layernorm(x)) * rows[..., None].astype(x.dtype)
@@ -182,45 +188,108 @@ class MllamaTextModel(nnx.Module):
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def __call__(self, h, positions, attention_mask, vision=None, cross_mask=None):
+    def _layer_rows(self):
+        c = self.cfg
+        order = np.zeros(c.num_layers, np.int32)  # each position's row in its stack
+        order[list(c.self_attention_layers)] = np.arange(len(c.self_attention_layers))
+        order[list(c.cross_attention_layers)] = np.arange(len(c.cross_attention_layers))
+        return order, np.isin(np.arange(c.num_layers), c.cross_attention_layers)
+
+    def __call__(self, h, positions, attention_mask, vision=None, cross_mask=None, cache: "KVCache | None" = None,
+                 index=0):
         """Final hidden states `[batch, seq, hidden]` from input embeddings `h` at `positions [batch, seq]`.
 
         `attention_mask [batch, seq]`: the real tokens. `vision [batch, vision tokens, hidden]` (None: a text-only
         batch, the cross-attention layers skipped) and `cross_mask [batch, seq, vision tokens]` (bool: which vision
         tokens each text token may see).
+
+        With `cache` (generation; `attention_mask` then spans the cache's slots): a prompt (`index` 0) writes its
+        self-attention keys and values to slots 0..seq-1 and, with `vision`, each cross-attention layer's image keys
+        and values, computed once, and its last row of `cross_mask` (what generated tokens see, as in transformers);
+        a one-token step writes slot `index` and reads the cached image keys and values. Returns (hidden, cache).
         """
         c = self.cfg
         cos, sin = self.cos_sin(positions)
-        key_ok = attention_mask[:, None, None, :] > 0
-        order = np.zeros(c.num_layers, np.int32)  # each position's row in its stack
-        order[list(c.self_attention_layers)] = np.arange(len(c.self_attention_layers))
-        order[list(c.cross_attention_layers)] = np.arange(len(c.cross_attention_layers))
-        is_cross = np.isin(np.arange(c.num_layers), c.cross_attention_layers)
+        t = h.shape[1]
+        order, is_cross = self._layer_rows()
         self_graph, self_state = nnx.split(self.layers)
-        if vision is None:  # text only: the self-attention layers alone, one scan
-            rows = (jnp.asarray(order[~is_cross]),)
-            cross_graph = cross_state = None
+        cross_graph, cross_state = nnx.split(self.cross_attention_layers)
+        prefill = cache is None or (isinstance(index, int) and index == 0)
+        if cache is None:
+            self_mask = attention_mask[:, None, None, :] > 0
         else:
-            rows = (jnp.asarray(order), jnp.asarray(is_cross))
-            cross_graph, cross_state = nnx.split(self.cross_attention_layers)
+            keys = attention_mask.shape[1]
+            self_mask = ((jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None]
+                         & (attention_mask[:, None, None, :] > 0))
+            if prefill and vision is not None:
+                n, (b, s, _) = len(c.cross_attention_layers), vision.shape
+                shape = (n, b, s, c.num_kv_heads, c.head_dim)
+                cache = dataclasses.replace(cache, k_cross=jnp.zeros(shape, cache.k_self.dtype),
+                                            v_cross=jnp.zeros(shape, cache.k_self.dtype), last_cross=cross_mask[:, -1])
+            elif not prefill and cache.k_cross.shape[2]:
+                cross_mask = jnp.broadcast_to(cache.last_cross[:, None], (h.shape[0], t, cache.last_cross.shape[1]))
+        with_vision = vision is not None or (cache is not None and cache.k_cross.shape[2] > 0)
+        if with_vision:
             sees = cross_mask.any(axis=-1)  # [batch, seq]: the row may see some vision token
             mask = (cross_mask | ~sees[..., None])[:, None]  # rows that see nothing see everything (transformers)
 
         def row(state, i):
             return jax.tree.map(lambda a: a[i], state)
 
-        def self_layer(x, i):
-            return nnx.merge(self_graph, row(self_state, i))(x, cos, sin, key_ok)
+        def self_layer(x, i, caches):
+            layer = nnx.merge(self_graph, row(self_state, i))
+            if caches is None:
+                return layer(x, cos, sin, self_mask)[0], None
+            ks, vs, kc, vc = caches
+            x, (k, v) = layer(x, cos, sin, self_mask, (ks[i], vs[i]), index)
+            return x, (ks.at[i].set(k), vs.at[i].set(v), kc, vc)
 
-        def body(x, xs):
+        def cross_layer(x, i, caches):
+            layer = nnx.merge(cross_graph, row(cross_state, i))
+            if caches is not None and not prefill:  # decode: the cached image keys and values
+                ks, vs, kc, vc = caches
+                return layer(x, kc[i], vc[i], mask, sees), caches
+            k, v = layer.cross_attn.keys_values(vision)
+            x = layer(x, k, v, mask, sees)
+            if caches is None:
+                return x, None
+            ks, vs, kc, vc = caches
+            return x, (ks, vs, kc.at[i].set(k.astype(kc.dtype)), vc.at[i].set(v.astype(vc.dtype)))
+
+        def body(carry, xs):
+            x, caches = carry
             x = checkpoint_name(x, "block_input")
-            if vision is None:
-                return self_layer(x, xs[0]), None
+            if not with_vision:
+                return self_layer(x, xs[0], caches), None
             i, cross = xs
-            cross_layer = lambda: nnx.merge(cross_graph, row(cross_state, i))(x, vision, mask, sees)  # noqa: E731
-            return jax.lax.cond(cross, cross_layer, lambda: self_layer(x, i)), None
+            return jax.lax.cond(cross, lambda: cross_layer(x, i, caches), lambda: self_layer(x, i, caches)), None
 
-        if self.remat is not None:
+        if self.remat is not None and cache is None:
             body = jax.checkpoint(body, policy=checkpoint_policy(self.remat), prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, rows)
-        return self.norm(h)
+        rows = (jnp.asarray(order), jnp.asarray(is_cross)) if with_vision else (jnp.asarray(order[~is_cross]),)
+        caches = None if cache is None else (cache.k_self, cache.v_self, cache.k_cross, cache.v_cross)
+        (h, caches), _ = jax.lax.scan(body, (h, caches), rows)
+        if cache is not None:
+            cache = dataclasses.replace(cache, k_self=caches[0], v_self=caches[1], k_cross=caches[2], v_cross=caches[3])
+        return self.norm(h), cache
+
+    def init_cache(self, batch: int, length: int, dtype) -> "KVCache":
+        """Self-attention keys and values for `length` slots; the image keys and values come with the prompt."""
+        c = self.cfg
+        full = (len(c.self_attention_layers), batch, length, c.num_kv_heads, c.head_dim)
+        empty = (len(c.cross_attention_layers), batch, 0, c.num_kv_heads, c.head_dim)
+        return KVCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype), jnp.zeros(empty, dtype), jnp.zeros(empty, dtype),
+                       jnp.zeros((batch, 0), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Self-attention layers' keys and values `[self layers, batch, cache_len, kv_heads, head_dim]`; the
+    cross-attention layers' image keys and values `[cross layers, batch, vision tokens, kv_heads, head_dim]` (0 vision
+    tokens for a text-only prompt) and `last_cross [batch, vision tokens]`, what generated tokens may see."""
+    k_self: jax.Array
+    v_self: jax.Array
+    k_cross: jax.Array
+    v_cross: jax.Array
+    last_cross: jax.Array
