@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,9 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, checkpoint_policy
+from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy
 from jaxvlm.models.base import ConfigError
+from jaxvlm.models.qwen_text import Attention  # Llama-style grouped-query attention with a cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,10 @@ class MllamaTextConfig:
     rope_theta: float
     rope_scaling: tuple  # (("rope_type", ...), ...): llama3's factor, low/high_freq_factor, original length
     cross_attention_layers: tuple[int, ...]
+    # The self-attention layout (qwen_text.Attention's switches): Llama's, no biases, no q/k norms.
+    qkv_bias: ClassVar[bool] = False
+    o_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = False
 
     @property
     def head_dim(self) -> int:
@@ -90,33 +96,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-class SelfAttention(nnx.Module):
-    def __init__(self, cfg: MllamaTextConfig, dtype, stack):
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = Linear(d, cfg.num_heads * hd, bias=False, dtype=dtype, stack=stack)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=False, dtype=dtype, stack=stack)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=False, dtype=dtype, stack=stack)
-        self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, stack=stack)
-
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """Causal self-attention; with a cache `kv = (k, v)` `[batch, cache_len, kv_heads, head_dim]` the step's keys
-        and values go to slot `index` and `mask` spans the cache. Returns (out, kv)."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k, v)
-        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
-
-
 class SelfAttentionDecoderLayer(nnx.Module):
     def __init__(self, cfg: MllamaTextConfig, dtype, stack):
-        self.self_attn = SelfAttention(cfg, dtype, stack)
+        self.self_attn = Attention(cfg, dtype, stack)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False, dtype=dtype, stack=stack)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
