@@ -155,3 +155,36 @@ def test_greedy_text_only_prompt(loaded):
     batch = encode(processor, [chat("what is this digit")])
     eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
+
+
+def test_load_in_4bit_quantizes_linear_weights_as_bitsandbytes_does(tiny):
+    """Every Linear but Unsloth's 16-bit modules (the projector, lm_head) in NF4 with bitsandbytes' bytes, the
+    cross-attention stack's rows included (each under its own layer number); the logits then equal transformers'
+    with bitsandbytes' dequantized weights."""
+    import bitsandbytes.functional as F
+    from jaxvlm.quant import NF4
+    from tests.test_quantized_import import bnb_dequantized, weight
+    path, hf = tiny
+    model, processor = load(path, load_in_4bit=True)
+    reference = copy.deepcopy(hf)
+    quantized = []
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            ours = weight(model, name + ".weight")
+            if name == "lm_head" or "multi_modal_projector" in name:
+                assert not isinstance(ours, NF4), name
+                np.testing.assert_array_equal(np.asarray(ours), module.weight.numpy(), err_msg=name)
+                continue
+            assert isinstance(ours, NF4), name
+            packed, state = F.quantize_4bit(module.weight.data.clone(), quant_type="nf4", compress_statistics=True,
+                                            blocksize=64)
+            np.testing.assert_array_equal(np.asarray(ours.codes), packed.numpy().ravel(), err_msg=name)
+            module.weight.copy_(bnb_dequantized(type("W", (), {"data": packed, "quant_state": state})))
+            quantized.append(name)
+    assert "model.language_model.layers.3.cross_attn.k_proj" in quantized
+    assert "model.language_model.layers.4.self_attn.v_proj" in quantized
+    assert any("vision_model.global_transformer.layers.1" in n for n in quantized)
+    batch = encode(processor, [chat("describe the image in many words", 1)], [[random_image(56, 84)]])
+    assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
