@@ -177,6 +177,18 @@ class GatedMLP(nnx.Module):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
+class FeedForward(nnx.Module):
+    """fc2(act(fc1(x))) with biases: the MLP of ViT-style vision encoders (SigLIP, Llama 3.2 Vision's)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, *, dtype, stack=()):
+        self.fc1 = Linear(hidden, intermediate, bias=True, dtype=dtype, stack=stack)
+        self.fc2 = Linear(intermediate, hidden, bias=True, dtype=dtype, stack=stack)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
 class Experts(nnx.Module):
     """A mixture of gated-MLP experts as transformers 5 holds them (its `...Experts` modules): 3-D
     `gate_up_proj [*stack, experts, 2 * intermediate, hidden]` (gate rows, then up rows) and

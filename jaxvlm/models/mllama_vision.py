@@ -36,6 +36,7 @@ from jaxvlm.layers import (
     ACTIVATIONS,
     ConvWeight,
     Embedding,
+    FeedForward,
     LayerNorm,
     Linear,
     attention,
@@ -249,15 +250,6 @@ class SelfAttention(nnx.Module):
         return self.o_proj(attention(q, k, v, mask).reshape(n, t, -1))
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: MllamaVisionConfig, dtype, stack):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, stack=stack)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, stack=stack)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
 
 class EncoderLayer(nnx.Module):
     """Pre-norm attention + MLP; `gated` (the global encoder): each branch scaled by tanh of `gate_attn [*stack, 1]`
@@ -265,7 +257,7 @@ class EncoderLayer(nnx.Module):
 
     def __init__(self, cfg: MllamaVisionConfig, dtype, stack, *, gated: bool):
         self.self_attn = SelfAttention(cfg, dtype, stack)
-        self.mlp = MLP(cfg, dtype, stack)
+        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, stack=stack)
         self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype, stack=stack)
         self.gated = gated

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Embedding, LayerNorm, Linear, attention, linear, scan_blocks
+from jaxvlm.layers import ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, attention, linear, scan_blocks
 from jaxvlm.models.base import ConfigError
 
 
@@ -110,22 +110,13 @@ class SelfAttention(nnx.Module):
         return self.out_proj(attention(q, k, v).reshape(n, t, -1))
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: SiglipVisionConfig, dtype, stack):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, stack=stack)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, stack=stack)
-        self.act = cfg.hidden_act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
-
 
 class EncoderLayer(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, dtype, stack):
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, stack=stack)
         self.self_attn = SelfAttention(cfg, dtype, stack)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, stack=stack)
-        self.mlp = MLP(cfg, dtype, stack)
+        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, stack=stack)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x))
