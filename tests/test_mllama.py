@@ -4,6 +4,7 @@ stacks numbered within `model.language_model.layers` on import, LoRA targets, PE
 merged export (which must put every layer back under its own number), greedy generation with the cached image keys
 and values."""
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,169 @@ def test_load_in_4bit_quantizes_linear_weights_as_bitsandbytes_does(tiny):
     assert any("vision_model.global_transformer.layers.1" in n for n in quantized)
     batch = encode(processor, [chat("describe the image in many words", 1)], [[random_image(56, 84)]])
     assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
+
+
+# -- 4-bit checkpoints --------------------------------------------------------------------------------------------
+
+# Unsloth's "-bnb-4bit" Llama 3.2 Vision checkpoints keep these 16-bit; transformers 5 matches llm_int8_skip_modules
+# from the start of a module's name or as its suffix, so the in-memory prefix too.
+SKIPPED = ["lm_head", "multi_modal_projector", "model.multi_modal_projector"]
+
+
+def test_bnb_4bit_checkpoint_imports_as_nf4_with_bitsandbytes_logits(tiny, tmp_path):
+    """A checkpoint quantized and saved by transformers + bitsandbytes imports with its NF4 bytes (language stacks,
+    the cross-attention rows under their own numbers, the vision encoder) and gives the logits of transformers
+    with bitsandbytes' dequantized weights."""
+    import bitsandbytes as bnb
+    import shutil
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from jaxvlm.quant import NF4
+    from tests.test_quantized_import import PROCESSOR_FILES, bnb_dequantized, weight
+    path, hf = tiny
+    quantized = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=SKIPPED)))
+    quantized.save_pretrained(tmp_path)
+    for name in PROCESSOR_FILES + ["processor_config.json"]:
+        if (Path(path) / name).exists():
+            shutil.copy(Path(path) / name, tmp_path)
+    reference, modules = copy.deepcopy(hf).eval(), dict(quantized.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(modules.get(name), bnb.nn.Linear4bit):
+                module.weight.copy_(bnb_dequantized(modules[name].weight))
+                n += 1
+    assert n > 0 and "model.language_model.layers.3.cross_attn.q_proj" in modules
+    model, processor = load(str(tmp_path), load_in_4bit=True)
+    for key in ("model.language_model.layers.3.cross_attn.q_proj.weight",
+                "model.language_model.layers.4.mlp.down_proj.weight",
+                "model.vision_model.global_transformer.layers.1.self_attn.o_proj.weight"):
+        assert isinstance(weight(model, key), NF4), key
+        assert isinstance(modules[key.removesuffix(".weight")], bnb.nn.Linear4bit), key
+    projector = weight(model, "model.multi_modal_projector.weight")
+    assert not isinstance(projector, NF4)
+    np.testing.assert_array_equal(np.asarray(projector), reference.get_parameter(
+        "model.multi_modal_projector.weight").detach().numpy())
+    batch = encode(processor, [chat("describe the image in many words", 1)], [[random_image(56, 84)]])
+    assert_logits_match(model(**batch), hf_logits(reference, batch), batch["attention_mask"])
+
+
+# -- data and training --------------------------------------------------------------------------------------------
+
+USER, ASSISTANT = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def record(n_images, question, answer, seed=0):
+    content = [*({"type": "image", "image": random_image(40 + 19 * i, 30 + 25 * i, seed=seed + i)}
+                 for i in range(n_images)), {"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def bare(messages):
+    return [{**m, "content": [{"type": "image"} if c["type"] == "image" else c for c in m["content"]]}
+            for m in messages]
+
+
+# A sample with 2 images of different tile counts, one with none, one with 5.
+RECORDS = [record(2, "what are these", "two red digits"), record(0, "say hello", "hello"),
+           record(5, "describe the five images", "five blue photos", 10)]
+
+
+def test_collator_unpadded_batch_equals_the_processor(loaded):
+    from jaxvlm.train import VisionDataCollator
+    model, processor, hf = loaded
+    batch = VisionDataCollator(model, processor, pad_to_bucket=False, resize=None)(RECORDS)
+    texts = [processor.apply_chat_template(bare(r["messages"]), tokenize=False) for r in RECORDS]
+    images = [[c["image"] for c in r["messages"][0]["content"] if c["type"] == "image"] for r in RECORDS]
+    ref = processor(text=texts, images=images, padding=True, return_tensors="np", add_special_tokens=False)
+    assert set(batch) == set(ref) | {"labels"}
+    for key, value in ref.items():
+        np.testing.assert_array_equal(batch[key], value, err_msg=key)
+
+
+def test_collator_buckets_images_and_tokens_and_keeps_the_logits(loaded):
+    """Bucketed: 64 tokens (the image axis as the processor pads it: transformers lets the text rows that see no
+    image attend to all images, padding ones too, so their count is not bucketed), the text-only sample's vision
+    arrays the processor's padding, the cross-attention mask's rows after the text repeating its last row; the
+    logits equal the unpadded batch's and transformers'; only the answers are trained on (the family's markers by
+    default)."""
+    from jaxvlm.train import VisionDataCollator
+    model, processor, hf = loaded
+    batch = VisionDataCollator(model, processor, train_on_responses_only=True)(RECORDS)
+    unpadded = VisionDataCollator(model, processor, pad_to_bucket=False)(RECORDS)
+    n = unpadded["input_ids"].shape[1]
+    assert batch["input_ids"].shape == (3, 64) and batch["pixel_values"].shape == (3, 5, 4, 3, 28, 28)
+    assert batch["cross_attention_mask"].shape == (3, 64, 5, 4)
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        np.testing.assert_array_equal(batch[key], unpadded[key], err_msg=key)
+    np.testing.assert_array_equal(batch["aspect_ratio_mask"][1], [[1, 0, 0, 0]] * 5)  # the processor's padding
+    assert not batch["pixel_values"][1].any() and not batch["cross_attention_mask"][1].any()
+    lengths = unpadded["attention_mask"].sum(axis=1)
+    for b in (0, 2):
+        tail = batch["cross_attention_mask"][b, lengths[b]:]
+        assert (tail == batch["cross_attention_mask"][b, lengths[b] - 1]).all()
+    marker = processor.tokenizer(ASSISTANT, add_special_tokens=False)["input_ids"]
+    for ids, labels, length in zip(batch["input_ids"], batch["labels"], lengths):
+        start = next(i + len(marker) for i in range(len(ids)) if list(ids[i:i + len(marker)]) == marker)
+        trained = np.zeros(len(ids), bool)
+        trained[start:length] = True
+        np.testing.assert_array_equal(labels != -100, trained)
+    ref = np.asarray(model(**{k: v for k, v in unpadded.items() if k != "labels"}))
+    assert_logits_match(np.asarray(model(**{k: v for k, v in batch.items() if k != "labels"}))[:, :n], ref,
+                        unpadded["attention_mask"])
+    assert_logits_match(ref, hf_logits(hf, {k: v for k, v in unpadded.items() if k != "labels"}),
+                        unpadded["attention_mask"])
+
+
+def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path):
+    """Our collator (the family's markers), SFTTrainer and LoRA on every layer kind, against transformers + PEFT +
+    torch AdamW from the same init on the same batches (records with and without images)."""
+    from peft import PeftModel
+    from jaxvlm.train import VisionDataCollator
+    from jaxvlm.train.trainer import SFTConfig, SFTTrainer
+    from tests.test_trainer import torch_reference_losses
+    path, hf = tiny
+    model, processor = load(path)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+    model.save_pretrained(str(tmp_path / "init"))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "init"), is_trainable=True)
+    data = [record(1 + i % 2, "which digit is this", f"the digit is {i}", seed=i) for i in range(6)]
+    data[3] = record(0, "say a digit", "three")
+    args = SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=3, learning_rate=5e-3,
+                     warmup_steps=1, weight_decay=0.01, optim="adamw_torch", output_dir=str(tmp_path / "out"), seed=0)
+    trainer = SFTTrainer(model, processor, VisionDataCollator(model, processor, train_on_responses_only=True), data,
+                         args=args)
+    trainer.train()
+    ours = np.array([r["loss"] for r in trainer.log_history])
+    ref = torch_reference_losses(peft_model, trainer, 3)
+    print("relative loss differences", np.abs(ours - ref) / ref)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    assert ours[-1] < ours[0], "the loss should fall"
+
+
+def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
+    import json
+    from jaxvlm.cli import export, generate, train
+    from tests.test_cli import train_args, write_records
+    path, hf = tiny
+    data = write_records(tmp_path / "data")
+    out = tmp_path / "run"
+    assert train.main(train_args(path, data, out, "--max-steps", "2", "--rank", "4",
+                                 "--train-on-responses-only")) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    image = str(tmp_path / "data" / "imgs" / "0.png")
+    ask = ["--image", image, "--prompt", "which digit is this", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert generate.main(["--model", path, "--adapter", str(adapter), *ask]) == 0
+    with_adapter = capsys.readouterr().out.strip()
+    assert with_adapter
+    merged = tmp_path / "merged"
+    assert export.main(["--model", path, "--adapter", str(adapter), "--output", str(merged),
+                        "--dtype", "float32"]) == 0
+    assert json.loads((merged / "config.json").read_text())["model_type"] == FAMILY
+    capsys.readouterr()
+    assert generate.main(["--model", str(merged), *ask]) == 0
+    assert capsys.readouterr().out.strip() == with_adapter, "the merged model should generate what base + adapter do"

@@ -15,7 +15,8 @@ Parts of ../shared/FAMILY.md and where they live:
                                `get_peft_regex` to them, as Unsloth does to the torch model's names)
   modules kept 16-bit in 4-bit `INFO.quant_skip`
   chat / collator specifics    `INFO.processor_classes`, `INFO.vision_tokens`, `INFO.instruction_part`,
-                               `INFO.response_part`, `pixel_row_shape`, `PIXEL_BUCKET_MIN`
+                               `INFO.response_part`, `pixel_row_shape`, `PIXEL_BUCKET_MIN`,
+                               `INFO.sample_arrays`
   generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
   dtypes it cannot run in      `resolve_dtype`
@@ -62,6 +63,12 @@ class FamilyInfo:
     # takes either layout, by shape (as transformers' Transpose(check_dims=True) does); exports write the
     # in-memory layout, which is what transformers 5's save_pretrained writes.
     transposed_keys: tuple[str, ...] = ()
+    # Processor outputs that stay one row per sample in a batch, as (name, the names of the axes that follow the
+    # batch axis, as far as they are padded): "seq" (the token axis) or "images" (the sample's images); later axes
+    # are equal across samples. E.g. Llama 3.2 Vision's pixel_values [batch, images, tiles, 3, size, size]:
+    # ("images",), cross_attention_mask [batch, seq, images, tiles]: ("seq", "images"). The collator stacks them
+    # (and then asks for no `pixel_row_shape`); empty: pixel_values rows are concatenated over the batch.
+    sample_arrays: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def processor_class(self, model_type: str) -> str:
         return dict(self.processor_classes)[model_type]
@@ -142,6 +149,12 @@ class VisionLanguageModel(nnx.Module):
         """The shape of one row of the processor's pixel_values (the collator pads with such rows): by default a
         flattened patch of `temporal_patch_size` frames, as the Qwen processors give them."""
         return (3 * image_processor.temporal_patch_size * image_processor.patch_size ** 2,)
+
+    def sample_padding(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """What the collator fills `INFO.sample_arrays`' array `name` with before it writes the samples' own
+        values: the value of padding images and of samples without images (the processor's, for a batch it pads).
+        Zeros by default."""
+        return np.zeros(shape, dtype)
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         """Final hidden states `[batch, seq, hidden]`; jit-compatible."""

@@ -120,6 +120,8 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         vision_tokens=("<|image|>",),
         instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
         response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        sample_arrays=(("pixel_values", ("images",)), ("aspect_ratio_ids", ("images",)),
+                       ("aspect_ratio_mask", ("images",)), ("cross_attention_mask", ("seq", "images"))),
     )
     TINY = TinySpec(
         special_tokens={"<|finetune_right_pad_id|>": 285, "<|begin_of_text|>": 286, "<|eot_id|>": 287,
@@ -179,9 +181,11 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
 
-    def pixel_row_shape(self, image_processor) -> tuple[int, ...]:
-        raise NotImplementedError("the collator's bucketed batches are not wired for mllama yet (its pixel_values are "
-                                  "[batch, images, tiles, ...]); pass pad_to_bucket=False")
+    def sample_padding(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        out = np.zeros(shape, dtype)
+        if name == "aspect_ratio_mask":  # MllamaImageProcessor marks a padding image's first tile as real
+            out[..., 0] = 1
+        return out
 
     def vision_states(self, inputs) -> jax.Array:
         """The projector's output for every image tile's tokens: `[batch, images * tiles * tokens, hidden]`."""

@@ -128,6 +128,7 @@ class _Row:
     pixel_values: np.ndarray | None  # float32 [rows (patches or images), *row shape]
     image_grid_thw: np.ndarray | None  # int64 [images, 3]
     videos: dict[str, np.ndarray]  # pixel_values_videos, video_grid_thw, second_per_grid_ts (those returned)
+    samples: dict[str, np.ndarray]  # the family's INFO.sample_arrays (those returned), less the batch axis
 
 
 class VisionDataCollator:
@@ -204,8 +205,12 @@ class VisionDataCollator:
         names = [*family_tokens, *(getattr(processor, a, None) for a in ("image_token", "video_token"))]
         ids = tok.convert_tokens_to_ids([n for n in names if n])
         self.vision_token_ids = np.array(sorted({i for i in ids if i is not None and i != tok.unk_token_id}))
-        # The rows of pixel_values (patches, or whole images) and their bucket ladder are the family's.
-        self.pixel_row_shape = tuple(model.pixel_row_shape(processor.image_processor))
+        # Arrays kept one row per sample (the family's), else the rows of pixel_values (patches, or whole images)
+        # and their bucket ladder (the family's too).
+        self.sample_arrays = dict(info.sample_arrays) if info is not None else {}
+        self.sample_padding = model.sample_padding
+        self.pixel_row_shape = (None if self.sample_arrays else
+                                tuple(model.pixel_row_shape(processor.image_processor)))
         self.pixel_bucket_min = type(model).PIXEL_BUCKET_MIN
         self.grids = "image_grid_thw" in getattr(processor, "model_input_names", ())  # images as patch grids
         self.type_ids_key = "mm_token_type_ids"
@@ -250,6 +255,7 @@ class VisionDataCollator:
         except (ValueError, OSError) as e:
             raise DataError(f"{where}: the processor rejected the record: {e}") from e
         ids = out["input_ids"][0]
+        samples = {k: np.asarray(out[k])[0] for k in self.sample_arrays if out.get(k) is not None}
         self.type_ids_key = next((k for k in _TYPE_IDS_KEYS if k in out), self.type_ids_key)
         mm = out[self.type_ids_key][0] if self.type_ids_key in out else None
         n_prompt = 0
@@ -258,6 +264,7 @@ class VisionDataCollator:
             n_prompt = len(ids)
             ids = np.concatenate([ids, completion])
             mm = None if mm is None else np.concatenate([mm, np.zeros_like(completion)])
+            samples = self._extend_seq(samples, len(ids))
 
         if self.max_seq_length is not None and len(ids) > self.max_seq_length:
             image_at = np.flatnonzero(np.isin(ids, self.media_token_ids))
@@ -272,6 +279,8 @@ class VisionDataCollator:
                 return None
             ids = ids[:self.max_seq_length]
             mm = None if mm is None else mm[:self.max_seq_length]
+            samples = {k: _slice_axis(v, self.sample_arrays[k].index("seq"), self.max_seq_length)
+                       if "seq" in self.sample_arrays[k] else v for k, v in samples.items()}
 
         trained = ~np.isin(ids, self.vision_token_ids)
         if self.response_ids is not None:
@@ -283,8 +292,24 @@ class VisionDataCollator:
         if self.completion_only_loss:
             trained[:n_prompt] = False
         return _Row(input_ids=ids, labels=np.where(trained, ids, self.ignore_index), mm_token_type_ids=mm,
-                    pixel_values=out.get("pixel_values"), image_grid_thw=out.get("image_grid_thw"),
-                    videos={k: out[k] for k in _VIDEO_KEYS if out.get(k) is not None})
+                    pixel_values=None if self.sample_arrays else out.get("pixel_values"),
+                    image_grid_thw=out.get("image_grid_thw"),
+                    videos={k: out[k] for k in _VIDEO_KEYS if out.get(k) is not None}, samples=samples)
+
+    def _extend_seq(self, samples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+        """`samples` with their "seq" axes extended to `length` by repeating the last token's row (tokens after
+        the prompt see what its last token sees, as the processor's masks give it for text after an image)."""
+        out = {}
+        for k, v in samples.items():
+            axes = self.sample_arrays[k]
+            axis = axes.index("seq") if "seq" in axes else None
+            if axis is not None and v.shape[axis] < length:
+                n = v.shape[axis]
+                last = (np.take(v, [n - 1], axis=axis) if n else
+                        np.zeros((*v.shape[:axis], 1, *v.shape[axis + 1:]), v.dtype))
+                v = np.concatenate([v, np.repeat(last, length - n, axis=axis)], axis=axis)
+            out[k] = v
+        return out
 
     def _render_messages(self, example, where: str) -> tuple[str, tuple[list, list]]:
         """The chat-templated text of a `messages` record and its (image values, video values), in order."""
@@ -358,6 +383,8 @@ class VisionDataCollator:
         if all(row.mm_token_type_ids is not None for row in kept):
             batch[self.type_ids_key] = self._pad([empty if r is None else r.mm_token_type_ids for r in rows], seq, 0)
 
+        if self.sample_arrays:
+            batch.update(self._stack_samples(rows, seq))
         pixels = [row.pixel_values for row in kept if row.pixel_values is not None]
         grids = [row.image_grid_thw for row in kept if row.image_grid_thw is not None]
         videos = {k: [row.videos[k] for row in kept if k in row.videos] for k in _VIDEO_KEYS}
@@ -365,7 +392,7 @@ class VisionDataCollator:
             if parts:
                 batch[k] = np.concatenate(parts).astype(np.float32 if k != "video_grid_thw" else np.int64)
         n_video_patches = len(batch.get("pixel_values_videos", ()))
-        if self.pad_to_bucket:
+        if self.pad_to_bucket and not self.sample_arrays:
             # One bucket for all the patches the vision tower sees (the model joins images and videos).
             n_patches = sum(len(p) for p in pixels)
             n_pad = (bucket_size(n_patches + n_video_patches, smallest=self.pixel_bucket_min)
@@ -382,6 +409,33 @@ class VisionDataCollator:
                 batch["image_grid_thw"] = np.concatenate(grids)
         return batch
 
+    def _stack_samples(self, rows: list[_Row | None], seq: int) -> dict[str, np.ndarray]:
+        """The family's per-sample arrays stacked over the batch: "seq" axes extended to `seq` as `_extend_seq`
+        does, "images" axes padded to the batch's most images with the family's `sample_padding` (zeros, unless it
+        says otherwise), as are the rows of samples without images (or skipped). The image count is not bucketed:
+        as the processor pads a batch, since a family may let padding images weigh in (transformers' Llama 3.2
+        Vision lets text rows that see no image attend to all of them). A batch with no image has none of these arrays (its cross-attention is skipped)."""
+        kept = [row for row in rows if row is not None and row.samples]
+        if not kept:
+            return {}
+        images = max(v.shape[self.sample_arrays[k].index("images")] for row in kept for k, v in row.samples.items()
+                     if "images" in self.sample_arrays[k])
+        out = {}
+        for k, axes in self.sample_arrays.items():
+            parts = [row.samples[k] for row in kept if k in row.samples]
+            if not parts:
+                continue
+            sizes = {"seq": seq, "images": images}
+            shape = [sizes[a] for a in axes] + list(parts[0].shape[len(axes):])
+            stacked = self.sample_padding(k, (len(rows), *shape), parts[0].dtype)
+            for i, row in enumerate(rows):
+                if row is None or k not in row.samples:
+                    continue
+                v = self._extend_seq({k: row.samples[k]}, seq)[k]
+                stacked[(i, *(slice(0, n) for n in v.shape))] = v
+            out[k] = stacked
+        return out
+
     def _pad(self, seqs: list[np.ndarray], length: int, value: int) -> np.ndarray:
         """int32 [len(seqs), length]: each sequence at the start of its row, `value` after it."""
         out = np.full((len(seqs), length), value, np.int32)
@@ -397,6 +451,10 @@ class VisionDataCollator:
 
 
 UnslothVisionDataCollator = VisionDataCollator
+
+def _slice_axis(v: np.ndarray, axis: int, length: int) -> np.ndarray:
+    return v[(slice(None),) * axis + (slice(0, length),)]
+
 
 _VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 _TYPE_IDS_KEYS = ("mm_token_type_ids", "token_type_ids")
