@@ -6,6 +6,7 @@ scanned layer), so that a model's attribute paths and weight shapes mirror trans
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import grouped_matmul, nf4_matmul
+from jaxvlm.kernels import flash_attention, grouped_matmul, nf4_matmul
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -240,8 +241,10 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # Attention implementation: "auto" picks cuDNN's fused (flash) attention on a GPU for bf16/fp16 inputs
-# and XLA's reference elsewhere; "xla" or "cudnn" force one. Read at trace time.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# (and for a `CausalBlockMask` the Pallas kernel, jaxvlm.kernels.flash_attention), XLA's reference elsewhere;
+# "xla" or "cudnn" force one (a CausalBlockMask then becomes a dense mask); "pallas" forces the Pallas kernel for
+# a CausalBlockMask (interpret mode off the GPU), "auto" otherwise. Read at trace time.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 attention_implementation = os.environ.get("JAXVLM_ATTENTION", "auto")
 
 
@@ -256,6 +259,8 @@ def _use_cudnn(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> boo
         raise ValueError(f"attention implementation {impl!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if impl == "xla":
         return False
+    if impl == "pallas":
+        impl = "auto"
     # cuDNN's flash attention: head_dim a multiple of 8 up to 128 (256 from Hopper on); with a mask (a bias to
     # cuDNN) its backward needs even lengths.
     supported = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and (
@@ -271,18 +276,61 @@ def _use_cudnn(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> boo
     return supported and q.shape[1] > 1 and jax.default_backend() == "gpu"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CausalBlockMask:
+    """A self-attention mask given by per-token arrays, not [T, T]: causal, except that the tokens of one image
+    attend to each other both ways, padding keys masked, and in a sliding layer only keys less than `window`
+    back (jaxvlm.kernels.flash_attention.dense_mask). `sliding` may be traced (a layer scan's per-layer flag)."""
+    key_ok: jax.Array  # [batch, seq]: nonzero at real tokens
+    blocks: jax.Array  # int32 [batch, seq]: the image run id of each token, -1 at text
+    sliding: jax.Array | bool  # this layer is a sliding-window one
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def dense(self) -> jax.Array:
+        """The bool mask [batch, 1, seq, seq]."""
+        full = flash_attention.dense_mask(self.key_ok, self.blocks, None)
+        if self.window is None:
+            return full
+        return full & jnp.where(self.sliding, flash_attention.dense_mask(self.key_ok, self.blocks, self.window), full)
+
+
+def _block_mask_attention(q, k, v, mask: CausalBlockMask, scale):
+    """Attention under a CausalBlockMask: the Pallas kernel on a GPU (bf16/fp16, more than one query) or when
+    forced ("pallas"; interpret mode off the GPU), else `attention` with the dense mask."""
+    impl = attention_implementation
+    gpu = jax.default_backend() == "gpu"
+    kernel = impl == "pallas" or (impl == "auto" and gpu and q.dtype in (jnp.bfloat16, jnp.float16)
+                                  and q.shape[1] > 1)
+    if not kernel or q.shape[1] != k.shape[1]:
+        return attention(q, k, v, mask.dense(), scale=scale)
+
+    def run(window):
+        return flash_attention.block_attention(q, k, v, mask.key_ok, mask.blocks, window=window, scale=scale,
+                                               interpret=not gpu)
+
+    if mask.window is None or mask.sliding is False:
+        return run(None)
+    if mask.sliding is True:
+        return run(mask.window)
+    return jax.lax.cond(mask.sliding, lambda: run(mask.window), lambda: run(None))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | CausalBlockMask | None = None, *,
               causal: bool = False, lengths: jax.Array | None = None, scale: float | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
-    mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend); causal: query i also
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend), or a CausalBlockMask (self-attention,
+    q_len = kv_len; the Pallas kernel on a GPU builds it tile by tile); causal: query i also
     attends only keys j <= i; lengths [batch]: only the first lengths[b] queries and keys of row b are
     real (the outputs of the other queries are unspecified); scale: of the logits (None: 1/sqrt(head_dim)).
     Returns [batch, q_len, heads, head_dim];
     logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
     memory); elsewhere XLA's.
     """
+    if isinstance(mask, CausalBlockMask):
+        return _block_mask_attention(q, k, v, mask, scale)
     if _use_cudnn(q, k, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, scale=scale, implementation="cudnn")

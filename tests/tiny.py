@@ -25,4 +25,6 @@ def build_hf_model(family, seed=0, **text_overrides):
                 p.add_(0.1 * torch.randn_like(p))
             if name.endswith(("q_proj.weight", "k_proj.weight", "qkv.weight")):
                 p.mul_(8.0)
+            if p.ndim >= 2 and not p.any():  # a weight initialised to zero (Gemma 3's mm_input_projection_weight),
+                p.normal_(0.0, p.shape[0] ** -0.5)  # which would hide everything before it
     return model.eval()

@@ -11,7 +11,8 @@ As transformers' modeling_gemma3.py computes it:
              Gemma's zero-centred RMSNorm (1 + weight) before and after attention and the MLP;
   masks      causal, except that the tokens of one image attend to each other both ways (transformers' blocks
              from `token_type_ids`: a run of image tokens), padding masked; the sliding layers see keys less than
-             `sliding_window` slots back.
+             `sliding_window` slots back. A prompt's mask is a layers.CausalBlockMask (per-token arrays): on a GPU
+             the Pallas kernel makes it tile by tile (no [seq, seq] mask in memory), elsewhere it is made dense.
 Positions count real tokens only (a left-padded row starts at 0, as transformers' generate sets them). The
 layers are stacked with a per-layer sliding flag. Generation's cache keeps the whole sequence for the global
 layers and a ring of `sliding_window` slots for the sliding ones (KVCache), so those layers' memory grows with
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import (ACTIVATIONS, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention, linear,
+from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention, linear,
                            scan_blocks)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
@@ -250,7 +251,7 @@ class Attention(nnx.Module):
         self.k_norm = GemmaRMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
     def __call__(self, x, cos, sin, mask, cache=None):
-        """Self-attention over `x [batch, seq, hidden]` with `mask [batch, 1, seq, seq]`. With `cache` (a `LayerCache`)
+        """Self-attention over `x [batch, seq, hidden]` with `mask` (a CausalBlockMask). With `cache` (a `LayerCache`)
         the step's keys and values are also written to the cache, and a one-token step (decode) attends to the
         cache instead (its layer's entry: the whole cache for a global layer, the ring for a sliding one).
         Returns (out, cache)."""
@@ -363,20 +364,15 @@ class GemmaTextModel(nnx.Module):
         if cache is not None and not prefill and t != 1:
             raise ValueError(f"a step of {t} tokens at cache slot {index}: only a prompt (at slot 0) or one token at a "
                              f"time is supported")
-        if prefill:
-            slot = jnp.arange(t)
-            same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-            full = ((slot[None, :] <= slot[:, None])[None] | same_image) & (mask_over[:, None, :] > 0)
-            window = (slot[None, :] > slot[:, None] - c.sliding_window)[None]
-            masks = (full[:, None], (full & window)[:, None])  # [batch, 1, seq, seq]: global, sliding
-        else:
-            masks = (None, None)  # a decode step builds its masks over the cache (LayerCache.attend)
         local = rope_cos_sin(c, positions, c.rope_local_theta, 1.0)
         glob = rope_cos_sin(c, positions, c.rope_global_theta, c.rope_global_factor)
 
         def pick(is_sliding):
             cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
-            return cos, sin, None if masks[0] is None else jnp.where(is_sliding, masks[1], masks[0])
+            # A prompt's mask as per-token arrays (no [seq, seq] mask on the GPU's kernel path); a decode step
+            # builds its masks over the cache (LayerCache.attend).
+            mask = CausalBlockMask(mask_over, blocks, is_sliding, c.sliding_window) if prefill else None
+            return cos, sin, mask
 
         sliding = jnp.asarray(c.sliding)
         if cache is None:
