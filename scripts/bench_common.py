@@ -7,6 +7,9 @@ The workload per family (the functions below dispatch on the config's type, jaxv
   Gemma 3   one picture of the SigLIP tower's fixed size (896: 64 x 64 patches pooled to 256 tokens), wrapped as
             Gemma3Processor expands <start_of_image>: "\\n\\n<boi>" + 256 image tokens + "<eoi>\\n\\n", then the
             text tokens; token_type_ids 1 exactly at the image tokens.
+  mllama    one 1120 x 1120 picture as 2 x 2 tiles of 560 (aspect ratio id 6, every tile real: 4 x 1601 vision
+            tokens), "<|image|>" then the text tokens, every text token seeing the image's tiles (cross_attention_mask
+            all ones).
 
 `load_geometry(name, tiny=True)` gives the family's tiny config instead (the scripts' hidden `--tiny`), so that
 the benchmarks' code paths run on a CPU in under a minute each (mostly compilation).
@@ -23,6 +26,7 @@ from flax import nnx
 
 from jaxvlm.models import qwen2_vl
 from jaxvlm.models.gemma3 import Gemma3Config
+from jaxvlm.models.mllama import MllamaConfig
 from jaxvlm.paths import path_key, stacked_prefix
 from jaxvlm.quantize import quantize, quantized_weight_keys
 
@@ -132,9 +136,31 @@ def gemma3_27b_hf_config():
     return _gemma3_hf_config(5376, 21504, 62, 32, 16, 128, 168)
 
 
+def mllama_11b_hf_config():
+    """transformers' config of the Llama-3.2-11B-Vision geometry: text 4096 wide, 40 layers of which 8 are
+    cross-attention layers (3, 8, ..., 38), 32 heads of 128, 8 kv heads, MLP 14336, vocabulary 128,256 (+8 rows),
+    llama3 rope (theta 5e5, factor 8), untied lm_head; vision 1280 wide, 32 local + 8 global layers, 16 heads,
+    560-pixel tiles of 14-pixel patches, up to 4 tiles, features of layers 3, 7, 15, 23, 30 (output 7680)."""
+    from transformers import MllamaConfig as HFMllamaConfig
+    return HFMllamaConfig(
+        text_config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                         num_attention_heads=32, num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28,
+                                                                                                33, 38],
+                         rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192},
+                         pad_token_id=128004, bos_token_id=128000, eos_token_id=128009),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                           attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4, num_channels=3,
+                           intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680, norm_eps=1e-5),
+        image_token_index=128256)
+
+
 GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config,
               "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config,
-              "gemma3-4b": gemma3_4b_hf_config, "gemma3-27b": gemma3_27b_hf_config}
+              "gemma3-4b": gemma3_4b_hf_config, "gemma3-27b": gemma3_27b_hf_config,
+              "mllama-11b": mllama_11b_hf_config}
 
 
 def hf_geometry(name: str, tiny: bool = False):
@@ -175,6 +201,11 @@ def is_gemma3(cfg) -> bool:
     return isinstance(cfg, Gemma3Config)
 
 
+def is_mllama(cfg) -> bool:
+    """Whether `cfg` (a jaxvlm config) is Llama 3.2 Vision's: tiles, cross-attention, one <|image|> token."""
+    return isinstance(cfg, MllamaConfig)
+
+
 def vision_tower(cfg):
     """The vision blocks' config (Qwen3-VL nests it beside its position table and deepstack indexes)."""
     return getattr(cfg.vision, "tower", cfg.vision)
@@ -183,8 +214,8 @@ def vision_tower(cfg):
 def workload_image(cfg, tiny: bool = False) -> int:
     """The workload's image side in pixels: Gemma 3's SigLIP takes one fixed size (896; the tiny config's 28);
     the Qwen-VL families take any, and the benchmark gives them 448 (64 with `tiny`)."""
-    if is_gemma3(cfg):
-        return cfg.vision.image_size
+    if is_gemma3(cfg) or is_mllama(cfg):
+        return cfg.vision.image_size  # mllama: the side of one tile
     return 64 if tiny else 448
 
 
@@ -194,6 +225,8 @@ def image_tokens(cfg, image: int) -> tuple[int, int]:
     SigLIP 896 -> 64 x 64 patches, average-pooled to mm_tokens_per_image (256) tokens."""
     vision = vision_tower(cfg)
     grid = image // vision.patch_size
+    if is_mllama(cfg):  # the image is one <|image|> token in the text; its tiles enter by cross-attention
+        return grid, 1
     if is_gemma3(cfg):
         if image != vision.image_size:
             raise ValueError(f"Gemma 3's vision tower takes {vision.image_size}-pixel images, not {image}")
@@ -204,6 +237,8 @@ def image_tokens(cfg, image: int) -> tuple[int, int]:
 def image_prefix(cfg, image: int) -> int:
     """Tokens of a sample's image part (before its text; the labels are -100 there): the image tokens and their
     wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\\n\\n<boi>" .. "<eoi>\\n\\n" for Gemma 3."""
+    if is_mllama(cfg):
+        return 1
     return image_tokens(cfg, image)[1] + (4 if is_gemma3(cfg) else 2)
 
 
@@ -260,6 +295,8 @@ def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     `[batch, 3, image, image]`), token_type_ids (1 at the image tokens)."""
     if is_gemma3(cfg):
         return _gemma3_raw_batch(cfg, batch, text, image)
+    if is_mllama(cfg):
+        return _mllama_raw_batch(cfg, batch, text, image)
     grid, n_img = image_tokens(cfg, image)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(150000, cfg.vision_start_token_id), (batch, n_img + text + 2))
@@ -284,6 +321,21 @@ def _gemma3_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
                 token_type_ids=(ids == cfg.image_token_id).astype(np.int64))
 
 
+def _mllama_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
+    v = cfg.vision
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.text.vocab_size - 256, (batch, 1 + text))  # below the special tokens
+    ids[:, 0] = cfg.image_token_id
+    n, ratio_id = 4, 6  # 2 x 2 tiles: (2, 2) is the 6th of transformers' default supported_aspect_ratios for 4 tiles
+    pix = np.zeros((batch, 1, v.max_num_tiles, v.num_channels, image, image), np.float32)
+    pix[:, :, :n] = rng.standard_normal((batch, 1, n, v.num_channels, image, image))
+    tiles = np.zeros((batch, 1, v.max_num_tiles), np.int64)
+    tiles[..., :n] = 1
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix,
+                aspect_ratio_ids=np.full((batch, 1), ratio_id, np.int64), aspect_ratio_mask=tiles,
+                cross_attention_mask=np.broadcast_to(tiles[:, None], (batch, ids.shape[1], 1, v.max_num_tiles)).copy())
+
+
 def hf_inputs(cfg, raw: dict, device):
     """transformers' forward / generate keyword arguments (torch tensors on `device`; pixels bf16) of a
     `raw_batch`: input_ids, attention_mask, pixel_values and the family's own (Qwen-VL: image_grid_thw,
@@ -294,6 +346,9 @@ def hf_inputs(cfg, raw: dict, device):
               pixel_values=torch.tensor(raw["pixel_values"], device=device, dtype=torch.bfloat16))
     if is_gemma3(cfg):
         kw["token_type_ids"] = torch.tensor(raw["token_type_ids"], device=device, dtype=torch.long)
+    elif is_mllama(cfg):
+        kw.update({k: torch.tensor(raw[k], device=device, dtype=torch.long)
+                   for k in ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")})
     else:
         kw.update(image_grid_thw=torch.tensor(raw["image_grid_thw"], device=device),
                   mm_token_type_ids=(ids == cfg.image_token_id).long())

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from jaxvlm.targets import get_peft_regex  # noqa: E402
 from scripts.bench_common import (GEOMETRIES, hf_geometry, hf_inputs, image_prefix, image_tokens,  # noqa: E402
-                                  is_gemma3, load_geometry, raw_batch, save_random_hf_model, vision_tower,
+                                  is_gemma3, is_mllama, load_geometry, raw_batch, save_random_hf_model, vision_tower,
                                   workload_image)
 
 
@@ -112,7 +112,7 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
     prefix = image_prefix(cfg, image)
     for batch in batches:
         seq = prefix + text
-        if is_gemma3(cfg):  # bench_common's batch: input_ids, attention_mask, pixel_values, token_type_ids
+        if is_gemma3(cfg) or is_mllama(cfg):  # bench_common's batch (Gemma 3: token_type_ids; mllama: tiles)
             kw = hf_inputs(cfg, raw_batch(cfg, batch, text, image), device)
             ids = kw["input_ids"]
         else:

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import (GEOMETRIES, image_prefix, image_tokens, is_gemma3, load_geometry, random_model,
+from scripts.bench_common import (GEOMETRIES, image_prefix, image_tokens, is_gemma3, is_mllama, load_geometry,
+                                  random_model,
                                   raw_batch, vision_tower, workload_image)
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
@@ -45,6 +46,8 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     and vision. A MoE layer counts the parameters a token uses (router and its experts)."""
     if is_gemma3(cfg):
         return _gemma3_flops_per_step(cfg, batch, seq, patches)
+    if is_mllama(cfg):
+        return _mllama_flops_per_step(cfg, batch, seq)
     t, v = cfg.text, vision_tower(cfg)
     deepstack = len(getattr(cfg.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: a merger per index
     # A MoE layer's MLP: the router and the experts each token goes through (the active parameters).
@@ -80,6 +83,29 @@ def _gemma3_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
     keys = sum(min(seq, t.sliding_window) if sliding else seq for sliding in t.sliding)
     flops += 12 * tokens * keys * q_width
     flops += 12 * v.num_layers * vis_tokens * patches * v.hidden_size
+    return flops
+
+
+def _mllama_flops_per_step(cfg, batch: int, seq: int) -> float:
+    """model_flops_per_step for Llama 3.2 Vision (the workload's 4 real tiles per sample): the self-attention
+    layers' products and causal attention over the text; the cross-attention layers' q/o and MLP on the text, their
+    k/v on the image's tile tokens, and attention from each text token to them; the vision encoder (local + global
+    layers, full attention within the image's tiles) and the projector on every tile token; lm_head."""
+    t, v = cfg.text, cfg.vision
+    d, kv, n_cross = t.hidden_size, t.num_kv_heads * t.head_dim, len(t.cross_attention_layers)
+    n_self = t.num_layers - n_cross
+    mlp = 3 * d * t.intermediate_size
+    tokens = batch * seq
+    vis_tokens = batch * 4 * v.num_patches  # 4 tiles of num_patches tokens (the padded ones not counted)
+    text_params = n_self * (2 * d * d + 2 * d * kv + mlp) + n_cross * (2 * d * d + mlp) + t.vocab_size * d
+    image_params = n_cross * 2 * d * kv  # the cross-attention layers' k/v on the projected image states
+    vision_params = ((v.num_hidden_layers + v.num_global_layers) * (4 * v.hidden_size**2 +
+                                                                     2 * v.hidden_size * v.intermediate_size)
+                     + v.output_dim * d)  # + the projector
+    flops = 6 * (text_params * tokens + (image_params + vision_params) * vis_tokens)
+    flops += 12 * n_self * tokens * seq * d  # causal attention counted in full, as for the other families
+    flops += 12 * n_cross * tokens * 4 * v.num_patches * d
+    flops += 12 * (v.num_hidden_layers + v.num_global_layers) * vis_tokens * 4 * v.num_patches * v.hidden_size
     return flops
 
 

@@ -60,11 +60,57 @@ def is_gemma3(hf_config) -> bool:
     return isinstance(hf_config, transformers.Gemma3Config)
 
 
+def is_mllama(hf_config) -> bool:
+    """Whether a transformers config is Llama 3.2 Vision's (tiles, cross-attention)."""
+    import transformers
+    return isinstance(hf_config, transformers.MllamaConfig)
+
+
 def save_processor(path, hf_config):
-    """The family's offline processor (Qwen-VL's or Gemma 3's), saved to `path`."""
+    """The family's offline processor (Qwen-VL's, Gemma 3's or Llama 3.2 Vision's), saved to `path`."""
     if is_gemma3(hf_config):
         return save_gemma3_processor(path, hf_config)
+    if is_mllama(hf_config):
+        return save_mllama_processor(path, hf_config)
     return save_qwen_processor(path, hf_config)
+
+
+# Llama 3.2 Vision's special tokens at the released tokenizer's ids (<|image|> comes from the config).
+_MLLAMA_SPECIAL = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+                   "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eot_id|>": 128009}
+
+
+def save_mllama_processor(path, hf_config):
+    """An offline MllamaProcessor: a word-level tokenizer over the text vocabulary (plain ids are placeholders),
+    the released special tokens' ids and <|image|> at the config's image_token_index, the family's chat template,
+    and a MllamaImageProcessor of the config's tile size and tile count."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxvlm.models import model_class
+    family = model_class(hf_config.model_type, path)
+    special = dict(_MLLAMA_SPECIAL, **{"<|image|>": hf_config.image_token_index})
+    taken = set(special.values())
+    vocab = {f"t{i}": i for i in range(hf_config.text_config.vocab_size) if i not in taken}
+    vocab.update(special)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", pad_token="<|finetune_right_pad_id|>", eos_token="<|eot_id|>",
+        bos_token="<|begin_of_text|>", chat_template=family.TINY.chat_template)
+    v = hf_config.vision_config
+    kw = {**family.TINY.image_processor, "size": {"height": v.image_size, "width": v.image_size},
+          "max_image_tiles": v.max_num_tiles}
+    kw.pop("image_processor_type", None)
+    try:  # the torchvision backend, else PIL's
+        image_processor = transformers.MllamaImageProcessor(**kw)
+    except Exception:
+        from transformers import MllamaImageProcessorPil
+        image_processor = MllamaImageProcessorPil(**kw)
+    transformers.MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=family.TINY.chat_template).save_pretrained(path)
 
 
 # Gemma 3's special tokens at the released tokenizer's ids (the image ones come from the config).
@@ -222,6 +268,27 @@ def gemma3_batch(cfg, B, device):
     return kw, labels, seq, size, n_img_tok
 
 
+def mllama_batch(cfg, B, device):
+    """The same for Llama 3.2 Vision (bench_common's layout): "<|image|>", TXT random tokens; one image as 2 x 2
+    tiles of the tower's size, aspect ratio id 6, every text token seeing the 4 tiles."""
+    import torch
+    v = cfg.vision_config
+    size, tiles = v.image_size, v.max_num_tiles
+    seq = 1 + TXT
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.text_config.vocab_size - 256, (B, seq), device=device)
+    ids[:, 0] = cfg.image_token_index
+    pix = torch.zeros(B, 1, tiles, v.num_channels, size, size, device=device, dtype=torch.bfloat16)
+    pix[:, :, :4] = torch.randn(B, 1, 4, v.num_channels, size, size, device=device, dtype=torch.bfloat16)
+    mask = torch.zeros(B, 1, tiles, device=device, dtype=torch.long)
+    mask[..., :4] = 1
+    labels = ids.clone(); labels[:, :1] = -100
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
+              aspect_ratio_ids=torch.full((B, 1), 6, device=device, dtype=torch.long), aspect_ratio_mask=mask,
+              cross_attention_mask=mask[:, None].expand(B, seq, 1, tiles).contiguous())
+    return kw, labels, seq, size, 1
+
+
 def child():
     B = int(os.environ.get("B", 4))
     Q4 = os.environ.get("Q4", "0") == "1"
@@ -251,7 +318,8 @@ def child():
             import bitsandbytes as bnb
             res["n_linear4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         cfg = model.config
-        kw, labels, seq, img, n_img_tok = (gemma3_batch if is_gemma3(cfg) else qwen_batch)(cfg, B, "cuda")
+        batch_of = gemma3_batch if is_gemma3(cfg) else mllama_batch if is_mllama(cfg) else qwen_batch
+        kw, labels, seq, img, n_img_tok = batch_of(cfg, B, "cuda")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
