@@ -241,7 +241,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # Attention implementation: "auto" picks cuDNN's fused (flash) attention on a GPU for bf16/fp16 inputs
-# (and for a `CausalBlockMask` the Pallas kernel, jaxvlm.kernels.flash_attention), XLA's reference elsewhere;
+# (and for a long `CausalBlockMask` the Pallas kernel, jaxvlm.kernels.flash_attention), XLA's reference elsewhere;
 # "xla" or "cudnn" force one (a CausalBlockMask then becomes a dense mask); "pallas" forces the Pallas kernel for
 # a CausalBlockMask (interpret mode off the GPU), "auto" otherwise. Read at trace time.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
@@ -295,13 +295,19 @@ class CausalBlockMask:
         return full & jnp.where(self.sliding, flash_attention.dense_mask(self.key_ok, self.blocks, self.window), full)
 
 
+# "auto" takes the Pallas kernel for a CausalBlockMask from this many tokens on (the dense mask's cost grows with
+# their square). H200, Gemma-3-4B LoRA step, bf16: 516 tokens x 8, cuDNN with the dense mask 6,112 tokens/s, the
+# kernel 6,055; 4,100 tokens x 2, 11,085 and 13,291 (docs/BENCHMARKS.md).
+BLOCK_MASK_KERNEL_MIN_SEQ = 1024
+
+
 def _block_mask_attention(q, k, v, mask: CausalBlockMask, scale):
-    """Attention under a CausalBlockMask: the Pallas kernel on a GPU (bf16/fp16, more than one query) or when
-    forced ("pallas"; interpret mode off the GPU), else `attention` with the dense mask."""
+    """Attention under a CausalBlockMask: the Pallas kernel on a GPU (bf16/fp16, at least BLOCK_MASK_KERNEL_MIN_SEQ
+    queries) or when forced ("pallas"; interpret mode off the GPU), else `attention` with the dense mask."""
     impl = attention_implementation
     gpu = jax.default_backend() == "gpu"
     kernel = impl == "pallas" or (impl == "auto" and gpu and q.dtype in (jnp.bfloat16, jnp.float16)
-                                  and q.shape[1] > 1)
+                                  and q.shape[1] >= BLOCK_MASK_KERNEL_MIN_SEQ)
     if not kernel or q.shape[1] != k.shape[1]:
         return attention(q, k, v, mask.dense(), scale=scale)
 

@@ -30,11 +30,11 @@ delta = rowsum(out * d_out) comes from XLA. Logits, softmax and accumulators are
 inputs' dtype (bf16 on the fast path) with fp32 accumulation (fp32 inputs: Triton's default TF32 products,
 as XLA's default precision on the GPU; errors ~1e-3 there, exact in interpret mode).
 
-Defaults (block 64 x 64, 4 warps, 2 stages) measured on an H200, bf16, T = 8192, one row: head dim 256 with
-8 query / 4 kv heads, causal: forward 1.15 ms, forward + backward 6.4 ms (cuDNN with the dense mask: 2.3 and
-9.0; the XLA reference: 8.9 and 28); with a 1024 window 0.37 and 1.9. Head dim 128, 32 / 16 heads: 2.4 and 7.5
-(cuDNN 3.5 and 12.6). 8 warps were slower at both head dims; 128-row blocks with 8 warps and 1 stage made the
-head-dim-256 backward faster (4.3 ms) but the head-dim-128 one slower; 3 stages or 128-row blocks with 2
+Defaults (block 64 x 64, 4 warps, 2 stages), measured on an H200 (scripts/bench_attention.py, docs/BENCHMARKS.md),
+bf16, 8,192 tokens, one row: head dim 256 with 8 query / 4 kv heads: forward 1.34 ms, forward + backward 6.77 (cuDNN
+with the dense mask: 2.66 and 9.46); with a 1,024 window 0.70 and 2.22. Head dim 128, 32 / 16 heads: 2.61 and 7.85
+(cuDNN 3.81 and 13.37). While tuning, 8 warps were slower at both head dims; 128-row blocks with 8 warps and 1
+stage made the head-dim-256 backward faster but the head-dim-128 one slower; 3 stages or 128-row blocks with 2
 stages overflow shared memory in the head-dim-256 backward.
 
 A query with no allowed key (a left-padding query whose keys are all padding) gets a zero output, lse 0 and
