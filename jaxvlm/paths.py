@@ -66,3 +66,19 @@ def layer_key(key: str, layer: int | None, stacked: Iterable) -> str:
     if isinstance(entry, str):
         return f"{entry}.{layer}.{rest}"
     return f"{entry.hf}.{entry.layers[layer]}.{rest}"
+
+
+def per_layer_keys(module, stacked: Iterable) -> dict[str, tuple[str, int | None]]:
+    """{transformers' key: (our param path, row or None)} for every param of `module` (an nnx module; an abstract one
+    from nnx.eval_shape will do), the rows of its `stacked` params spelled per layer (`layer_key`)."""
+    from flax import nnx
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        key = path_key(path)
+        if not any(key.startswith(_ours(e) + ".") for e in stacked):
+            out[key] = (key, None)
+            continue
+        for row in range(var.get_value().shape[0]):
+            out[layer_key(key, row, stacked)] = (key, row)
+    return out
+

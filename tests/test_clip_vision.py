@@ -22,6 +22,7 @@ from jaxvlm.models.clip_vision import (
 )
 from jaxvlm.quant import NF4
 from jaxvlm.quantize import linear_weight_keys, quantize
+from tests.tiny import with_hf_weights
 
 LAYERS = 4  # hidden_states has 5 entries: the embeddings and each layer's output
 SIZE, PATCH = 30, 6  # 25 patches + the class token
@@ -55,24 +56,7 @@ def models():
 
 def load(hf, cfg):
     """Our module with the transformers model's weights, per-layer tensors stacked by `hf_key_map`."""
-    key_map = hf_key_map(cfg)
-    state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    assert set(key_map) == set(state_dict), set(key_map) ^ set(state_dict)
-    rows = {}
-    for key, (path, layer) in key_map.items():
-        rows.setdefault(path, {})[layer] = state_dict[key]
-    arrays = {path: r[None] if None in r else np.stack([r[i] for i in range(len(r))]) for path, r in rows.items()}
-    graphdef, state = nnx.split(CLIPVisionTower(cfg, jnp.float32))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(map(str, path))
-        if isinstance(var, nnx.Param):
-            value = arrays.pop(key)
-            assert value.shape == var.get_value().shape, (key, value.shape, var.get_value().shape)
-            var = var.replace(jnp.asarray(value))
-        flat.append((path, var))
-    assert not arrays, sorted(arrays)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return with_hf_weights(CLIPVisionTower(cfg, jnp.float32), hf, hf_key_map(cfg))
 
 
 def pixels(seed, n=2):

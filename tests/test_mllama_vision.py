@@ -21,6 +21,7 @@ from jaxvlm.models.mllama_vision import (
     prepare_vision_inputs,
     vision_config_from_hf,
 )
+from tests.tiny import with_hf_weights
 
 TILES = 4
 SIZE, PATCH = 28, 7  # 16 patches + class token = 17 tokens per tile, padded to 24
@@ -61,27 +62,7 @@ def models():
 
 def load(hf, cfg):
     """Our module with the transformers model's weights, per-layer tensors stacked by `hf_key_map`."""
-    key_map = hf_key_map(cfg)
-    state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    assert set(key_map) == set(state_dict), set(key_map) ^ set(state_dict)
-    rows = {}
-    for key, (path, layer) in key_map.items():
-        rows.setdefault(path, {})[layer] = state_dict[key]
-    arrays = {path: r[None] if None in r else np.stack([r[i] for i in range(len(r))]) for path, r in rows.items()}
-    graphdef, state = nnx.split(MllamaVisionModel(cfg, jnp.float32))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(map(str, path))
-        if isinstance(var, nnx.Param):
-            value = arrays.pop(key, None)
-            if value is None:  # a stack of zero layers
-                assert var.get_value().size == 0, key
-                value = var.get_value()
-            assert value.shape == var.get_value().shape, (key, value.shape, var.get_value().shape)
-            var = var.replace(jnp.asarray(value))
-        flat.append((path, var))
-    assert not arrays, sorted(arrays)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return with_hf_weights(MllamaVisionModel(cfg, jnp.float32), hf, hf_key_map(cfg))
 
 
 def reference(hf, pixel_values, aspect_ratio_ids, aspect_ratio_mask):

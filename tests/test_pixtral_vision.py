@@ -18,6 +18,7 @@ from jaxvlm.models.pixtral_vision import (
     prepare_pixtral_inputs,
     rotary_cos_sin,
 )
+from tests.tiny import with_hf_weights
 
 SIZE, PATCH = 48, 6  # at most 8 x 8 patches per image
 SIZES = [(30, 42), (24, 18)]  # (height, width): 5 x 7 and 4 x 3 patches
@@ -49,25 +50,8 @@ def models():
 
 
 def load(hf, cfg):
-    """Our tower with the transformers model's weights, per-layer tensors stacked by `hf_key_map`."""
-    key_map = hf_key_map(cfg)
-    state_dict = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    assert set(key_map) == set(state_dict), set(key_map) ^ set(state_dict)
-    rows = {}
-    for key, (path, layer) in key_map.items():
-        rows.setdefault(path, {})[layer] = state_dict[key]
-    arrays = {path: r[None] if None in r else np.stack([r[i] for i in range(len(r))]) for path, r in rows.items()}
-    graphdef, state = nnx.split(PixtralVisionTower(cfg, jnp.float32))
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(map(str, path))
-        if isinstance(var, nnx.Param):
-            value = arrays.pop(key)
-            assert value.shape == var.get_value().shape, (key, value.shape, var.get_value().shape)
-            var = var.replace(jnp.asarray(value))
-        flat.append((path, var))
-    assert not arrays, sorted(arrays)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    """Our module with the transformers model's weights, per-layer tensors stacked by `hf_key_map`."""
+    return with_hf_weights(PixtralVisionTower(cfg, jnp.float32), hf, hf_key_map(cfg))
 
 
 def batch(rng, sizes):

@@ -28,3 +28,32 @@ def build_hf_model(family, seed=0, **text_overrides):
             if p.ndim >= 2 and not p.any():  # a weight initialised to zero (Gemma 3's mm_input_projection_weight),
                 p.normal_(0.0, p.shape[0] ** -0.5)  # which would hide everything before it
     return model.eval()
+
+
+def with_hf_weights(module, hf_model, key_map):
+    """`module` (an nnx module) holding `hf_model`'s weights: `key_map` ({transformers' state_dict key: (our param
+    path, row or None)}, a tower's `hf_key_map`) must name every tensor of the state dict, and every param must
+    get its value (a stack of zero rows keeps its empty one)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    state_dict = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    assert set(key_map) == set(state_dict), set(key_map) ^ set(state_dict)
+    rows = {}
+    for key, (path, row) in key_map.items():
+        rows.setdefault(path, {})[row] = state_dict[key]
+    arrays = {path: r[None] if None in r else np.stack([r[i] for i in range(len(r))]) for path, r in rows.items()}
+    graphdef, state = nnx.split(module)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.Param):
+            key = ".".join(map(str, path))
+            value = arrays.pop(key, None)
+            if value is None:  # a stack of zero layers
+                assert var.get_value().size == 0, key
+                value = var.get_value()
+            assert value.shape == var.get_value().shape, (key, value.shape, var.get_value().shape)
+            var = var.replace(jnp.asarray(value))
+        flat.append((path, var))
+    assert not arrays, sorted(arrays)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

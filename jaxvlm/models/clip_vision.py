@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxvlm.layers import (
@@ -42,7 +41,8 @@ from jaxvlm.layers import (
     scan_blocks,
 )
 from jaxvlm.models.base import ConfigError
-from jaxvlm.paths import path_key, split_layer
+from jaxvlm.models.siglip import patchify  # noqa: F401 (the same square patches; re-exported)
+from jaxvlm.paths import per_layer_keys
 
 # The stacked block (HF module path relative to CLIPVisionModel; see jaxvlm.paths).
 STACKED = ("encoder.layers",)
@@ -121,18 +121,6 @@ def feature_layer_indices(cfg: CLIPVisionConfig, feature_layers, where: str = "v
                           f"(indices into the {n} hidden states: the embeddings, then each of the "
                           f"{cfg.num_layers} layers' outputs)")
     return tuple(i % n for i in layers)
-
-
-def patchify(cfg: CLIPVisionConfig, pixel_values, where: str = "pixel_values") -> np.ndarray:
-    """float32 `[images, patches, channels * patch * patch]` from `pixel_values [images, channels, size, size]`,
-    patches row by row, each flattened as the convolution's kernel is (channel, row, column)."""
-    x = np.asarray(pixel_values, np.float32)
-    expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
-    if x.ndim != 4 or x.shape[1:] != expected:
-        raise ValueError(f"{where} has shape {tuple(x.shape)}; expected [images, {', '.join(map(str, expected))}]")
-    n, c, p, g = x.shape[0], cfg.num_channels, cfg.patch_size, cfg.patches_per_side
-    x = x.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
-    return np.ascontiguousarray(x.reshape(n, g * g, c * p * p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,19 +215,5 @@ class CLIPVisionTower(nnx.Module):
 
 
 def hf_key_map(cfg: CLIPVisionConfig) -> dict[str, tuple[str, int | None]]:
-    """{transformers' state_dict key (relative to CLIPVisionModel, transformers 5): (our param path, layer index
-    or None)}; a stacked param's layer l is row l of our path (`encoder.layers.3.mlp.fc1.weight` ->
-    (`encoder.layers.mlp.fc1.weight`, 3))."""
-    abstract = nnx.eval_shape(lambda: CLIPVisionTower(cfg, jnp.float32))
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        key = path_key(path)
-        prefix = next((s for s in STACKED if key.startswith(s + ".")), None)
-        if prefix is None:
-            out[key] = (key, None)
-            continue
-        for layer in range(cfg.num_layers):
-            hf_key = f"{prefix}.{layer}.{key[len(prefix) + 1:]}"
-            assert split_layer(hf_key, STACKED) == (key, layer)
-            out[hf_key] = (key, layer)
-    return out
+    """{transformers' state_dict key (relative to CLIPVisionModel): (our param path, layer index or None)}."""
+    return per_layer_keys(nnx.eval_shape(lambda: CLIPVisionTower(cfg, jnp.float32)), STACKED)

@@ -46,7 +46,7 @@ from jaxvlm.layers import (
     scan_blocks,
 )
 from jaxvlm.models.base import ConfigError
-from jaxvlm.paths import path_key, split_layer
+from jaxvlm.paths import per_layer_keys
 
 # The stacked blocks (HF module paths relative to MllamaVisionModel; see jaxvlm.paths).
 STACKED = ("transformer.layers", "global_transformer.layers")
@@ -355,20 +355,5 @@ class MllamaVisionModel(nnx.Module):
 
 
 def hf_key_map(cfg: MllamaVisionConfig) -> dict[str, tuple[str, int | None]]:
-    """{transformers' state_dict key (relative to MllamaVisionModel): (our param path, layer index or None)}; a
-    stacked param's layer l is row l of our path (`transformer.layers.3.mlp.fc1.weight` ->
-    (`transformer.layers.mlp.fc1.weight`, 3))."""
-    abstract = nnx.eval_shape(lambda: MllamaVisionModel(cfg, jnp.float32))
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        key = path_key(path)
-        prefix = next((s for s in STACKED if key.startswith(s + ".")), None)
-        if prefix is None:
-            out[key] = (key, None)
-            continue
-        layers = cfg.num_hidden_layers if prefix == "transformer.layers" else cfg.num_global_layers
-        for layer in range(layers):
-            hf_key = f"{prefix}.{layer}.{key[len(prefix) + 1:]}"
-            assert split_layer(hf_key, STACKED) == (key, layer)
-            out[hf_key] = (key, layer)
-    return out
+    """{transformers' state_dict key (relative to MllamaVisionModel): (our param path, layer index or None)}."""
+    return per_layer_keys(nnx.eval_shape(lambda: MllamaVisionModel(cfg, jnp.float32)), STACKED)

@@ -44,7 +44,7 @@ from jaxvlm.layers import (
 )
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.qwen_vision import segment_index
-from jaxvlm.paths import path_key, split_layer
+from jaxvlm.paths import per_layer_keys
 
 # The stacked blocks (HF module paths relative to PixtralVisionModel; see jaxvlm.paths).
 STACKED = ("transformer.layers",)
@@ -275,19 +275,5 @@ class PixtralVisionTower(nnx.Module):
 
 
 def hf_key_map(cfg: PixtralVisionConfig) -> dict[str, tuple[str, int | None]]:
-    """{transformers' state_dict key (relative to PixtralVisionModel): (our param path, layer index or None)}; a
-    stacked param's layer l is row l of our path (`transformer.layers.2.attention.q_proj.weight` ->
-    (`transformer.layers.attention.q_proj.weight`, 2))."""
-    abstract = nnx.eval_shape(lambda: PixtralVisionTower(cfg, jnp.float32))
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        key = path_key(path)
-        prefix = next((s for s in STACKED if key.startswith(s + ".")), None)
-        if prefix is None:
-            out[key] = (key, None)
-            continue
-        for layer in range(cfg.num_hidden_layers):
-            hf_key = f"{prefix}.{layer}.{key[len(prefix) + 1:]}"
-            assert split_layer(hf_key, STACKED) == (key, layer)
-            out[hf_key] = (key, layer)
-    return out
+    """{transformers' state_dict key (relative to PixtralVisionModel): (our param path, layer index or None)}."""
+    return per_layer_keys(nnx.eval_shape(lambda: PixtralVisionTower(cfg, jnp.float32)), STACKED)
