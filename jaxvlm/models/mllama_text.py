@@ -18,7 +18,6 @@ self-attention or the cross-attention layer with that stack's row.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax
@@ -30,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy
 from jaxvlm.models.base import ConfigError
+from jaxvlm.models.llama_text import rope_cos_sin, rope_inv_freq  # noqa: F401 (rope_inv_freq re-exported)
 from jaxvlm.models.qwen_text import Attention  # Llama-style grouped-query attention with a cache
 
 
@@ -77,23 +77,6 @@ def text_config_from_hf(t, where: str = "text_config") -> MllamaTextConfig:
         hidden_act=t.hidden_act, rope_theta=float(rope.get("rope_theta", 500000.0)),
         rope_scaling=(("rope_type", rope_type), *((k, float(rope[k])) for k in keep if k in rope)),
         cross_attention_layers=cross)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
-    """float32 inverse frequencies [head_dim / 2] of the default rope or llama3's scaled one (transformers'
-    `_compute_llama3_parameters`: long wavelengths divided by `factor`, short ones kept, the middle smoothed)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    if scaling.get("rope_type", "default") == "default":
-        return inv_freq.astype(np.float32)
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old / low, old / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 class SelfAttentionDecoderLayer(nnx.Module):
@@ -165,10 +148,7 @@ class MllamaTextModel(nnx.Module):
 
     def cos_sin(self, positions: jax.Array):
         c = self.cfg
-        inv_freq = jnp.asarray(rope_inv_freq(c.head_dim, c.rope_theta, dict(c.rope_scaling)))
-        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(emb), jnp.sin(emb)
+        return rope_cos_sin(positions, rope_inv_freq(c.head_dim, c.rope_theta, dict(c.rope_scaling)))
 
     def _layer_rows(self):
         c = self.cfg
