@@ -158,6 +158,46 @@ def test_greedy_text_only_prompt(loaded):
     assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
 
 
+def test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce(loaded):
+    model, processor, hf = loaded
+    batch = _batch(processor, "left")
+    kw = dict(max_new_tokens=16, eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+              pad_token_id=processor.tokenizer.pad_token_id)
+    greedy = model.generate(**batch, **kw)
+    np.testing.assert_array_equal(model.generate(**batch, **kw, do_sample=True, top_k=1), greedy)
+    a, b, c = (model.generate(**batch, **kw, do_sample=True, temperature=1.5, top_p=0.95, seed=s) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_merged_4bit_export_loads_in_transformers_with_bitsandbytes(loaded, tmp_path):
+    """The merged 4-bit export: every Linear but the projector and lm_head as bitsandbytes Linear4bit in
+    transformers (the cross-attention layers' under their own numbers), with our NF4 bytes back here."""
+    import json
+    import bitsandbytes as bnb
+    import transformers
+    from jaxvlm.layers import dense_weight
+    from jaxvlm.quant import NF4
+    from tests.test_quantized_import import bnb_dequantized, weight
+    model, processor, hf = loaded
+    model.save_pretrained_merged(str(tmp_path / "q4"), processor, save_method="merged_4bit")
+    config = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    exported = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "q4", dtype=torch.float32)
+    assert type(exported).__name__ == "MllamaForConditionalGeneration"
+    quantized = {n: m for n, m in exported.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    linears = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(quantized) == sorted(n for n in linears if n != "lm_head" and "multi_modal_projector" not in n)
+    assert "model.language_model.layers.3.cross_attn.q_proj" in quantized
+    ours, _ = load(str(tmp_path / "q4"), load_in_4bit=True)
+    for name, module in quantized.items():
+        w = weight(ours, name + ".weight")
+        assert isinstance(w, NF4), name
+        np.testing.assert_array_equal(np.asarray(dense_weight(w, np.float32)), bnb_dequantized(module.weight).numpy())
+    key = "model.multi_modal_projector.weight"
+    np.testing.assert_array_equal(np.asarray(weight(ours, key)), exported.get_parameter(key).detach().numpy())
+
+
 def test_load_in_4bit_quantizes_linear_weights_as_bitsandbytes_does(tiny):
     """Every Linear but Unsloth's 16-bit modules (the projector, lm_head) in NF4 with bitsandbytes' bytes, the
     cross-attention stack's rows included (each under its own layer number); the logits then equal transformers'
