@@ -14,6 +14,11 @@ from tests.conftest import random_image
 from tests.test_qwen2_vl_parity import load
 
 
+# The trainer's own mechanics (resume, dropout, 8-bit Adam, logging, errors) do not depend on the family: one
+# family's tiny model runs them (the loss-parity tests run every family).
+ONE_FAMILY = pytest.mark.parametrize("tiny", ["qwen2_vl"], indirect=True)
+
+
 def records(n=8):
     return [{"messages": [
         {"role": "user", "content": [{"type": "image", "image": random_image(56, 56, seed=i)},
@@ -97,6 +102,7 @@ def test_lora_losses_match_transformers_and_peft_for_10_steps(tiny, tmp_path):
     assert ours[-1] < ours[0] - 0.3, "the loss should fall over 10 steps at this learning rate"
 
 
+@ONE_FAMILY
 def test_resume_from_a_checkpoint_continues_the_same_losses(tiny, tmp_path):
     family, path, _ = tiny
     full = make_trainer(path, 6, tmp_path / "full")
@@ -110,6 +116,7 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(tiny, tmp_path):
                                [r["loss"] for r in full.log_history[3:]], rtol=1e-5)
 
 
+@ONE_FAMILY
 def test_outputs_a_loss_plot_and_log(tiny, tmp_path):
     family, path, _ = tiny
     trainer = make_trainer(path, 2, tmp_path)
@@ -118,6 +125,7 @@ def test_outputs_a_loss_plot_and_log(tiny, tmp_path):
     assert (tmp_path / "log_history.json").exists()
 
 
+@ONE_FAMILY
 def test_empty_dataset_is_refused(tiny, tmp_path):
     from jaxvlm.train import DataError
     family, path, _ = tiny
@@ -126,6 +134,7 @@ def test_empty_dataset_is_refused(tiny, tmp_path):
         SFTTrainer(model, processor, VisionDataCollator(model, processor), [], args=SFTConfig(max_steps=1))
 
 
+@ONE_FAMILY
 def test_lora_dropout_changes_the_steps_and_is_reproducible(tiny, tmp_path):
     """With lora_dropout the step losses differ from the undropped run, are the same for the same seed,
     and the loss still falls."""
@@ -146,6 +155,7 @@ def test_lora_dropout_changes_the_steps_and_is_reproducible(tiny, tmp_path):
     assert dropped[-1] < dropped[0]
 
 
+@ONE_FAMILY
 def test_adamw_8bit_trains_close_to_fp32_adamw(tiny, tmp_path):
     """optim="adamw_8bit" (the default) follows fp32 AdamW's loss curve: measured within 2.7e-4 relative
     over 10 steps for both families (a bf16 first moment, optim="adamw_bf16": 1.2e-3)."""
@@ -173,6 +183,7 @@ def test_8bit_optimizer_state_survives_a_checkpoint(tmp_path):
     assert isinstance(restored[1][0].mu[0], Quantized) and restored[1][0].mu[0].codes.dtype == jnp.uint8
 
 
+@ONE_FAMILY
 def test_a_pass_over_data_that_is_all_skipped_is_an_error(tiny, tmp_path):
     """on_overflow='skip' that skips every record must not "train" on padding: an error once nothing is left."""
     from jaxvlm.train import DataError
@@ -185,6 +196,7 @@ def test_a_pass_over_data_that_is_all_skipped_is_an_error(tiny, tmp_path):
         trainer.train()
 
 
+@ONE_FAMILY
 def test_a_step_with_no_trained_token_warns_and_logs_nan(tiny, tmp_path):
     """A response_part that never occurs leaves every label -100: each step says so, and its loss is nan."""
     family, path, _ = tiny
@@ -225,6 +237,7 @@ def test_trls_max_length_is_max_seq_length():
         SFTConfig(max_length=1024, max_seq_length=2048)
 
 
+@ONE_FAMILY
 def test_a_training_step_uses_no_deprecated_optax_function(tiny, tmp_path):
     family, path, _ = tiny
     trainer = make_trainer(path, 1, tmp_path)
