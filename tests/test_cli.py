@@ -301,3 +301,29 @@ def test_train_and_generate_with_a_video_file(model_dir, tmp_path, capsys):
     assert stdout.strip()
     code, _, err = run_cli("generate", "--model", model_dir, "--video", str(tmp_path / "missing.mp4"), "--prompt", "x")
     assert code == 2 and f"cannot read video {tmp_path / 'missing.mp4'}: no such file" in err
+
+
+def check_train_generate_export(model_dir, model_type, tmp_path, capsys):
+    """A family's tiny model through jaxvlm-train (2 LoRA steps on responses only), jaxvlm-generate with the adapter,
+    jaxvlm-export (merged) and jaxvlm-generate on the merged model, which must print what base + adapter did."""
+    from jaxvlm.cli import export, generate, train
+    data = write_records(tmp_path / "data")
+    out = tmp_path / "run"
+    assert train.main(train_args(model_dir, data, out, "--max-steps", "2", "--rank", "4",
+                                 "--train-on-responses-only")) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert len(json.loads((out / "log_history.json").read_text())) == 2
+    image = str(tmp_path / "data" / "imgs" / "0.png")
+    ask = ["--image", image, "--prompt", "which digit is this", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert generate.main(["--model", model_dir, "--adapter", str(adapter), *ask]) == 0
+    with_adapter = capsys.readouterr().out.strip()
+    assert with_adapter
+    merged = tmp_path / "merged"
+    assert export.main(["--model", model_dir, "--adapter", str(adapter), "--output", str(merged),
+                        "--dtype", "float32"]) == 0
+    assert json.loads((merged / "config.json").read_text())["model_type"] == model_type
+    capsys.readouterr()
+    assert generate.main(["--model", str(merged), *ask]) == 0
+    assert capsys.readouterr().out.strip() == with_adapter, "the merged model should generate what base + adapter do"

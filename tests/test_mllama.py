@@ -373,26 +373,5 @@ def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path)
 
 
 def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
-    import json
-    from jaxvlm.cli import export, generate, train
-    from tests.test_cli import train_args, write_records
-    path, hf = tiny
-    data = write_records(tmp_path / "data")
-    out = tmp_path / "run"
-    assert train.main(train_args(path, data, out, "--max-steps", "2", "--rank", "4",
-                                 "--train-on-responses-only")) == 0
-    assert "trained 2 steps" in capsys.readouterr().out
-    adapter = out / "adapter"
-    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
-    image = str(tmp_path / "data" / "imgs" / "0.png")
-    ask = ["--image", image, "--prompt", "which digit is this", "--max-new-tokens", "6", "--dtype", "float32"]
-    assert generate.main(["--model", path, "--adapter", str(adapter), *ask]) == 0
-    with_adapter = capsys.readouterr().out.strip()
-    assert with_adapter
-    merged = tmp_path / "merged"
-    assert export.main(["--model", path, "--adapter", str(adapter), "--output", str(merged),
-                        "--dtype", "float32"]) == 0
-    assert json.loads((merged / "config.json").read_text())["model_type"] == FAMILY
-    capsys.readouterr()
-    assert generate.main(["--model", str(merged), *ask]) == 0
-    assert capsys.readouterr().out.strip() == with_adapter, "the merged model should generate what base + adapter do"
+    from tests.test_cli import check_train_generate_export
+    check_train_generate_export(tiny[0], FAMILY, tmp_path, capsys)
