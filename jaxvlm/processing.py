@@ -8,12 +8,32 @@ with images and text only (a processor class jaxvlm.video has no video processor
 `pixel_values_videos`, Qwen2.5-VL's `second_per_grid_ts`) come from transformers' own processor code.
 The class is the one the checkpoint names or, as `AutoProcessor` does, the one registered for
 config.json's `model_type` (the family's `INFO.processor_classes`).
+
+A processor class can also be out of reach because its own module imports a torchvision-only module:
+transformers' `PixtralProcessor` (llava checkpoints with a Pixtral vision tower, Mistral Small 3.1's
+`mistral3`) imports `get_resize_output_image_size` from `image_processing_pixtral`, which imports torch and
+torchvision, and the lazy `transformers` module hands out a placeholder for it (the class is marked
+`@requires(backends=("torchvision", "torch"))`). The helper is used only by `_get_num_multimodal_tokens`,
+and `image_processing_pil_pixtral` (the PIL image processor that transformers' `PixtralImageProcessor`
+falls back to) defines the same function. Without torchvision we import `processing_pixtral` with that
+module standing in, in `sys.modules`, for the torchvision one for the duration of the import only
+(`_TORCHVISION_IMPORTS`), so the processor's code (the `[IMG]` rows with `[IMG_BREAK]` and `[IMG_END]`,
+`patch_size * spatial_merge_size`, `image_sizes`) runs unchanged. We chose this over a subclass of
+`ProcessorMixin` re-implementing the token layout: it keeps following transformers' code, and if a later
+transformers moves the helper or drops the import, the import either just works or fails loudly at
+`torch_free_processor` time, never with silently different tokens. A class reached this way is
+subclassed under its own name in this module (`_TorchvisionFree<name>`), so that a saved directory names
+transformers' class and a pickled processor unpickles in a process that has not imported it yet.
+The class keeps transformers' defaults: `PixtralProcessor` returns torch tensors unless told otherwise, so
+without torch pass `return_tensors="np"` (as jaxvlm's collator does).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
+import sys
 
 import transformers
 from transformers.utils import is_torchvision_available
@@ -27,6 +47,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # save_pretrained writes processor_config.json instead, with the image processor's config nested in it.
 _IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 _PROCESSOR_CONFIG_FILES = (*_IMAGE_PROCESSOR_FILES, "tokenizer_config.json")
+# Processor classes whose module imports a torchvision-only module for a helper that a torch-free module
+# also defines: class name -> (its module, the torchvision-only module, the torch-free stand-in).
+_TORCHVISION_IMPORTS = {
+    "PixtralProcessor": ("transformers.models.pixtral.processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pil_pixtral"),
+}
 
 
 class _WithoutVideo:
@@ -69,52 +96,86 @@ class _NumpyVideo:
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
-def _subclass(name: str, mixin, prefix: str):
+def _subclass(name: str, prefix: str, *mixins):
     # save_pretrained records type(processor).__name__ as processor_class: keep transformers' name so that
     # AutoProcessor loads a saved directory. Pickle finds the class by __qualname__ in this module.
     qualname = f"{prefix}{name}"
-    subclass = type(name, (mixin, getattr(transformers, name)), {"__qualname__": qualname, "__module__": __name__})
+    subclass = type(name, (*mixins, _transformers_processor_class(name)),
+                    {"__qualname__": qualname, "__module__": __name__})
     globals()[qualname] = subclass
     return subclass
 
 
 @functools.cache
 def _image_text_class(name: str):
-    return _subclass(name, _WithoutVideo, "_ImageText")
+    return _subclass(name, "_ImageText", _WithoutVideo)
 
 
+def _import_with_stand_in(module: str, torchvision_module: str, stand_in: str):
+    """Imports `module`, whose import of `torchvision_module` gets `stand_in` when torchvision is missing.
+
+    The stand-in is in sys.modules only during the import, so anything else that imports
+    `torchvision_module` still gets the ImportError it would get without us.
+    """
+    if module in sys.modules or is_torchvision_available():
+        return importlib.import_module(module)
+    saved = sys.modules.get(torchvision_module)
+    sys.modules[torchvision_module] = importlib.import_module(stand_in)
+    try:
+        return importlib.import_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop(torchvision_module, None)
+        else:
+            sys.modules[torchvision_module] = saved
+
+
+@functools.cache
 def _transformers_processor_class(name: str):
-    cls = getattr(transformers, name, None)
+    if name in _TORCHVISION_IMPORTS:
+        cls = getattr(_import_with_stand_in(*_TORCHVISION_IMPORTS[name]), name, None)
+    else:
+        cls = getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "get_attributes"):
         raise ValueError(f"processor_class {name!r} is not a transformers processor class")
     return cls
 
 
 @functools.cache
+def _torchvision_free_class(name: str):
+    """transformers' class `name`, subclassed in this module when its own module needs torchvision."""
+    if name in _TORCHVISION_IMPORTS:
+        return _subclass(name, "_TorchvisionFree")
+    return _transformers_processor_class(name)
+
+
+@functools.cache
 def image_text_processor(name: str):
     """transformers' processor class `name`, without its video processor when it has one."""
     if "video_processor" not in _transformers_processor_class(name).get_attributes():
-        return _transformers_processor_class(name)
+        return _torchvision_free_class(name)
     return _image_text_class(name)
 
 
 @functools.cache
 def torch_free_processor(name: str):
     """transformers' processor class `name` with jaxvlm.video's video processor in place of transformers'
-    (which needs torchvision); without its video processor when jaxvlm.video has none for it."""
-    cls = _transformers_processor_class(name)
-    if "video_processor" not in cls.get_attributes():
-        return cls
+    (which needs torchvision); without its video processor when jaxvlm.video has none for it; reached
+    without torchvision when its module needs it for a helper only (`_TORCHVISION_IMPORTS`: PixtralProcessor)."""
+    if "video_processor" not in _transformers_processor_class(name).get_attributes():
+        return _torchvision_free_class(name)
     if video_processor_class(name) is None:
         return _image_text_class(name)
-    return _subclass(name, _NumpyVideo, "_NumpyVideo")
+    return _subclass(name, "_NumpyVideo", _NumpyVideo)
 
 
 def __getattr__(name: str):
     # A process that unpickles a processor (a dataloader worker) has not built its class yet: build it here.
-    for prefix, build in (("_NumpyVideo", torch_free_processor), ("_ImageText", _image_text_class)):
-        if name.startswith(prefix) and hasattr(transformers, name[len(prefix):]):
-            cls = build(name[len(prefix):])
+    for prefix, build in (("_NumpyVideo", torch_free_processor), ("_ImageText", _image_text_class),
+                          ("_TorchvisionFree", _torchvision_free_class)):
+        base = name[len(prefix):]
+        if name.startswith(prefix) and (base in _TORCHVISION_IMPORTS or hasattr(transformers, base)):
+            cls = build(base)
             if cls.__qualname__ == name:
                 return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,9 @@ REGISTRY = {
     "qwen3_vl_moe": "jaxvlm.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
     "gemma3": "jaxvlm.models.gemma3:Gemma3ForConditionalGeneration",
     "mllama": "jaxvlm.models.mllama:MllamaForConditionalGeneration",
+    "llava": "jaxvlm.models.llava:LlavaForConditionalGeneration",
+    "llava_next": "jaxvlm.models.llava:LlavaNextForConditionalGeneration",
+    "mistral3": "jaxvlm.models.llava:Mistral3ForConditionalGeneration",
 }
 
 

@@ -111,7 +111,7 @@ def vision_layout(cfg: VisionConfig, grid_thw: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
-def _ladder(n: int) -> int:
+def ladder(n: int) -> int:
     """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) that is >= n:
     padding wastes at most a third, and a run meets few distinct shapes (few compiled programs)."""
     size = 1
@@ -124,11 +124,11 @@ def _ladder(n: int) -> int:
 
 def segment_index(seg: np.ndarray) -> np.ndarray:
     """index [segments, length]: the positions of each run of equal ids in `seg` (runs are contiguous),
-    padded with len(seg); both axes rounded up by `_ladder`, padding segments all len(seg)."""
+    padded with len(seg); both axes rounded up by `ladder`, padding segments all len(seg)."""
     n = len(seg)
     starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
     lengths = np.diff(np.r_[starts, n])
-    index = np.full((_ladder(len(starts)), _ladder(int(lengths.max()))), n, np.int32)
+    index = np.full((ladder(len(starts)), ladder(int(lengths.max()))), n, np.int32)
     for row, (start, length) in enumerate(zip(starts, lengths)):
         index[row, :length] = np.arange(start, start + length)
     return index
