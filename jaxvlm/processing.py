@@ -224,9 +224,9 @@ def load_processor(model_dir: str, family=None):
     if family is None and os.path.isfile(os.path.join(model_dir, "config.json")):
         family = _family(model_dir)
     if family is not None:
-        expected = dict(family.INFO.processor_classes)
-        if named is not None and named not in expected.values():
-            raise ValueError(f"{model_dir}: processor_class is {named!r}, expected one of {sorted(set(expected.values()))} "
+        expected = {name for _, name in family.INFO.processor_classes}
+        if named is not None and named not in expected:
+            raise ValueError(f"{model_dir}: processor_class is {named!r}, expected one of {sorted(expected)} "
                              f"for a {'/'.join(family.INFO.model_types)} model")
         name = named or family.INFO.processor_class(_model_type(model_dir))
     elif named is None:

@@ -51,7 +51,8 @@ class FamilyInfo:
     ignored_keys: tuple[str, ...]
     # Module names (a component of the path) whose Linear weights stay 16-bit in 4-bit / 8-bit mode.
     quant_skip: tuple[str, ...]
-    # transformers processor class name per model_type, for checkpoints that name none.
+    # (model_type, transformers processor class name) pairs: the classes a checkpoint of that type may name; the
+    # first of a model_type is used for checkpoints that name none.
     processor_classes: tuple[tuple[str, str], ...]
     # Chat-template tokens standing for images or videos: the loss never targets them.
     vision_tokens: tuple[str, ...]
@@ -71,7 +72,7 @@ class FamilyInfo:
     sample_arrays: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def processor_class(self, model_type: str) -> str:
-        return dict(self.processor_classes)[model_type]
+        return next(name for kind, name in self.processor_classes if kind == model_type)
 
 
 @dataclasses.dataclass(frozen=True)

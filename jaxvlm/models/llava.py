@@ -460,14 +460,14 @@ _STACKED = ("model.language_model.layers", "model.vision_tower.encoder.layers",
             "model.vision_tower.transformer.layers")
 
 
-def _info(model_type: str, processor: str, vision_tokens: tuple[str, ...], instruction: str, response: str):
+def _info(model_type: str, processors: tuple[str, ...], vision_tokens: tuple[str, ...], instruction: str, response: str):
     return FamilyInfo(
         model_types=(model_type,), stacked=_STACKED, legacy_keys=_LEGACY_KEYS, export_keys=_EXPORT_KEYS,
         # Older checkpoints carry the CLIP tower's position_ids buffer.
         ignored_keys=(r"^model\.vision_tower\.embeddings\.position_ids$",),
         # Unsloth's SKIP_QUANTIZATION_MODULES: the projector and lm_head stay 16-bit.
         quant_skip=("lm_head", "multi_modal_projector"),
-        processor_classes=((model_type, processor),), vision_tokens=vision_tokens,
+        processor_classes=tuple((model_type, name) for name in processors), vision_tokens=vision_tokens,
         instruction_part=instruction, response_part=response)
 
 
@@ -475,7 +475,7 @@ class LlavaForConditionalGeneration(_LlavaBase):
     """LLaVA 1.5 (CLIP tower) and Pixtral-12B (`llava` with a Pixtral tower; its checkpoints name their
     PixtralProcessor and carry Mistral's chat template)."""
 
-    INFO = _info("llava", "LlavaProcessor", ("<image>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"), "USER:", "ASSISTANT:")
+    INFO = _info("llava", ("LlavaProcessor", "PixtralProcessor"), ("<image>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"), "USER:", "ASSISTANT:")
     TINY = TinySpec(special_tokens=_LLAVA_TOKENS, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
                     chat_template=_llama_template("<s>", "</s>"), image_processor=_CLIP_IMAGE_PROCESSOR,
                     processor={"patch_size": 7, "vision_feature_select_strategy": "default",
@@ -500,7 +500,7 @@ class LlavaForConditionalGeneration(_LlavaBase):
 class Mistral3ForConditionalGeneration(_LlavaBase):
     """Mistral Small 3.x vision: the Pixtral tower, the patch merger, the Mistral text model."""
 
-    INFO = _info("mistral3", "PixtralProcessor", ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), "[INST]", "[/INST]")
+    INFO = _info("mistral3", ("PixtralProcessor",), ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), "[INST]", "[/INST]")
     TINY = TinySpec(
         special_tokens=_MISTRAL_TOKENS, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
         chat_template=_MISTRAL_TEMPLATE,
@@ -532,7 +532,7 @@ class Mistral3ForConditionalGeneration(_LlavaBase):
 class LlavaNextForConditionalGeneration(_LlavaBase):
     """LLaVA-NeXT (v1.6): the CLIP tower on anyres tiles, `model.image_newline`."""
 
-    INFO = _info("llava_next", "LlavaNextProcessor", ("<image>",), "USER:", "ASSISTANT:")
+    INFO = _info("llava_next", ("LlavaNextProcessor",), ("<image>",), "USER:", "ASSISTANT:")
     TINY = TinySpec(
         special_tokens=_LLAVA_TOKENS, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
         chat_template=_llama_template("<s>", "</s>"),

@@ -9,8 +9,11 @@ unsloth_zoo's `UnslothVisionDataCollator` arguments with the same meanings, and 
     mm_token_type_ids  int32 [batch, seq]      1 at image tokens, 2 at video tokens (when the processor returns it;
                                                `token_type_ids` for Gemma 3, as its processor names it)
     pixel_values       float32 [patches, patch_dim] (Qwen), or [images, 3, size, size] (Gemma 3): rows as the
-                       family's processor gives them
+                       family's processor gives them; rows smaller than the family's `pixel_row_shape` (Pixtral's
+                       images of their own sizes, LLaVA-NeXT's tiles) are padded with zeros at the end of each
+                       axis, as the processor pads a batch
     image_grid_thw     int64 [images, 3]       the real images only, in order (families whose processor gives it)
+    image_sizes        int64 [images, 2]       each real image's (height, width), in order (LLaVA-NeXT, Pixtral)
     n_pad_patches      int                     with pad_to_bucket: zero rows at the end of pixel_values
   and when a record of the batch has a video:
     pixel_values_videos  float32 [video patches, patch_dim]
@@ -127,6 +130,7 @@ class _Row:
     mm_token_type_ids: np.ndarray | None  # int [seq] (under the processor's name: mm_token_type_ids or token_type_ids)
     pixel_values: np.ndarray | None  # float32 [rows (patches or images), *row shape]
     image_grid_thw: np.ndarray | None  # int64 [images, 3]
+    image_sizes: np.ndarray | None  # int64 [images, 2]
     videos: dict[str, np.ndarray]  # pixel_values_videos, video_grid_thw, second_per_grid_ts (those returned)
     samples: dict[str, np.ndarray]  # the family's INFO.sample_arrays (those returned), less the batch axis
 
@@ -213,6 +217,7 @@ class VisionDataCollator:
                                 tuple(model.pixel_row_shape(processor.image_processor)))
         self.pixel_bucket_min = type(model).PIXEL_BUCKET_MIN
         self.grids = "image_grid_thw" in getattr(processor, "model_input_names", ())  # images as patch grids
+        self.sizes = "image_sizes" in getattr(processor, "model_input_names", ())  # images of their own sizes
         self.type_ids_key = "mm_token_type_ids"
         self._shapes = set()
 
@@ -293,7 +298,7 @@ class VisionDataCollator:
             trained[:n_prompt] = False
         return _Row(input_ids=ids, labels=np.where(trained, ids, self.ignore_index), mm_token_type_ids=mm,
                     pixel_values=None if self.sample_arrays else out.get("pixel_values"),
-                    image_grid_thw=out.get("image_grid_thw"),
+                    image_grid_thw=out.get("image_grid_thw"), image_sizes=out.get("image_sizes"),
                     videos={k: out[k] for k in _VIDEO_KEYS if out.get(k) is not None}, samples=samples)
 
     def _extend_seq(self, samples: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -385,8 +390,13 @@ class VisionDataCollator:
 
         if self.sample_arrays:
             batch.update(self._stack_samples(rows, seq))
-        pixels = [row.pixel_values for row in kept if row.pixel_values is not None]
+        pixels = [np.asarray(row.pixel_values) for row in kept if row.pixel_values is not None]
+        if pixels:
+            row_shape = (self.pixel_row_shape if self.pad_to_bucket else
+                         tuple(np.max([p.shape[1:] for p in pixels], axis=0)))
+            pixels = [_pad_to_shape(p, row_shape) for p in pixels]
         grids = [row.image_grid_thw for row in kept if row.image_grid_thw is not None]
+        sizes = [row.image_sizes for row in kept if row.image_sizes is not None]
         videos = {k: [row.videos[k] for row in kept if k in row.videos] for k in _VIDEO_KEYS}
         for k, parts in videos.items():
             if parts:
@@ -401,12 +411,16 @@ class VisionDataCollator:
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
             if grids or self.grids:
                 batch["image_grid_thw"] = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+            if sizes or self.sizes:
+                batch["image_sizes"] = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros((0, 2), np.int64)
             batch["n_pad_patches"] = n_pad
             self._log_new_shape(len(rows), seq, n_patches + n_video_patches + n_pad)
         elif pixels:
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
             if grids:
                 batch["image_grid_thw"] = np.concatenate(grids)
+            if sizes:
+                batch["image_sizes"] = np.concatenate(sizes).astype(np.int64)
         return batch
 
     def _stack_samples(self, rows: list[_Row | None], seq: int) -> dict[str, np.ndarray]:
@@ -451,6 +465,16 @@ class VisionDataCollator:
 
 
 UnslothVisionDataCollator = VisionDataCollator
+
+def _pad_to_shape(rows: np.ndarray, row_shape: tuple[int, ...]) -> np.ndarray:
+    """`rows [n, *shape]` with zeros after the end of each axis of `shape` up to `row_shape`."""
+    if rows.shape[1:] == tuple(row_shape):
+        return rows
+    if len(rows.shape) - 1 != len(row_shape) or any(a > b for a, b in zip(rows.shape[1:], row_shape)):
+        raise ValueError(f"the processor's pixel_values rows have shape {rows.shape[1:]}, larger than the model's "
+                         f"{tuple(row_shape)}: the processor's image size limits differ from the model's")
+    return np.pad(rows, [(0, 0)] + [(0, b - a) for a, b in zip(rows.shape[1:], row_shape)])
+
 
 def _slice_axis(v: np.ndarray, axis: int, length: int) -> np.ndarray:
     return v[(slice(None),) * axis + (slice(0, length),)]
