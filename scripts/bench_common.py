@@ -1,7 +1,9 @@
 """What the benchmarks share: the model geometries (Qwen2-VL 2B / 7B, Qwen3-VL 2B, Qwen3-VL-30B-A3B, Gemma 3 4B /
-27B), random-weight models drawn on the device, and the workload's batches (one image + text per sample).
+27B, Llama 3.2 11B Vision, LLaVA-1.5-7B, Pixtral-12B), random-weight models drawn on the device, and the workload's
+batches (one image + text per sample).
 
-The workload per family (the functions below dispatch on the config's type, jaxvlm's Gemma3Config or not):
+The workload per family (the functions below dispatch on the type of jaxvlm's config: Gemma3Config, MllamaConfig,
+LlavaConfig, else Qwen-VL's):
   Qwen-VL   <vision_start>, one image x image picture (448: 256 merged tokens of Qwen2-VL's 14-pixel patches,
             196 of Qwen3-VL's 16-pixel ones), <vision_end>, then the text tokens;
   Gemma 3   one picture of the SigLIP tower's fixed size (896: 64 x 64 patches pooled to 256 tokens), wrapped as
@@ -10,6 +12,11 @@ The workload per family (the functions below dispatch on the config's type, jaxv
   mllama    one 1120 x 1120 picture as 2 x 2 tiles of 560 (aspect ratio id 6, every tile real: 4 x 1601 vision
             tokens), "<|image|>" then the text tokens, every text token seeing the image's tiles (cross_attention_mask
             all ones).
+  llava     one picture, then the text tokens, as the checkpoints' processors lay it out: LLaVA 1.5 (CLIP tower)
+            a picture of the tower's size (336: 24 x 24 patches) as 576 "<image>" tokens (the tower's class token
+            dropped, "default"); Pixtral-12B (`llava` with a Pixtral tower) a 448 x 448 picture (28 x 28 patches
+            of 16) as PixtralProcessor expands it: 28 rows of 28 "[IMG]" each followed by "[IMG_BREAK]", the last
+            row's break "[IMG_END]" (812 tokens), with image_sizes.
 
 `load_geometry(name, tiny=True)` gives the family's tiny config instead (the scripts' hidden `--tiny`), so that
 the benchmarks' code paths run on a CPU in under a minute each (mostly compilation).
@@ -26,6 +33,7 @@ from flax import nnx
 
 from jaxvlm.models import qwen2_vl
 from jaxvlm.models.gemma3 import Gemma3Config
+from jaxvlm.models.llava import LlavaConfig, LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 from jaxvlm.models.mllama import MllamaConfig
 from jaxvlm.paths import path_key, stacked_prefix
 from jaxvlm.quantize import quantize, quantized_weight_keys
@@ -157,14 +165,85 @@ def mllama_11b_hf_config():
         image_token_index=128256)
 
 
+# The special tokens of the llava geometries' tokenizers, at the released ids: llava-hf/llava-1.5-7b-hf's (Llama's
+# <unk> <s> </s>, then <image> and <pad> appended after the 32,000 ids of Llama's vocabulary) and Pixtral-12B's
+# (Mistral's tekken: ids below 1000 are control tokens; [IMG] 10, [PAD] 11, [IMG_BREAK] 12, [IMG_END] 13).
+LLAVA_1_5_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001}
+PIXTRAL_12B_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "[PAD]": 11,
+                      "[IMG_BREAK]": 12, "[IMG_END]": 13}
+
+
+def llava_1_5_7b_hf_config():
+    """transformers' config of the LLaVA-1.5-7B geometry (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14 at 336 pixels
+    (1024 wide, MLP 4096, 24 layers, 16 heads, 14-pixel patches: 24 x 24 = 576 patches and the class token,
+    quick_gelu, eps 1e-5, projection_dim 768) read at its second-to-last layer (vision_feature_layer -2: 23 of the
+    24 layers run) without the class token ("default": 576 image tokens per image); the projector 1024 -> 4096 ->
+    4096 (gelu, biases); Llama text 4096 wide, MLP 11008, 32 layers, 32 heads of 128, 32 kv heads, vocabulary
+    32,064, default rope theta 1e4, 4096 positions, rms eps 1e-5, untied lm_head; <image> 32000, <pad> 32001."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    t = LLAVA_1_5_TOKENS
+    return HFLlavaConfig(
+        text_config=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu",
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+                         pad_token_id=t["<pad>"], bos_token_id=t["<s>"], eos_token_id=t["</s>"]),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, num_channels=3, image_size=336,
+                           patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768),
+        image_token_id=t["<image>"], image_seq_length=576, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=False, pad_token_id=t["<pad>"])
+
+
+def pixtral_12b_hf_config():
+    """transformers' config of the Pixtral-12B geometry (mistral-community/pixtral-12b: `llava` with a Pixtral
+    tower): Pixtral vision 1024 wide, MLP 4096, 24 layers, 16 heads of 64, images up to 1024 pixels in 16-pixel
+    patches, silu, 2-D rotary theta 1e4, read at its last layer with every patch ("full"; no class token); the
+    projector 1024 -> 5120 -> 5120 (gelu, biases); Mistral text 5120 wide, MLP 14336, 40 layers, 32 heads of 128,
+    8 kv heads, vocabulary 131,072, rope theta 1e9, 1,024,000 positions, rms eps 1e-5, no sliding window, untied
+    lm_head; [IMG] 10 ([IMG_BREAK] 12 and [IMG_END] 13 are text)."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    t = PIXTRAL_12B_TOKENS
+    return HFLlavaConfig(
+        text_config=dict(model_type="mistral", hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                         max_position_embeddings=1024000, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e9}, tie_word_embeddings=False,
+                         pad_token_id=t["[PAD]"], bos_token_id=t["<s>"], eos_token_id=t["</s>"]),
+        vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, head_dim=64, num_channels=3, image_size=1024, patch_size=16,
+                           hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 10000.0}),
+        image_token_id=t["[IMG]"], vision_feature_layer=-1, vision_feature_select_strategy="full",
+        projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
+
+
+def pixtral_12b_tiny_hf_config():
+    """pixtral-12b's tiny config: `llava` with the Pixtral tower of Mistral3ForConditionalGeneration's tiny config
+    (56-pixel images of 7-pixel patches) read at its last layer ("full"), that config's Mistral text model, the
+    projector with biases (as tests/test_llava.py's build_llava_pixtral)."""
+    from transformers import LlavaConfig as HFLlavaConfig
+    m3 = Mistral3ForConditionalGeneration.tiny_config("mistral3")
+    return HFLlavaConfig(
+        text_config=m3.text_config.to_dict(), vision_config=m3.vision_config.to_dict(),
+        image_token_id=Mistral3ForConditionalGeneration.TINY.special_tokens["[IMG]"], vision_feature_layer=-1,
+        vision_feature_select_strategy="full", projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=False)
+
+
 GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config,
               "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config,
               "gemma3-4b": gemma3_4b_hf_config, "gemma3-27b": gemma3_27b_hf_config,
-              "mllama-11b": mllama_11b_hf_config}
+              "mllama-11b": mllama_11b_hf_config, "llava-1.5-7b": llava_1_5_7b_hf_config,
+              "pixtral-12b": pixtral_12b_hf_config}
+# The geometries whose tiny config is not their registered family's `tiny_config` (llava's is the CLIP one).
+TINY_GEOMETRIES = {"pixtral-12b": pixtral_12b_tiny_hf_config}
 
 
 def hf_geometry(name: str, tiny: bool = False):
     """transformers' config of a named geometry; with `tiny`, its family's tiny test config instead."""
+    if tiny and name in TINY_GEOMETRIES:
+        return TINY_GEOMETRIES[name]()
     hf = GEOMETRIES[name]()
     if tiny:
         from jaxvlm.models import model_class
@@ -206,25 +285,57 @@ def is_mllama(cfg) -> bool:
     return isinstance(cfg, MllamaConfig)
 
 
+def is_llava(cfg) -> bool:
+    """Whether `cfg` (a jaxvlm config) is a LLaVA composition's (the workload lays out model_type `llava`: a CLIP
+    tower, LLaVA 1.5's, or a Pixtral one, Pixtral-12B's)."""
+    return isinstance(cfg, LlavaConfig)
+
+
+def llava_tokens(cfg) -> tuple[dict[str, int], range]:
+    """(special tokens, the range of the workload's random text ids) of a llava config: LLaVA-1.5-7B's below
+    <image> (32000), Pixtral-12B's from 1000 (above Mistral's control tokens) to the vocabulary's end; the tiny
+    configs' (their families' TINY tokens, at 285 and up) below the special tokens."""
+    if cfg.model_type != "llava":
+        raise NotImplementedError(f"the benchmark workload lays out model_type 'llava' only, not {cfg.model_type!r}")
+    image = "[IMG]" if cfg.pixtral else "<image>"
+    released = PIXTRAL_12B_TOKENS if cfg.pixtral else LLAVA_1_5_TOKENS
+    if cfg.image_token_id == released[image]:
+        return released, range(1000 if cfg.pixtral else 0, cfg.text.vocab_size if cfg.pixtral else released[image])
+    tokens = (Mistral3ForConditionalGeneration if cfg.pixtral else LlavaForConditionalGeneration).TINY.special_tokens
+    if cfg.image_token_id != tokens[image]:
+        raise ValueError(f"image_token_id={cfg.image_token_id}: neither the released {image} id ({released[image]}) "
+                         f"nor the tiny config's ({tokens[image]})")
+    return tokens, range(0, min(tokens.values()))
+
+
 def vision_tower(cfg):
     """The vision blocks' config (Qwen3-VL nests it beside its position table and deepstack indexes)."""
     return getattr(cfg.vision, "tower", cfg.vision)
 
 
 def workload_image(cfg, tiny: bool = False) -> int:
-    """The workload's image side in pixels: Gemma 3's SigLIP takes one fixed size (896; the tiny config's 28);
-    the Qwen-VL families take any, and the benchmark gives them 448 (64 with `tiny`)."""
-    if is_gemma3(cfg) or is_mllama(cfg):
+    """The workload's image side in pixels: Gemma 3's SigLIP takes one fixed size (896; the tiny config's 28),
+    as LLaVA 1.5's CLIP does (336; tiny 28); the Qwen-VL families take any, and the benchmark gives them 448 (64
+    with `tiny`); the Pixtral tower any up to its image_size, and the benchmark gives it 448 (the tiny tower's 56)."""
+    if is_gemma3(cfg) or is_mllama(cfg) or (is_llava(cfg) and not cfg.pixtral):
         return cfg.vision.image_size  # mllama: the side of one tile
+    if is_llava(cfg):
+        return min(448, cfg.vision.image_size)
     return 64 if tiny else 448
 
 
 def image_tokens(cfg, image: int) -> tuple[int, int]:
     """(patches per side, image tokens) of one `image` x `image` picture: Qwen2-VL's 14-pixel patches make
     448 -> 32 x 32 patches, 256 merged tokens; Qwen3-VL's 16-pixel ones 28 x 28 patches, 196 tokens; Gemma 3's
-    SigLIP 896 -> 64 x 64 patches, average-pooled to mm_tokens_per_image (256) tokens."""
+    SigLIP 896 -> 64 x 64 patches, average-pooled to mm_tokens_per_image (256) tokens; LLaVA 1.5's CLIP 336 ->
+    24 x 24 patches, 576 tokens (the class token dropped); Pixtral's 448 -> 28 x 28 patches, 784 [IMG] tokens (the
+    rows' [IMG_BREAK] / [IMG_END] are counted by image_prefix)."""
     vision = vision_tower(cfg)
     grid = image // vision.patch_size
+    if is_llava(cfg):
+        if not cfg.pixtral and image != vision.image_size:
+            raise ValueError(f"the CLIP tower takes {vision.image_size}-pixel images, not {image}")
+        return grid, grid * grid + (1 if cfg.keep_class_token and not cfg.pixtral else 0)
     if is_mllama(cfg):  # the image is one <|image|> token in the text; its tiles enter by cross-attention
         return grid, 1
     if is_gemma3(cfg):
@@ -236,9 +347,13 @@ def image_tokens(cfg, image: int) -> tuple[int, int]:
 
 def image_prefix(cfg, image: int) -> int:
     """Tokens of a sample's image part (before its text; the labels are -100 there): the image tokens and their
-    wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\\n\\n<boi>" .. "<eoi>\\n\\n" for Gemma 3."""
+    wrapper, <vision_start> .. <vision_end> for Qwen-VL, "\\n\\n<boi>" .. "<eoi>\\n\\n" for Gemma 3, each patch
+    row's [IMG_BREAK] (the last one's [IMG_END]) for Pixtral, none for LLaVA 1.5."""
     if is_mllama(cfg):
         return 1
+    if is_llava(cfg):
+        grid, n_img = image_tokens(cfg, image)
+        return n_img + (grid if cfg.pixtral else 0)
     return image_tokens(cfg, image)[1] + (4 if is_gemma3(cfg) else 2)
 
 
@@ -292,11 +407,15 @@ def raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     `text` random tokens (below the special tokens' ids): input_ids, attention_mask, pixel_values (float32
     `[patches, patch_dim]`), image_grid_thw. Gemma 3: "\\n\\n<boi>", the image's tokens, "<eoi>\\n\\n" (the
     two "\\n\\n" random text ids), `text` random tokens: input_ids, attention_mask, pixel_values (float32
-    `[batch, 3, image, image]`), token_type_ids (1 at the image tokens)."""
+    `[batch, 3, image, image]`), token_type_ids (1 at the image tokens). llava: the image's tokens (see the module
+    docstring), `text` random tokens: input_ids, attention_mask, pixel_values (float32 `[batch, 3, image,
+    image]`), and for a Pixtral tower image_sizes."""
     if is_gemma3(cfg):
         return _gemma3_raw_batch(cfg, batch, text, image)
     if is_mllama(cfg):
         return _mllama_raw_batch(cfg, batch, text, image)
+    if is_llava(cfg):
+        return _llava_raw_batch(cfg, batch, text, image)
     grid, n_img = image_tokens(cfg, image)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(150000, cfg.vision_start_token_id), (batch, n_img + text + 2))
@@ -336,10 +455,31 @@ def _mllama_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
                 cross_attention_mask=np.broadcast_to(tiles[:, None], (batch, ids.shape[1], 1, v.max_num_tiles)).copy())
 
 
+def _llava_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
+    tokens, text_ids = llava_tokens(cfg)
+    grid, _ = image_tokens(cfg, image)
+    prefix = image_prefix(cfg, image)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(text_ids.start, text_ids.stop, (batch, prefix + text))
+    if cfg.pixtral:  # PixtralProcessor's rows: `grid` [IMG] then [IMG_BREAK]; the last row's break is [IMG_END]
+        rows = np.full((grid, grid + 1), cfg.image_token_id)
+        rows[:, -1] = tokens["[IMG_BREAK]"]
+        rows[-1, -1] = tokens["[IMG_END]"]
+        ids[:, :prefix] = rows.reshape(-1)
+    else:  # LlavaProcessor: the image's tokens, all <image>
+        ids[:, :prefix] = cfg.image_token_id
+    pix = rng.standard_normal((batch, cfg.vision.num_channels, image, image)).astype(np.float32)
+    out = dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix)
+    if cfg.pixtral:
+        out["image_sizes"] = np.array([[image, image]] * batch)
+    return out
+
+
 def hf_inputs(cfg, raw: dict, device):
     """transformers' forward / generate keyword arguments (torch tensors on `device`; pixels bf16) of a
     `raw_batch`: input_ids, attention_mask, pixel_values and the family's own (Qwen-VL: image_grid_thw,
-    mm_token_type_ids; Gemma 3: token_type_ids)."""
+    mm_token_type_ids; Gemma 3: token_type_ids; mllama: the tiles' arrays; llava with a Pixtral tower:
+    image_sizes)."""
     import torch
     ids = torch.tensor(raw["input_ids"], device=device, dtype=torch.long)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -349,6 +489,9 @@ def hf_inputs(cfg, raw: dict, device):
     elif is_mllama(cfg):
         kw.update({k: torch.tensor(raw[k], device=device, dtype=torch.long)
                    for k in ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")})
+    elif is_llava(cfg):
+        if "image_sizes" in raw:
+            kw["image_sizes"] = torch.tensor(raw["image_sizes"], device=device, dtype=torch.long)
     else:
         kw.update(image_grid_thw=torch.tensor(raw["image_grid_thw"], device=device),
                   mm_token_type_ids=(ids == cfg.image_token_id).long())
@@ -356,6 +499,6 @@ def hf_inputs(cfg, raw: dict, device):
 
 
 def batch_inputs(cfg, batch, text, image, model_cls=MODEL):
-    """prepare_inputs arrays of `raw_batch`: <vision_start>, one image x image, <vision_end>, `text` tokens."""
+    """prepare_inputs arrays of `raw_batch` (the family's image part, then `text` tokens) for `model_cls`."""
     model = nnx.eval_shape(lambda: model_cls(cfg, np.float32))  # prepare_inputs reads only the config
     return model.prepare_inputs(**raw_batch(cfg, batch, text, image))

@@ -39,8 +39,8 @@ import torch  # noqa: E402
 
 from jaxvlm.targets import get_peft_regex  # noqa: E402
 from scripts.bench_common import (GEOMETRIES, hf_geometry, hf_inputs, image_prefix, image_tokens,  # noqa: E402
-                                  is_gemma3, is_mllama, load_geometry, raw_batch, save_random_hf_model, vision_tower,
-                                  workload_image)
+                                  is_gemma3, is_llava, is_mllama, load_geometry, raw_batch, save_random_hf_model,
+                                  vision_tower, workload_image)
 
 
 def skipped_linears(hf_config, skip) -> list[str]:
@@ -71,6 +71,10 @@ def load_model(geometry: str, quant: str, device: str, path: str | None, tiny: b
                              llm_int8_skip_modules=skipped_linears(hf_config, model_cls.INFO.quant_skip))
     return AutoModelForImageTextToText.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
                                                        attn_implementation="sdpa", device_map={"": device})
+
+
+def impl_name(quant: str) -> str:
+    return "transformers+peft" + ("+bnb" if quant == "nf4" else "")
 
 
 def run(geometry: str, quant: str, batches: list[int], text: int, path: str | None, tiny: bool = False,
@@ -112,7 +116,8 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
     prefix = image_prefix(cfg, image)
     for batch in batches:
         seq = prefix + text
-        if is_gemma3(cfg) or is_mllama(cfg):  # bench_common's batch (Gemma 3: token_type_ids; mllama: tiles)
+        # bench_common's batch (Gemma 3: token_type_ids; mllama: tiles; llava: Pixtral's image_sizes)
+        if is_gemma3(cfg) or is_mllama(cfg) or is_llava(cfg):
             kw = hf_inputs(cfg, raw_batch(cfg, batch, text, image), device)
             ids = kw["input_ids"]
         else:
@@ -151,7 +156,7 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
             times.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-        yield dict(bench="train", impl="transformers+peft" + ("+bnb" if quant == "nf4" else ""), geometry=geometry,
+        yield dict(bench="train", impl=impl_name(quant), geometry=geometry,
                    quant=quant, weights=quant, remat="full", batch=batch, seq=seq, image_tokens=n_img,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu", step_s=round(step_s, 4),
                    tokens_per_s=round(batch * seq / step_s), peak_gib=round(peak, 2),
@@ -174,8 +179,17 @@ def main():
     args = ap.parse_args()
     path = args.dir or f"/tmp/bench_hf_{args.geometry}{'_tiny' if args.tiny else ''}"
     if args.one:
-        for line in run(args.geometry, args.one, args.batch, args.text, path, args.tiny, args.lora_experts):
-            print(json.dumps(line), flush=True)
+        done = []
+        try:
+            for line in run(args.geometry, args.one, args.batch, args.text, path, args.tiny, args.lora_experts):
+                done.append(line["batch"])
+                print(json.dumps(line), flush=True)
+        except torch.cuda.OutOfMemoryError as e:  # what does not fit is a result too: its own line, no traceback
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            print(json.dumps(dict(bench="train", impl=impl_name(args.one), geometry=args.geometry, quant=args.one,
+                                  weights=args.one, batch=next((b for b in args.batch if b not in done), None),
+                                  error="OOM", detail=str(e).splitlines()[0][:300], peak_gib=round(peak, 2))),
+                  flush=True)
         return
     for quant in args.quant:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", quant, "--geometry", args.geometry,

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_common import (GEOMETRIES, image_prefix, image_tokens, is_gemma3, is_mllama, load_geometry,
-                                  random_model,
-                                  raw_batch, vision_tower, workload_image)
+from scripts.bench_common import (GEOMETRIES, image_prefix, image_tokens, is_gemma3, is_llava, is_mllama,
+                                  load_geometry, random_model, raw_batch, vision_tower, workload_image)
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 
@@ -48,6 +47,8 @@ def model_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
         return _gemma3_flops_per_step(cfg, batch, seq, patches)
     if is_mllama(cfg):
         return _mllama_flops_per_step(cfg, batch, seq)
+    if is_llava(cfg):
+        return _llava_flops_per_step(cfg, batch, seq, patches)
     t, v = cfg.text, vision_tower(cfg)
     deepstack = len(getattr(cfg.vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: a merger per index
     # A MoE layer's MLP: the router and the experts each token goes through (the active parameters).
@@ -106,6 +107,32 @@ def _mllama_flops_per_step(cfg, batch: int, seq: int) -> float:
     flops += 12 * n_self * tokens * seq * d  # causal attention counted in full, as for the other families
     flops += 12 * n_cross * tokens * 4 * v.num_patches * d
     flops += 12 * (v.num_hidden_layers + v.num_global_layers) * vis_tokens * 4 * v.num_patches * v.hidden_size
+    return flops
+
+
+def _llava_flops_per_step(cfg, batch: int, seq: int, patches: int) -> float:
+    """model_flops_per_step for `llava` (one image of `patches` patches per sample): the text model's products, its
+    causal attention (counted in full) and lm_head on every token; the vision tower's layers that run (CLIP read at
+    -2 runs 23 of its 24) on each image's tokens (CLIP: the patches and the class token, 577 at 336 pixels; Pixtral:
+    the patches, 784 at 448), with full attention among them; the projector (linear_1 from the joined feature
+    layers, linear_2) on each image's features (CLIP "default": the 576 patches; Pixtral: 784). Patch embeddings
+    are not counted (nor are they for the other families)."""
+    t, v = cfg.text, cfg.vision
+    q_width = t.num_heads * t.head_dim
+    text_params = t.num_layers * (t.hidden_size * (q_width + 2 * t.num_kv_heads * t.head_dim) +
+                                  q_width * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    text_params += t.vocab_size * t.hidden_size  # lm_head
+    if cfg.pixtral:
+        vis_layers, per_image = v.num_hidden_layers, patches
+    else:  # the tower runs no layer past the deepest feature layer asked for (hidden state i: after layer i)
+        vis_layers, per_image = max(cfg.feature_layers), patches + 1
+    vision_params = vis_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    features = patches + (1 if cfg.keep_class_token and not cfg.pixtral else 0)
+    projector = (v.hidden_size * len(cfg.feature_layers) + t.hidden_size) * t.hidden_size
+    tokens = batch * seq
+    flops = 6 * (text_params * tokens + vision_params * batch * per_image + projector * batch * features)
+    flops += 12 * t.num_layers * tokens * seq * q_width
+    flops += 12 * vis_layers * batch * per_image * per_image * v.hidden_size
     return flops
 
 

@@ -8,10 +8,10 @@ On the lent GPU machine (`.peers/` built by scripts/fetch_peers.sh and carried):
 Same workload as bench_train and bench_hf_peft: the geometry's model with random weights (bench_common.GEOMETRIES),
 batch B of one 448x448 image (Qwen2-VL's 14-pixel patches: 32x32 patches, 256 merged tokens; Qwen3-VL's 16-pixel
 ones: 28x28 patches, 196 tokens; Gemma 3: one 896x896 image, 64x64 patches pooled to 256 tokens, wrapped in
-"\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them) plus 256 text tokens, labels masked on the image prefix,
-LoRA r=16 alpha=16 on
-vision + language attention + MLP, AdamW lr 1e-4; 3 warm-up steps, then the median of 10 timed steps, peak memory
-from torch.cuda.max_memory_allocated. The model goes through Unsloth's public API: FastVisionModel.from_pretrained
+"\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them; Llama 3.2 Vision: 2 x 2 tiles of 560; LLaVA 1.5: one 336x336
+image, 576 <image>; Pixtral-12B: one 448x448 image, 812 tokens with its rows' [IMG_BREAK] / [IMG_END]) plus 256
+text tokens, labels masked on the image prefix, LoRA r=16 alpha=16 on vision + language attention + MLP, AdamW lr
+1e-4; 3 warm-up steps, then the median of 10 timed steps, peak memory from torch.cuda.max_memory_allocated. The model goes through Unsloth's public API: FastVisionModel.from_pretrained
 (bf16, or load_in_4bit=True for NF4), get_peft_model, for_training.
 
 The random model and an offline-built processor are saved once to MODEL_DIR (default /tmp/unsloth_bench_<geometry>)
@@ -66,13 +66,81 @@ def is_mllama(hf_config) -> bool:
     return isinstance(hf_config, transformers.MllamaConfig)
 
 
+def is_llava(hf_config) -> bool:
+    """Whether a transformers config is a `llava` (LLaVA 1.5's CLIP tower or Pixtral-12B's Pixtral tower)."""
+    import transformers
+    return isinstance(hf_config, transformers.LlavaConfig)
+
+
 def save_processor(path, hf_config):
-    """The family's offline processor (Qwen-VL's, Gemma 3's or Llama 3.2 Vision's), saved to `path`."""
+    """The family's offline processor (Qwen-VL's, Gemma 3's, Llama 3.2 Vision's or LLaVA's / Pixtral's), saved to
+    `path`."""
     if is_gemma3(hf_config):
         return save_gemma3_processor(path, hf_config)
     if is_mllama(hf_config):
         return save_mllama_processor(path, hf_config)
+    if is_llava(hf_config):
+        return save_llava_processor(path, hf_config)
     return save_qwen_processor(path, hf_config)
+
+
+def save_llava_processor(path, hf_config):
+    """An offline processor of a `llava` config: a word-level tokenizer over the text vocabulary (plain ids are
+    placeholders) with the geometry's special tokens at their ids (bench_common.llava_tokens: the released ones, or
+    the tiny config's); with a CLIP tower LlavaProcessor (a CLIPImageProcessor of the tower's size, one <image> per
+    patch, the class token dropped) and the llava family's chat template, with a Pixtral tower PixtralProcessor (a
+    PixtralImageProcessor of images up to the tower's size in its patches, no merging, [IMG] / [IMG_BREAK] /
+    [IMG_END]) and Mistral's (Pixtral-12B's checkpoint carries it)."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxvlm.models import model_class
+    from jaxvlm.models.llava import Mistral3ForConditionalGeneration
+    from scripts.bench_common import llava_tokens
+    family = model_class(hf_config.model_type, path)
+    cfg = family.config_from_hf(hf_config)
+    special, _ = llava_tokens(cfg)
+    template_family = Mistral3ForConditionalGeneration if cfg.pixtral else family
+    taken = set(special.values())
+    unk = "<unk>" if "<unk>" in special else "t0"
+    vocab = {f"t{i}": i for i in range(cfg.text.vocab_size) if i not in taken}
+    vocab.update(special)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    chat_template = template_family.TINY.chat_template
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=unk, pad_token="[PAD]" if "[PAD]" in special else "<pad>",
+        eos_token="</s>", bos_token="<s>", chat_template=chat_template)
+    v, p = cfg.vision, cfg.vision.patch_size
+    kw = dict(template_family.TINY.image_processor)
+    kw.pop("image_processor_type", None)
+    if cfg.pixtral:
+        kw.update(size={"longest_edge": v.image_size}, patch_size={"height": p, "width": p})
+        names = ("PixtralImageProcessor", "PixtralImageProcessorPil")
+        extra = dict(patch_size=p, spatial_merge_size=1, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                     image_end_token="[IMG_END]")
+    else:
+        kw.update(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size})
+        names = ("CLIPImageProcessor", "CLIPImageProcessorPil")
+        extra = dict(patch_size=p, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                     image_token="<image>")
+    try:  # the torchvision backend, else PIL's
+        image_processor = getattr(transformers, names[0])(**kw)
+    except Exception:
+        image_processor = getattr(transformers, names[1])(**kw)
+    name = "PixtralProcessor" if cfg.pixtral else "LlavaProcessor"
+    try:
+        getattr(transformers, name)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                                    **extra).save_pretrained(path)
+    except ImportError:  # PixtralProcessor needs torchvision: write the parts; AutoProcessor assembles them
+        tokenizer.save_pretrained(path)
+        image_processor.save_pretrained(path)
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+        with open(os.path.join(path, "processor_config.json"), "w") as f:
+            json.dump({**extra, "processor_class": name}, f, indent=2)
 
 
 # Llama 3.2 Vision's special tokens at the released tokenizer's ids (<|image|> comes from the config).
@@ -289,6 +357,21 @@ def mllama_batch(cfg, B, device):
     return kw, labels, seq, size, 1
 
 
+def llava_batch(cfg, B, device):
+    """The same for `llava`, bench_common's workload itself: one image as the checkpoints' processors lay it out
+    (LLaVA 1.5: 576 <image> for a 336-pixel image; Pixtral-12B: a 448-pixel image as 28 rows of 28 [IMG], each
+    row ended by [IMG_BREAK], the last by [IMG_END], with image_sizes), TXT random tokens; labels masked on the
+    image part."""
+    from jaxvlm.models import model_class
+    from scripts.bench_common import hf_inputs, image_prefix, image_tokens, raw_batch, workload_image
+    jcfg = model_class(cfg.model_type, "bench_unsloth").config_from_hf(cfg)
+    image = workload_image(jcfg)
+    kw = hf_inputs(jcfg, raw_batch(jcfg, B, TXT, image), device)
+    prefix = image_prefix(jcfg, image)
+    labels = kw["input_ids"].clone(); labels[:, :prefix] = -100
+    return kw, labels, prefix + TXT, image, image_tokens(jcfg, image)[1]
+
+
 def child():
     B = int(os.environ.get("B", 4))
     Q4 = os.environ.get("Q4", "0") == "1"
@@ -318,7 +401,8 @@ def child():
             import bitsandbytes as bnb
             res["n_linear4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         cfg = model.config
-        batch_of = gemma3_batch if is_gemma3(cfg) else mllama_batch if is_mllama(cfg) else qwen_batch
+        batch_of = (gemma3_batch if is_gemma3(cfg) else mllama_batch if is_mllama(cfg) else
+                    llava_batch if is_llava(cfg) else qwen_batch)
         kw, labels, seq, img, n_img_tok = batch_of(cfg, B, "cuda")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -36,10 +36,10 @@ def edit_tensors(path, fn):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(model_dir):
-    edit_config(model_dir, lambda c: c.update(model_type="llava"))
+    edit_config(model_dir, lambda c: c.update(model_type="llava_onevision"))
     from jaxvlm.models import REGISTRY
     assert {"gemma3", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"} <= set(REGISTRY)
-    with pytest.raises(ValueError, match=re.escape(f"'llava' is not supported; supported: {', '.join(sorted(REGISTRY))}")):
+    with pytest.raises(ValueError, match=re.escape(f"'llava_onevision' is not supported; supported: {', '.join(sorted(REGISTRY))}")):
         load(model_dir)
 
 
