@@ -8,8 +8,8 @@ On the lent GPU machine (bitsandbytes for --quant nf4 from `.peers/bnb`, built b
 
 The workload of bench_train (and of ../shared/bench/hf_peft_step.py, which is Qwen2-VL only): random weights, each
 sample one 448x448 image (bench_common.image_tokens: 256 merged tokens for Qwen2-VL, 196 for Qwen3-VL; Gemma 3: one
-896x896 image, 256 tokens in "\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them) + `--text` tokens, labels on
-the text only, LoRA r=16 alpha=16 on the modules Unsloth's default regex picks
+896x896 image, 256 tokens in "\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them; mllama and llava: bench_common's
+layouts) + `--text` tokens, labels on the text only, LoRA r=16 alpha=16 on the modules Unsloth's default regex picks
 (jaxvlm.targets.get_peft_regex over the torch model's Linear names), gradient checkpointing, torch AdamW lr 1e-4,
 sdpa attention; median step of 10 after 3 warm-ups.
 
@@ -21,7 +21,8 @@ gradient checkpointing as bf16 (no peft.prepare_model_for_kbit_training, which U
 Experts of MoE models are 3-D parameters, not Linear: bitsandbytes leaves them bf16, and LoRA leaves them alone.
 
 Each --quant runs in its own process (building the model once for all batch sizes); one JSON line per batch
-size, or one with "error" for a process that failed.
+size, or one with "error" for a process that failed ("error": "OOM" for the batch size that ran out of GPU memory,
+the larger ones not tried).
 """
 from __future__ import annotations
 

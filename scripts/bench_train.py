@@ -8,10 +8,10 @@ on the GPU. On the lent GPU machine:
 
 Workload (the benchmark issue's): each sample one 448x448 image (256 merged tokens with Qwen2-VL's 14-pixel
 patches, 196 with Qwen3-VL's 16-pixel ones; Gemma 3: one 896x896 image, 256 pooled tokens wrapped in
-"\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids marking them) + `--text` text tokens, LoRA r=16 on every
-Linear Unsloth's default regex picks (vision and language, attention and MLP; not MoE experts, which are no
-Linear), AdamW, remat per block. Each configuration runs in its own process; one JSON line each: median
-step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
+"\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids marking them; mllama, llava: bench_common's layouts) + `--text`
+text tokens, LoRA r=16 on every Linear Unsloth's default regex picks (vision and language, attention and MLP; not
+MoE experts, which are no Linear), AdamW, remat per block. Each configuration runs in its own process; one JSON
+line each: median step seconds over 10 steps after 3 warm-ups, tokens/s, peak device GiB, model FLOP utilisation.
 With --trace DIR the first configuration runs once more, in its own process after the measurements,
 under a profiler (3 steps); its GPU time is summarised by kernel kind and kernel, with the GPU's busy
 share (DIR/summary.json, and printed), and the step's optimized HLO is kept (DIR/step_hlo.txt.gz) to

@@ -11,8 +11,9 @@ ones: 28x28 patches, 196 tokens; Gemma 3: one 896x896 image, 64x64 patches poole
 "\\n\\n<boi>" .. "<eoi>\\n\\n", token_type_ids 1 at them; Llama 3.2 Vision: 2 x 2 tiles of 560; LLaVA 1.5: one 336x336
 image, 576 <image>; Pixtral-12B: one 448x448 image, 812 tokens with its rows' [IMG_BREAK] / [IMG_END]) plus 256
 text tokens, labels masked on the image prefix, LoRA r=16 alpha=16 on vision + language attention + MLP, AdamW lr
-1e-4; 3 warm-up steps, then the median of 10 timed steps, peak memory from torch.cuda.max_memory_allocated. The model goes through Unsloth's public API: FastVisionModel.from_pretrained
-(bf16, or load_in_4bit=True for NF4), get_peft_model, for_training.
+1e-4; 3 warm-up steps, then the median of 10 timed steps, peak memory from torch.cuda.max_memory_allocated. The
+model goes through Unsloth's public API: FastVisionModel.from_pretrained (bf16, or load_in_4bit=True for NF4),
+get_peft_model, for_training.
 
 The random model and an offline-built processor are saved once to MODEL_DIR (default /tmp/unsloth_bench_<geometry>)
 by a separate process, so that each measured process imports unsloth before transformers and peft.
