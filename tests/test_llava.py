@@ -21,6 +21,7 @@ from jaxvlm.quant import NF4
 from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import random_image
 from tests.test_lora import _is_adapted, peft_adapted, with_random_b
+from tests.test_mllama import bare
 from tests.test_qwen2_vl_parity import assert_greedy_matches, assert_logits_match, encode, hf_logits, load
 from tests.test_quantized_import import PROCESSOR_FILES, bnb_dequantized, weight
 from tests.tiny import build_hf_model, save_tiny_processor
@@ -312,11 +313,6 @@ def record(n_images, question, answer, seed=0):
                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
 
 
-def bare(messages):
-    return [{**m, "content": [{"type": "image"} if c["type"] == "image" else c for c in m["content"]]}
-            for m in messages]
-
-
 # 2 + 0 + 3 images: a bucket of 6, one padding image.
 RECORDS = [record(2, "what are these", "two red digits"), record(0, "say hello", "hello"),
            record(3, "describe the images", "blue photos", 10)]
@@ -369,7 +365,7 @@ def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path)
     from peft import PeftModel
     from jaxvlm.train import VisionDataCollator
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
-    from tests.test_trainer import torch_reference_losses
+    from tests.test_trainer import train_and_compare_with_peft
     variant, path, hf = tiny
     model, processor = load(path)
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
@@ -381,12 +377,7 @@ def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path)
                      warmup_steps=1, weight_decay=0.01, optim="adamw_torch", output_dir=str(tmp_path / "out"), seed=0)
     collator = VisionDataCollator(model, processor, train_on_responses_only=True, **MARKERS.get(variant, {}))
     trainer = SFTTrainer(model, processor, collator, data, args=args)
-    trainer.train()
-    ours = np.array([r["loss"] for r in trainer.log_history])
-    ref = torch_reference_losses(peft_model, trainer, 3)
-    print("relative loss differences", np.abs(ours - ref) / ref)
-    np.testing.assert_allclose(ours, ref, rtol=1e-4)
-    assert ours[-1] < ours[0], "the loss should fall"
+    train_and_compare_with_peft(trainer, peft_model, 3)
 
 
 # -- 6. export ----------------------------------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def make_trainer(path, steps, output_dir, is_trainable=lambda p: True, **config)
     return SFTTrainer(model, processor, collator, records(), args=args, is_trainable=is_trainable)
 
 
+def train_and_compare_with_peft(trainer, peft_model, steps, rtol=1e-4):
+    """Trains `trainer` for its steps and asserts that its losses equal `torch_reference_losses` of `peft_model`
+    (transformers + PEFT from the same init, on the same batches) and fall; returns our losses."""
+    trainer.train()
+    ours = np.array([r["loss"] for r in trainer.log_history])
+    ref = torch_reference_losses(peft_model, trainer, steps)
+    print("relative loss differences", np.abs(ours - ref) / ref)
+    np.testing.assert_allclose(ours, ref, rtol=rtol)
+    assert ours[-1] < ours[0], "the loss should fall"
+    return ours
+
+
 def torch_reference_losses(hf_model, trainer, steps):
     """The same batches through transformers with torch AdamW, HF's linear warmup schedule and clipping."""
     from transformers import get_linear_schedule_with_warmup

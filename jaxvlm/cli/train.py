@@ -48,7 +48,12 @@ def parse_args(argv=None):
     g.add_argument("--no-language", action="store_true", help="do not adapt the language model")
     g.add_argument("--target-modules", default=None, help="a regex, or all-linear (default: Unsloth's choice)")
     g = ap.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=2)
+    g.add_argument("--batch-size", type=int, default=2,
+                   help="samples per data-parallel rank (per data x fsdp coordinate of the mesh), as HF's "
+                        "per_device_train_batch_size")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; left out: 1); default: every "
+                        "device on fsdp")
     g.add_argument("--grad-accum", type=int, default=4)
     g.add_argument("--max-steps", type=int, default=-1)
     g.add_argument("--epochs", type=float, default=1.0)
@@ -135,7 +140,7 @@ def train(args) -> int:
         gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, num_train_epochs=args.epochs,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type=args.scheduler,
         weight_decay=args.weight_decay, optim=args.optim, seed=args.seed, logging_steps=args.logging_steps,
-        save_steps=args.save_steps))
+        save_steps=args.save_steps, mesh=args.mesh))
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     adapter = os.path.join(args.output, "adapter")
     trainer.model.save_pretrained(adapter, processor, overwrite=True)

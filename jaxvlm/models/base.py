@@ -20,6 +20,7 @@ Parts of ../shared/FAMILY.md and where they live:
   generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
   dtypes it cannot run in      `resolve_dtype`
+  placement on a device mesh   `sharding_rules` (jaxvlm.sharding)
 """
 from __future__ import annotations
 
@@ -150,6 +151,13 @@ class VisionLanguageModel(nnx.Module):
         """The shape of one row of the processor's pixel_values (the collator pads with such rows): by default a
         flattened patch of `temporal_patch_size` frames, as the Qwen processors give them."""
         return (3 * image_processor.temporal_patch_size * image_processor.patch_size ** 2,)
+
+    def sharding_rules(self) -> tuple[tuple[str, tuple], ...]:
+        """(regex on a param path, the PartitionSpec entries of its axes after the stacked layer axes) pairs that
+        place the family's weights on a device mesh before jaxvlm.sharding's generic rule; first match wins. None
+        by default: the generic rule (FSDP on each weight's largest divisible axis, tensor-parallel by Linear
+        name) fits the families so far."""
+        return ()
 
     def sample_padding(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """What the collator fills `INFO.sample_arrays`' array `name` with before it writes the samples' own

@@ -31,6 +31,7 @@ from flax import nnx
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import LayerNorm, RMSNorm, dropout_key
 from jaxvlm.paths import path_key
+from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size, optimizer_shardings, shard_batch, shard_model
 from jaxvlm.train.data import DataError
 from jaxvlm.train.optim import adamw_8bit
 
@@ -67,6 +68,9 @@ class SFTConfig:
     # jaxvlm: the loss runs over equal chunks of at most this many tokens, so the fp32 logits of the
     # whole batch never exist (0: form all logits at once, the reference).
     loss_chunk_size: int = 512
+    # jaxvlm: the device mesh (jaxvlm.sharding.make_mesh): "data=2,fsdp=4", a dict, a jax Mesh, or None (one
+    # device: none; several: every device on "fsdp"). per_device_train_batch_size is per data x fsdp coordinate.
+    mesh: object = None
 
     def __init__(self, **kwargs):
         if "max_length" in kwargs:
@@ -225,11 +229,17 @@ class SFTTrainer:
         self.is_trainable = is_trainable  # None: decided from the model when training starts
         self.log_history: list[dict] = []
         self._compiled_shapes: set = set()
+        self.mesh = _mesh(self.args.mesh)
 
     # -- steps ---------------------------------------------------------------------------------
 
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per micro-batch over all devices: per_device_train_batch_size x the mesh's data x fsdp size."""
+        return self.args.per_device_train_batch_size * (1 if self.mesh is None else mesh_size(self.mesh, BATCH_AXES))
+
     def _batches_per_epoch(self) -> int:
-        return math.ceil(len(self.dataset) / self.args.per_device_train_batch_size)
+        return math.ceil(len(self.dataset) / self.global_batch_size)
 
     def total_steps(self) -> int:
         a = self.args
@@ -242,7 +252,7 @@ class SFTTrainer:
 
     def micro_batch(self, index: int) -> tuple[dict, list[int]]:
         """Micro-batch number `index` of the run (epochs follow each other, each in its own seeded order)."""
-        per_epoch, size = self._batches_per_epoch(), self.args.per_device_train_batch_size
+        per_epoch, size = self._batches_per_epoch(), self.global_batch_size
         epoch, k = divmod(index, per_epoch)
         ids = self._epoch_order(epoch)[k * size:(k + 1) * size].tolist()
         return self.collator([self.dataset[i] for i in ids], indices=ids), ids
@@ -261,13 +271,16 @@ class SFTTrainer:
         a = self.args
         if not getattr(self.model, "training", False):
             FastVisionModel.for_training(self.model)
+        if self.mesh is not None:  # every weight on the devices that hold its slices (jaxvlm.sharding)
+            self.model = shard_model(self.model, self.mesh)
         trainable, frozen, rebuild, paths = split_trainable(
             self.model, self.is_trainable or default_is_trainable(self.model))
         if not trainable:
             raise ValueError("the model has nothing to train: add LoRA adapters with get_peft_model first")
         total = self.total_steps()
         tx = make_optimizer(a, total, decay_mask(self.model, paths))
-        opt_state = tx.init(trainable)
+        shardings = None if self.mesh is None else optimizer_shardings(tx, trainable, self.mesh)
+        opt_state = jax.jit(tx.init, out_shardings=shardings)(trainable)  # on a mesh: sharded like the params
         step = 0
         if resume_from_checkpoint:
             path = (latest_checkpoint(a.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint)
@@ -334,13 +347,15 @@ class SFTTrainer:
                 n_trained += int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
                 inputs = self.model_inputs(batch)
                 self._log_compile(inputs)
+                if self.mesh is not None:
+                    inputs = shard_batch(inputs, len(ids), self.mesh)
                 key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
                 ls, nt, g = grad_step(trainable, frozen, inputs, key)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
                 n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
             trained_so_far += n_trained
-            seen = (step + 1) * a.gradient_accumulation_steps * a.per_device_train_batch_size
+            seen = (step + 1) * a.gradient_accumulation_steps * self.global_batch_size
             if not trained_so_far and seen >= len(self.dataset):
                 skipped = getattr(self.collator, "skipped", 0)
                 why = (f" ({skipped} records skipped by on_overflow=skip: their image tokens do not fit "
@@ -386,6 +401,17 @@ class SFTTrainer:
             logger.info("compiling the training step for a new batch shape (%d so far): input_ids %s, "
                         "pixel_values %s", len(self._compiled_shapes), np.shape(inputs["input_ids"]),
                         np.shape(inputs.get("pixel_values")))
+
+
+def _mesh(spec):
+    """The training mesh: a jax Mesh as given, one from a spec (jaxvlm.sharding.make_mesh), or, with none asked
+    for, every device on fsdp when there are several (None on one device: no placement at all)."""
+    from jax.sharding import Mesh
+    if isinstance(spec, Mesh):
+        return spec
+    if spec is None and jax.device_count() == 1:
+        return None
+    return make_mesh(spec)
 
 
 def _has_dropout(model) -> bool:
@@ -436,7 +462,12 @@ def restore_checkpoint(path: str, trainable, opt_state):
     target = {"trainable": trainable, "opt_state": opt_state, "step": 0}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
-    return restored["trainable"], restored["opt_state"], int(restored["step"])
+    # Each array where the run keeps it (the current mesh's placement, whatever mesh wrote the checkpoint; orbax
+    # leaves a scalar such as Adam's count on one device).
+    placed = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x,
+                          {"trainable": restored["trainable"], "opt_state": restored["opt_state"]},
+                          {"trainable": trainable, "opt_state": opt_state})
+    return placed["trainable"], placed["opt_state"], int(restored["step"])
 
 
 def plot_loss(history: list[dict], path: str) -> None:

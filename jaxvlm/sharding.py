@@ -1,0 +1,192 @@
+"""Device meshes and where every array lives on them: JAX's own sharding (`jax.sharding`), no distribution layer.
+
+A mesh has three named axes (`AXES`): "data" (the batch split, weights replicated), "fsdp" (the batch split too,
+and every weight split along one of its axes, gathered by XLA when a layer needs it) and "tensor" (the
+column- and row-parallel halves of the attention and MLP products). `make_mesh("data=2,fsdp=4")` builds one from
+what a user asks for (axes left out are 1; nothing asked: every device to fsdp). The batch is split over
+("data", "fsdp") (`BATCH_AXES`), so `per_device_train_batch_size` keeps HF's meaning: samples per data x fsdp
+coordinate.
+
+Where a weight lives is decided per array leaf of the model's state (`leaf_spec`), from its param path (the
+HF-mirrored name) and the family's rules (`VisionLanguageModel.sharding_rules()`, regexes on the path, first
+match wins), else the generic default: the stacked layer axes (a scan slices them) are never split; with a tensor
+axis, the weights of column-parallel Linears (q/k/v, gate/up, fc1, ...) are split along their output axis and those
+of row-parallel ones (o, down, fc2, ...) along their input axis; then the largest remaining axis that the fsdp size
+divides is split over "fsdp". NF4's packed codes and block statistics are flat per weight (row-major [out, in]), so
+an even split of them is a split along the output axis: no device holds a whole layer. A LoRA's factors and the
+optimizer state (arrays of the same shapes as the trainable leaves) follow the same rule. A leaf no axis of which
+divides stays replicated. Placement never changes results: jit computes the same function on any sharding (the
+tests compare losses across meshes); it decides memory and communication.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxvlm.paths import stacked_prefix
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+# Linear leaf names whose products are split by output (column-parallel) or by input (row-parallel) on "tensor".
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj", "qkv", "fc1", "linear_fc1",
+                   "query", "key", "value")
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "proj", "linear_fc2", "dense")
+
+
+def parse_mesh(spec) -> dict[str, int]:
+    """{axis: size} from "data=2,fsdp=4", a mapping, or None (empty: the default); ValueError naming what is wrong."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, str):
+        items = {}
+        for part in spec.split(","):
+            name, eq, value = part.strip().partition("=")
+            if not eq or not value.strip().isdigit():
+                raise ValueError(f"mesh {spec!r}: expected comma-separated axis=size pairs, e.g. 'data=2,fsdp=4' "
+                                 f"(axes {', '.join(AXES)})")
+            if name.strip() in items:
+                raise ValueError(f"mesh {spec!r}: axis {name.strip()!r} given twice")
+            items[name.strip()] = int(value)
+    elif isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        raise ValueError(f"mesh={spec!r}: expected a string like 'data=2,fsdp=4', a dict, or None")
+    for name, size in items.items():
+        if name not in AXES:
+            raise ValueError(f"mesh axis {name!r}: expected one of {AXES}")
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"mesh axis {name}={size!r}: expected a positive int")
+    return {k: int(v) for k, v in items.items()}
+
+
+def make_mesh(spec=None, devices=None) -> Mesh:
+    """A Mesh over `devices` (default: every device of every process) with axes `AXES`. `spec` ("data=2,fsdp=4",
+    a dict or None): axes left out are 1; None puts every device on "fsdp". The sizes must multiply to the number of
+    devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec)
+    if not sizes:
+        sizes = {"fsdp": len(devices)}
+    shape = tuple(sizes.get(a, 1) for a in AXES)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {', '.join(f'{a}={s}' for a, s in zip(AXES, shape))} holds {int(np.prod(shape))} "
+                         f"devices; there are {len(devices)}: the axis sizes must multiply to the device count")
+    # Auto axes: jit places intermediates as XLA's sharding propagation decides (jax.make_mesh's default, explicit
+    # axes, would type every array's sharding and refuse ops whose operands disagree).
+    return jax.make_mesh(shape, AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def mesh_size(mesh: Mesh, axes: Iterable[str]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _leaf_module(names: list[str]) -> str | None:
+    """The Linear module's leaf name of a weight's path (`...self_attn.q_proj.weight.codes` -> q_proj)."""
+    for i in range(len(names) - 1, 0, -1):
+        if names[i] in ("weight", "kernel"):
+            return names[i - 1]
+    return None
+
+
+def leaf_spec(names: list[str], shape: tuple[int, ...], stack_ndim: int, mesh: Mesh,
+              rules: Iterable[tuple[str, tuple]] = ()) -> PartitionSpec:
+    """The PartitionSpec of one array leaf: `names` its path components (param path, then the weight type's
+    fields: `codes`, `absmax`, `lora_A`, `base`, ...), `stack_ndim` its leading layer axes. See the module
+    docstring for the rules."""
+    key = ".".join(names)
+    for pattern, spec in rules:
+        if re.search(pattern, key):
+            return PartitionSpec(*((None,) * stack_ndim), *spec)
+    axes: list = [None] * len(shape)
+    fsdp, tensor = mesh.shape.get("fsdp", 1), mesh.shape.get("tensor", 1)
+    field = names[-1] if names else ""
+    dense = len(shape) - stack_ndim == 2 and field in ("weight", "base", "lora_A", "lora_B")
+    if tensor > 1 and dense:
+        module = _leaf_module(names)
+        out_axis, in_axis = len(shape) - 2, len(shape) - 1
+        if module in COLUMN_PARALLEL and field != "lora_A" and shape[out_axis] % tensor == 0:
+            axes[out_axis] = "tensor"
+        elif module in ROW_PARALLEL and field != "lora_B" and shape[in_axis] % tensor == 0:
+            axes[in_axis] = "tensor"
+    if fsdp > 1:
+        free = [i for i in range(stack_ndim, len(shape)) if axes[i] is None and shape[i] % fsdp == 0]
+        if free:
+            axes[max(free, key=lambda i: shape[i])] = "fsdp"
+    return PartitionSpec(*axes)
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def tree_shardings(tree, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = ()):
+    """A NamedSharding for every array leaf of `tree` (a model state, or any pytree whose key paths are param paths:
+    typed weights opened up), by `leaf_spec`. Leaves under a stacked prefix have one leading layer axis (experts one
+    more: an `Experts` weight's own axis is kept whole too)."""
+    stacked, rules = tuple(stacked), tuple(rules)
+
+    def sharding(path, leaf):
+        names = [n for n in _names(path) if n not in ("value", "raw_value")]  # nnx's Variable field
+        key = ".".join(names)
+        stack = 0
+        if stacked_prefix(key, stacked) is not None:
+            stack = 2 if "experts" in names else 1
+        stack = min(stack, max(np.ndim(leaf) - 1, 0))
+        return NamedSharding(mesh, leaf_spec(names, np.shape(leaf), stack, mesh, rules))
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def model_shardings(model, mesh: Mesh):
+    """The NamedSharding of every array leaf of `model`'s state (nnx.split order), from its family's rules."""
+    from flax import nnx
+    _, state = nnx.split(model)
+    return tree_shardings(state, mesh, model.stacks(), model.sharding_rules())
+
+
+def shard_model(model, mesh: Mesh):
+    """`model` with every array placed by `model_shardings` (each device receives only its slices)."""
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    shardings = tree_shardings(state, mesh, model.stacks(), model.sharding_rules())
+    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    placed = nnx.merge(graphdef, state)
+    for attr in ("max_seq_length", "name_or_path", "model_dir", "use_gradient_checkpointing", "training"):
+        if hasattr(model, attr):
+            setattr(placed, attr, getattr(model, attr))
+    return placed
+
+
+def optimizer_shardings(tx, params: list, mesh: Mesh):
+    """Where `tx.init(params)`'s arrays live: an array of its param's shape (Adam's moments) where the param is,
+    any other one (a step count, 8-bit moments' codes and scales) by the generic rule on its shape alone."""
+    import optax
+    shapes = jax.eval_shape(tx.init, params)
+
+    def generic(leaf):
+        return NamedSharding(mesh, leaf_spec([], leaf.shape, 0, mesh))
+
+    def like_param(leaf, param):
+        return param.sharding if leaf.shape == param.shape and isinstance(param, jax.Array) else generic(leaf)
+    return optax.tree_map_params(tx, like_param, shapes, params, transform_non_params=generic,
+                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def batch_sharding(array, batch: int, mesh: Mesh) -> NamedSharding:
+    """Where one model input lives: split over `BATCH_AXES` along its batch axis (the first of its first two axes of
+    size `batch`: Qwen's position_ids are [3, batch, seq]), else replicated (packed arrays such as image patches,
+    whose rows belong to several samples)."""
+    shape = np.shape(array)
+    n = mesh_size(mesh, BATCH_AXES)
+    for axis in range(min(2, len(shape))):
+        if shape[axis] == batch and batch % n == 0:
+            return NamedSharding(mesh, PartitionSpec(*((None,) * axis), BATCH_AXES))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(inputs: dict, batch: int, mesh: Mesh) -> dict:
+    """The model inputs placed on the mesh (`batch_sharding` each)."""
+    return {k: jax.device_put(np.asarray(v), batch_sharding(v, batch, mesh)) for k, v in inputs.items()}

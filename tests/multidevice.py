@@ -1,0 +1,62 @@
+"""Run in a subprocess with several forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):
+trains a tiny NF4 + LoRA model for a few steps on each mesh asked for and prints one JSON line per run (losses,
+per-device param bytes). tests/test_sharding.py starts it; the main pytest process has one device."""
+import argparse
+import json
+import sys
+
+
+def records(n):
+    import numpy as np
+    from PIL import Image
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        image = Image.fromarray(rng.integers(0, 256, (28 + 7 * (i % 3), 35, 3), dtype=np.uint8))
+        out.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "which digit"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"the digit is {i % 10}"}]}]})
+    return out
+
+
+def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=None):
+    import jax
+    from jaxvlm import FastVisionModel
+    from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size
+    from jaxvlm.train import VisionDataCollator
+    from jaxvlm.train.trainer import SFTConfig, SFTTrainer
+    mesh = make_mesh(None, jax.devices()[:1]) if mesh == "one" else make_mesh(mesh)
+    model, processor = FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32")
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+    dp = mesh_size(mesh, BATCH_AXES)
+    args = SFTConfig(per_device_train_batch_size=global_batch // dp, gradient_accumulation_steps=1, max_steps=steps,
+                     learning_rate=5e-3, warmup_steps=1, optim="adamw_torch", seed=0, output_dir=out_dir,
+                     save_steps=save_steps, mesh=mesh, logging_steps=0)
+    trainer = SFTTrainer(model, processor, VisionDataCollator(model, processor, train_on_responses_only=True),
+                         records(16), args=args)
+    trainer.train(resume_from_checkpoint=resume)
+    from flax import nnx
+    leaves = jax.tree.leaves(nnx.state(trainer.model))
+    total = sum(x.nbytes for x in leaves)
+    device0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])
+    return {"losses": [r["loss"] for r in trainer.log_history], "steps": [r["step"] for r in trainer.log_history],
+            "total_bytes": total, "device0_bytes": device0, "devices": int(mesh.size)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("--mesh", nargs="+", required=True, help="'one' (a single device) or data=..,fsdp=..,tensor=..")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--out", default="/tmp/multidevice")
+    p.add_argument("--save-steps", type=int, default=0)
+    p.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
+    a = p.parse_args(argv)
+    for mesh in a.mesh:
+        result = train(a.model_dir, mesh, a.steps, a.global_batch, a.out, a.save_steps, a.resume)
+        print(json.dumps({"mesh": mesh, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Device meshes (jaxvlm.sharding) and training on them. The rules are checked here on abstract meshes; training runs
+in a subprocess with 8 forced CPU devices (tests/multidevice.py), since this process has one: for each mesh shape
+(8x1x1, 1x8x1, 2x4x1, 2x2x2, 1x4x2 as data x fsdp x tensor) the losses of 5 LoRA steps on an NF4 model at the same
+global batch equal the single-device losses, each device holds total / fsdp of the model's bytes, a checkpoint
+written on one mesh resumes on another with the same next losses, and `jaxvlm-train --mesh` trains on the mesh
+it names."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from jaxvlm import sharding
+
+REPO = Path(__file__).resolve().parent.parent
+MESHES = ["data=8", "fsdp=8", "data=2,fsdp=4", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"]
+
+
+def mesh(data=1, fsdp=1, tensor=1):
+    return AbstractMesh((data, fsdp, tensor), sharding.AXES)
+
+
+def test_parse_mesh_takes_axis_sizes_and_names_what_is_wrong():
+    assert sharding.parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
+    assert sharding.parse_mesh({"tensor": 2}) == {"tensor": 2}
+    assert sharding.parse_mesh(None) == {}
+    for bad, message in [("data:2", "axis=size pairs"), ("pipeline=2", "'pipeline'"), ("data=0", "positive"),
+                         ("data=2,data=2", "twice"), ("fsdp=x", "axis=size pairs")]:
+        with pytest.raises(ValueError, match=message):
+            sharding.parse_mesh(bad)
+
+
+def test_make_mesh_needs_the_sizes_to_cover_the_devices():
+    import jax
+    m = sharding.make_mesh(None)  # one device here: all of it on fsdp
+    assert dict(m.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    with pytest.raises(ValueError, match="must multiply to the device count"):
+        sharding.make_mesh("data=2,fsdp=4")
+
+
+def test_generic_rule_splits_the_largest_divisible_axis_never_the_layer_axis():
+    spec = sharding.leaf_spec
+    # A stacked dense weight [layers, out, in]: fsdp on the larger of out / in that 4 divides.
+    assert spec(["layers", "mlp", "up_proj", "weight"], (6, 96, 40), 1, mesh(fsdp=4)) == PartitionSpec(None, "fsdp",
+                                                                                                       None)
+    assert spec(["layers", "mlp", "up_proj", "weight"], (8, 30, 40), 1, mesh(fsdp=4)) == PartitionSpec(None, None,
+                                                                                                       "fsdp")
+    # NF4's flat codes and absmax: split along their one axis (an output-axis split of the weight).
+    assert spec(["layers", "q_proj", "weight", "base", "codes"], (6, 2048), 1, mesh(fsdp=8)) == PartitionSpec(
+        None, "fsdp")
+    # Nothing divides: replicated.
+    assert spec(["norm", "weight"], (7,), 0, mesh(fsdp=4)) == PartitionSpec(None)
+    # Tensor parallel: column-parallel Linears by output, row-parallel by input; LoRA's factors on their own side.
+    t = mesh(fsdp=2, tensor=2)
+    assert spec(["layers", "self_attn", "q_proj", "weight"], (4, 64, 48), 1, t) == PartitionSpec(None, "tensor",
+                                                                                                  "fsdp")
+    assert spec(["layers", "self_attn", "o_proj", "weight"], (4, 48, 64), 1, t) == PartitionSpec(None, "fsdp",
+                                                                                                  "tensor")
+    assert spec(["layers", "self_attn", "q_proj", "weight", "lora_B"], (4, 64, 8), 1, t) == PartitionSpec(
+        None, "tensor", "fsdp")
+    assert spec(["layers", "self_attn", "o_proj", "weight", "lora_A"], (4, 8, 64), 1, t) == PartitionSpec(
+        None, "fsdp", "tensor")
+    # A family's rule wins.
+    assert spec(["model", "visual", "merger", "weight"], (64, 48), 0, t,
+                rules=[(r"visual\.merger", (None, None))]) == PartitionSpec(None, None)
+
+
+def test_batch_arrays_split_over_data_and_fsdp_packed_ones_replicated():
+    import jax
+    m = sharding.make_mesh(None)
+    assert sharding.batch_sharding(np.zeros((4, 16)), 4, m).spec == PartitionSpec(("data", "fsdp"))
+    assert sharding.batch_sharding(np.zeros((3, 4, 16)), 4, m).spec == PartitionSpec(None, ("data", "fsdp"))
+    assert sharding.batch_sharding(np.zeros((100, 588)), 4, m).spec == PartitionSpec()
+    assert jax.device_count() == 1
+
+
+@pytest.fixture(scope="module")
+def multidevice(tmp_path_factory):
+    """Runs tests/multidevice.py with 8 CPU devices; returns a function of its arguments -> its JSON lines."""
+    from jaxvlm.tiny import save_random_model
+    model_dir = tmp_path_factory.mktemp("model")
+    save_random_model(str(model_dir), "qwen2_vl")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "tests.multidevice", str(model_dir), *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=1200)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return run, str(model_dir), env
+
+
+def test_losses_on_every_mesh_equal_one_device_and_each_device_holds_its_share(multidevice, tmp_path):
+    run, _, _ = multidevice
+    one, *rest = run("--mesh", "one", *MESHES, "--out", str(tmp_path))
+    assert one["devices"] == 1 and len(one["losses"]) == 5 and one["losses"][-1] < one["losses"][0]
+    for r, name in zip(rest, MESHES):
+        assert r["devices"] == 8 and r["mesh"] == name
+        np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5, err_msg=name)
+        fsdp = sharding.parse_mesh(name).get("fsdp", 1)
+        if "tensor" not in name:  # FSDP alone: each device holds total / fsdp (within a few %)
+            assert abs(r["device0_bytes"] * fsdp / r["total_bytes"] - 1) < 0.03, (name, r)
+        else:  # tensor parallel splits further
+            assert r["device0_bytes"] * fsdp < 1.01 * r["total_bytes"], (name, r)
+
+
+def test_a_checkpoint_saved_on_one_mesh_resumes_on_another(multidevice, tmp_path):
+    run, _, _ = multidevice
+    (full,) = run("--mesh", "data=2,fsdp=4", "--save-steps", "3", "--out", str(tmp_path / "a"))
+    assert (tmp_path / "a" / "checkpoint-3").is_dir()
+    (resumed,) = run("--mesh", "fsdp=4,tensor=2", "--resume", str(tmp_path / "a" / "checkpoint-3"),
+                     "--out", str(tmp_path / "b"))
+    assert resumed["steps"] == [4, 5]
+    np.testing.assert_allclose(resumed["losses"], full["losses"][3:], rtol=1e-5)
+
+
+def test_train_cli_mesh(multidevice, tmp_path):
+    """`jaxvlm-train --mesh`: the batch size is per data x fsdp coordinate, so two meshes of 8 devices at
+    --batch-size 1 train on the same 8-sample batches, with the same losses."""
+    _, model_dir, env = multidevice
+    from tests.test_cli import write_records
+    data = write_records(tmp_path / "data")
+    losses = []
+    for name in ("fsdp=8", "data=2,fsdp=2,tensor=2"):
+        out = tmp_path / name.replace(",", "_").replace("=", "")
+        args = ["--model", model_dir, "--data", str(data), "--output", str(out), "--max-steps", "2", "--rank", "4",
+                "--batch-size", "1" if "tensor" not in name else "2", "--grad-accum", "1", "--mesh", name,
+                "--load-in-4bit", "--dtype", "float32", "--optim", "adamw_torch"]
+        code = f"import sys; from jaxvlm.cli import train; sys.exit(train.main({args!r}))"
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "trained 2 steps" in result.stdout
+        losses.append([r["loss"] for r in json.loads((out / "log_history.json").read_text())])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
