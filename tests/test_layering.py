@@ -101,7 +101,7 @@ def test_no_import_cycles():
 LAYERS = [
     ("weights and kernels", ("jaxvlm.quant", "jaxvlm.kernels", "jaxvlm.layers", "jaxvlm.paths")),
     ("model families", ("jaxvlm.models",)),
-    ("param-tree transforms", ("jaxvlm.lora", "jaxvlm.targets", "jaxvlm.quantize")),
+    ("param-tree transforms", ("jaxvlm.lora", "jaxvlm.targets", "jaxvlm.quantize", "jaxvlm.sharding")),
     ("converters", ("jaxvlm.converters",)),
     ("user API, trainer and tools", ("jaxvlm.fast_vision_model", "jaxvlm.generate", "jaxvlm.export",
                                      "jaxvlm.processing", "jaxvlm.video", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
