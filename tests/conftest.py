@@ -10,6 +10,14 @@ from PIL import Image
 from tests.tiny import build_hf_model, save_tiny_processor
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+# The longest files (minutes each), run first: the test command spreads whole files over two processes
+# (pytest-xdist --dist loadfile, in collection order), and a long file taken last would run on alone at the end.
+LONGEST_FIRST = ("test_sharding.py", "test_llava.py", "test_gemma3.py", "test_qwen3_vl_moe.py", "test_trainer.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
 
 
 def save_tiny_model(path, family, **text_overrides):

@@ -84,7 +84,11 @@ def multidevice(tmp_path_factory):
     from jaxvlm.tiny import save_random_model
     model_dir = tmp_path_factory.mktemp("model")
     save_random_model(str(model_dir), "qwen2_vl")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    # XLA's CPU collectives wait 40 s for every device's thread by default; on a 2-core machine running another
+    # test process beside this one, 8 device threads can fall further behind each other than that.
+    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=900 "
+             "--xla_cpu_collective_timeout_seconds=900")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def run(*args):
