@@ -19,7 +19,8 @@ from jaxvlm.lora import linear_modules
 from jaxvlm.models.llava import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 from jaxvlm.quant import NF4
 from jaxvlm.targets import get_peft_regex, select_modules
-from tests.conftest import random_image
+from tests.conftest import chat, random_image
+from tests.test_gemma3 import hf_logits_at_positions
 from tests.test_lora import _is_adapted, peft_adapted, with_random_b
 from tests.test_mllama import bare
 from tests.test_qwen2_vl_parity import assert_greedy_matches, assert_logits_match, encode, hf_logits, load
@@ -87,15 +88,6 @@ def image_token(processor):
     return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
 
-def chat(text, n_images=0):
-    return [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)), {"type": "text", "text": text}]}]
-
-
-def positions(attention_mask):
-    """Position ids counting real tokens only (what transformers' generate passes; ours always does this)."""
-    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-
-
 def mixed_batch(processor, side="right"):
     """Two images of different sizes and aspect ratios in one sample, a text-only sample, one image in a third."""
     old = processor.tokenizer.padding_side
@@ -106,10 +98,6 @@ def mixed_batch(processor, side="right"):
         return encode(processor, texts, [random_image(50, 30, 1), random_image(20, 44, 2), random_image(56, 56, 3)])
     finally:
         processor.tokenizer.padding_side = old
-
-
-def hf_logits_at_positions(hf, batch):
-    return hf_logits(hf, {**batch, "position_ids": positions(batch["attention_mask"])})
 
 
 def test_tiny_configs_use_the_switches_of_the_real_checkpoints(loaded):

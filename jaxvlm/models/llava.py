@@ -36,15 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Activation, Linear, RMSNorm, linear
+from jaxvlm.layers import ACTIVATIONS, Activation, Linear, RMSNorm
 from jaxvlm.models import anyres
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.clip_vision import CLIPVisionConfig, CLIPVisionTower, clip_config_from_hf, feature_layer_indices
 from jaxvlm.models.llama_text import LlamaTextConfig, LlamaTextModel, text_config_from_hf
 from jaxvlm.models.pixtral_vision import (PixtralVisionConfig, PixtralVisionTower, pixtral_config_from_hf,
                                           prepare_pixtral_inputs)
-from jaxvlm.models.qwen_text import KVCache
-from jaxvlm.models.qwen_vision import ladder
+from jaxvlm.models.qwen_text import KVCache, LMHeadMethods
+from jaxvlm.models.qwen_vision import ladder, segment_index
 from jaxvlm.models.siglip import patchify
 
 MODEL_TYPES = ("llava", "llava_next", "mistral3")
@@ -231,7 +231,6 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, attention_mask=None, pixel_value
 
 def _no_pixtral_images(vcfg: PixtralVisionConfig, rows: int) -> dict[str, np.ndarray]:
     """The Pixtral tower's arrays for a batch whose images are all padding: `rows` zero patches, one segment."""
-    from jaxvlm.models.qwen_vision import segment_index
     return {"patches": np.zeros((rows, vcfg.patch_dim), np.float32), "positions": np.zeros((rows, 2), np.int32),
             "attn_index": segment_index(np.zeros(rows, np.int64))}
 
@@ -357,7 +356,7 @@ def _tiny_text(kind: str, tokens: dict, size: str, overrides: dict) -> dict:
     return text
 
 
-class _LlavaBase(VisionLanguageModel):
+class _LlavaBase(LMHeadMethods, VisionLanguageModel):
     """The composition (see the module docstring): `model.vision_tower`, `model.multi_modal_projector`,
     (`model.image_newline`), `model.language_model`, `lm_head` (None when tied)."""
 
@@ -416,16 +415,7 @@ class _LlavaBase(VisionLanguageModel):
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         return self.model.language_model(self.embed(inputs), inputs["positions"], inputs["attention_mask"])[0]
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return linear(h, self.model.language_model.embed_tokens.weight.get_value())
-        return self.lm_head(h)
-
-    # -- generation ------------------------------------------------------------------------------
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.config.max_position_embeddings
+    # -- generation (logits and max_positions: LMHeadMethods) ------------------------------------
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         return self.model.language_model.init_cache(batch, length, self.dtype)

@@ -180,11 +180,10 @@ class TextModel(nnx.Module):
         return self.norm(h), cache
 
 
-class MRoPEModelMethods:
-    """The methods of a Qwen VLM's top module that depend only on its M-RoPE language model: the output
-    head and generation's protocol (jaxvlm.models.base). Expects `self.model.language_model` (a TextModel
-    or one with the same call), `self.lm_head` (None when tied) and `self.config.text` /
-    `.max_position_embeddings`."""
+class LMHeadMethods:
+    """The output head (lm_head, or the tied embedding when `self.lm_head` is None) and `max_positions` of a VLM
+    whose text model sits at `self.model.language_model` (with `embed_tokens`) and whose config has
+    `max_position_embeddings`."""
 
     def logits(self, h: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -194,6 +193,13 @@ class MRoPEModelMethods:
     @property
     def max_positions(self) -> int | None:
         return self.config.max_position_embeddings
+
+
+class MRoPEModelMethods(LMHeadMethods):
+    """The methods of a Qwen VLM's top module that depend only on its M-RoPE language model: the output
+    head and generation's protocol (jaxvlm.models.base). Expects `self.model.language_model` (a TextModel
+    or one with the same call), `self.lm_head` (None when tied) and `self.config.text` /
+    `.max_position_embeddings`."""
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty KV cache `[layers, batch, length, kv_heads, head_dim]`."""
