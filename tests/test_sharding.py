@@ -84,11 +84,13 @@ def multidevice(tmp_path_factory):
     from jaxvlm.tiny import save_random_model
     model_dir = tmp_path_factory.mktemp("model")
     save_random_model(str(model_dir), "qwen2_vl")
-    # XLA's CPU collectives wait 40 s for every device's thread by default; on a 2-core machine running another
-    # test process beside this one, 8 device threads can fall further behind each other than that.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=900 "
-             "--xla_cpu_collective_timeout_seconds=900")
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+    # XLA's CPU client sizes its thread pool by the core count (NPROC overrides it), at least one thread per device.
+    # Its thunk executor runs independent collectives of one program at once, so on 2 cores the 8 threads could all
+    # be waiting in collectives while one device had no thread to reach them (a deadlock seen in CI). 32 threads
+    # leave room; the collective timeouts (40 s by default) allow for a loaded machine and still end a real hang.
+    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300 "
+             "--xla_cpu_collective_timeout_seconds=300")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": "32",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def run(*args):
