@@ -62,6 +62,20 @@ def qwen2_vl_7b_hf_config():
     return _qwen2_vl_hf_config(3584, 18944, 28, 4, 152064, tied=False)
 
 
+def qwen2_5_vl_72b_hf_config():
+    """transformers' config of the Qwen2.5-VL-72B geometry (text 8192 wide, 80 layers, 64 heads, 8 kv heads, MLP
+    29568, untied; vision 1280 wide, 32 blocks, SwiGLU 3456, 112-pixel windows, full attention at 7/15/23/31)."""
+    from transformers import Qwen2_5_VLConfig
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=152064, rope_theta=1e6, max_position_embeddings=128000,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16, out_hidden_size=8192,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2),
+        tie_word_embeddings=False)
+
+
 def qwen2_vl_2b_config():
     return qwen2_vl.from_hf(qwen2_vl_2b_hf_config())
 
@@ -232,6 +246,7 @@ def pixtral_12b_tiny_hf_config():
 
 
 GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_hf_config,
+              "qwen2.5-vl-72b": qwen2_5_vl_72b_hf_config,
               "qwen3-vl-2b": qwen3_vl_2b_hf_config, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b_hf_config,
               "gemma3-4b": gemma3_4b_hf_config, "gemma3-27b": gemma3_27b_hf_config,
               "mllama-11b": mllama_11b_hf_config, "llava-1.5-7b": llava_1_5_7b_hf_config,
@@ -382,15 +397,24 @@ def _draw_stacked(key, shape, dtype, nf4):
     return jax.block_until_ready(stack)
 
 
-def random_model(cfg, dtype, seed=0, nf4=False, model_cls=MODEL):
+def random_model(cfg, dtype, seed=0, nf4=False, model_cls=MODEL, mesh=None):
     """Random weights drawn on the device; with `nf4`, the weights load_in_4bit quantizes (Linear weights and
     experts, less `INFO.quant_skip`) are quantized as they are drawn, and stacked weights (under
-    `INFO.stacked`) are drawn one layer at a time, so that no 16-bit stacked weight exists whole."""
+    `INFO.stacked`) are drawn one layer at a time, so that no 16-bit stacked weight exists whole. With a `mesh`
+    (jaxvlm.sharding), each weight is drawn straight into its shards (a model larger than one device)."""
     abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype))
     targets = quantized_weight_keys(abstract, model_cls.INFO.quant_skip) if nf4 else set()
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     keys = jax.random.split(jax.random.key(seed), len(flat))
+    if mesh is not None:
+        from jaxvlm.sharding import tree_shardings
+        placed = nnx.to_flat_state(tree_shardings(state, mesh, abstract.stacks(), abstract.sharding_rules()))
+        shardings = [s.get_value() for _, s in placed]
+        filled = [(p, v.replace(jax.jit(_draw, static_argnums=(1, 2, 3), out_shardings=sh)(
+            k, tuple(v.get_value().shape), v.get_value().dtype, path_key(p) in targets)))
+            for (p, v), k, sh in zip(flat, keys, shardings)]
+        return nnx.merge(graphdef, nnx.from_flat_state(filled))
     filled = []
     for (p, v), k in zip(flat, keys):
         name, a = path_key(p), v.get_value()

@@ -238,16 +238,20 @@ def name_kernels(rows: list, hlo: str) -> list:
 
 def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
             trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b",
-            tiny: bool = False, lora_experts: str = "auto") -> dict:
+            tiny: bool = False, lora_experts: str = "auto", mesh: str | None = None) -> dict:
     from jaxvlm import FastVisionModel, layers
+    from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size
     from jaxvlm.lora import count_parameters
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
     layers.attention_implementation = attn
     model_cls, cfg = load_geometry(geometry, tiny)
     image = workload_image(cfg, tiny)
-    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
+    # With a mesh, `batch` is per data x fsdp coordinate (per_device_train_batch_size), as in the trainer.
+    mesh = make_mesh(mesh) if mesh else None
+    n_dev, dp = (1, 1) if mesh is None else (mesh.size, mesh_size(mesh, BATCH_AXES))
+    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls, mesh=mesh)
     # What the processor returns (Qwen-VL: image_grid_thw; Gemma 3: token_type_ids), labels on the text only.
-    raw = raw_batch(cfg, batch, text, image)
+    raw = raw_batch(cfg, batch * dp, text, image)
     seq = raw["input_ids"].shape[1]
     model.max_seq_length = max(2048, seq)
     # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
@@ -261,14 +265,14 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
 
     class SyntheticTrainer(SFTTrainer):
         def micro_batch(self, index):
-            return {**raw, "labels": labels}, list(range(batch))
+            return {**raw, "labels": labels}, list(range(batch * dp))
 
     def trainer(n):
         return SyntheticTrainer(model, processing_class=None, data_collator=lambda *a, **k: None,
                                 train_dataset=[{}], args=SFTConfig(
                                     per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                                     max_steps=n, learning_rate=1e-4, optim="adamw_torch", logging_steps=0,
-                                    output_dir="/tmp/bench_train", loss_chunk_size=loss_chunk))
+                                    output_dir="/tmp/bench_train", loss_chunk_size=loss_chunk, mesh=mesh))
     if trace:  # profile only (its own process: the profiler has crashed a lent H100 process)
         os.makedirs(trace, exist_ok=True)
         trainer(2).train()  # compile and warm up; then profile 3 steps of a warm trainer
@@ -293,15 +297,17 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     tr = trainer(steps)
     tr.train()
     wall = time.perf_counter() - t0
-    step_s = float(np.median([batch * seq / r["tokens_per_s"] for r in tr.log_history[3:]]))
-    stats = jax.devices()[0].memory_stats() or {}
-    flops = model_flops_per_step(cfg, batch, seq, grid * grid)
+    step_s = float(np.median([batch * dp * seq / r["tokens_per_s"] for r in tr.log_history[3:]]))
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+    flops = model_flops_per_step(cfg, batch * dp, seq, grid * grid)
+    # tokens_per_s, peak_gib and mfu are per device (the most loaded one for the peak); batch per data x fsdp.
     out = dict(bench="train", impl="jaxvlm", geometry=geometry, weights=weights, remat=remat, attn=attn,
                loss_chunk=loss_chunk, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
-               step_s=round(step_s, 4), tokens_per_s=round(batch * seq / step_s),
-               peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-               mfu=round(flops / step_s / H100_BF16_FLOPS, 3), run_s=round(wall, 1), trainable=trainable,
-               lora_experts=lora_experts if hasattr(cfg.text, "num_experts") else None)
+               step_s=round(step_s, 4), tokens_per_s=round(batch * dp * seq / step_s / n_dev),
+               peak_gib=round(peak / 2**30, 2),
+               mfu=round(flops / step_s / n_dev / H100_BF16_FLOPS, 3), run_s=round(wall, 1), trainable=trainable,
+               lora_experts=lora_experts if hasattr(cfg.text, "num_experts") else None,
+               **({"mesh": dict(mesh.shape), "devices": n_dev} if mesh is not None else {}))
     return out
 
 
@@ -320,6 +326,9 @@ def main():
                     help="torch: CUPTI through torch's profiler (jax.profiler crashed on the lent H100)")
     ap.add_argument("--lora-experts", nargs="+", default=["auto"], choices=["auto", "off"],
                     help="a mixture of experts' weights: auto (Unsloth's default, adapted) or off (attention only)")
+    ap.add_argument("--mesh", nargs="+", default=[None],
+                    help="device meshes (jaxvlm.sharding), e.g. fsdp=4 data=2,fsdp=2; --batch is then per data x "
+                         "fsdp coordinate and tokens/s, peak and MFU are per device")
     ap.add_argument("--one", help="(internal) one configuration as JSON")
     # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -328,9 +337,9 @@ def main():
         print(json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
     runs = [dict(batch=b, weights=weights, remat=remat, attn=attn, loss_chunk=chunk, text=args.text,
-                 geometry=args.geometry, lora_experts=experts, **({"tiny": True} if args.tiny else {}))
-            for experts, weights, remat, attn, chunk, b in itertools.product(
-                args.lora_experts, args.weights, args.remat, args.attn, args.loss_chunk, args.batch)]
+                 geometry=args.geometry, lora_experts=experts, mesh=mesh, **({"tiny": True} if args.tiny else {}))
+            for mesh, experts, weights, remat, attn, chunk, b in itertools.product(
+                args.mesh, args.lora_experts, args.weights, args.remat, args.attn, args.loss_chunk, args.batch)]
     if args.trace:  # the first configuration once more, under the profiler, after all measurements
         runs.append(dict(runs[0], trace=args.trace, trace_tool=args.trace_tool))
     for one in runs:
