@@ -80,6 +80,42 @@ def make_mesh(spec=None, devices=None) -> Mesh:
     return jax.make_mesh(shape, AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def initialize_distributed() -> bool:
+    """Joins the processes of a multi-host run (`jax.distributed.initialize`) when the environment describes one;
+    True if it did. Call it before anything else touches JAX (the CLIs do). One command per host, with
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, or under SLURM /
+    Open MPI (several tasks), which JAX reads by itself. On CPUs the processes talk through gloo."""
+    import os
+    env = os.environ
+    address = env.get("JAX_COORDINATOR_ADDRESS")
+    tasks = max(int(env.get("SLURM_NTASKS", "1") or 1), int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1))
+    if not address and tasks <= 1:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if env.get(name):
+            if not env[name].isdigit():
+                raise ValueError(f"{name}={env[name]!r}: expected a non-negative int")
+            kwargs[key] = int(env[name])
+    jax.distributed.initialize(address, **kwargs)
+    return True
+
+
+def place(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (a host array or an array on this process's devices) as a jax.Array with `sharding`, which may span
+    several processes: each process writes only the slices its own devices hold (every process passes the same
+    value)."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index]))
+
+
 def mesh_size(mesh: Mesh, axes: Iterable[str]) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
@@ -152,7 +188,7 @@ def shard_model(model, mesh: Mesh):
     from flax import nnx
     graphdef, state = nnx.split(model)
     shardings = tree_shardings(state, mesh, model.stacks(), model.sharding_rules())
-    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    state = jax.tree.map(place, state, shardings)
     placed = nnx.merge(graphdef, state)
     for attr in ("max_seq_length", "name_or_path", "model_dir", "use_gradient_checkpointing", "training"):
         if hasattr(model, attr):
@@ -189,4 +225,54 @@ def batch_sharding(array, batch: int, mesh: Mesh) -> NamedSharding:
 
 def shard_batch(inputs: dict, batch: int, mesh: Mesh) -> dict:
     """The model inputs placed on the mesh (`batch_sharding` each)."""
-    return {k: jax.device_put(np.asarray(v), batch_sharding(v, batch, mesh)) for k, v in inputs.items()}
+    return {k: place(np.asarray(v), batch_sharding(v, batch, mesh)) for k, v in inputs.items()}
+
+
+def as_mesh(spec) -> Mesh:
+    """A Mesh with axes `AXES`: a jax Mesh as given, anything else by `make_mesh`; ValueError for a Mesh whose axes
+    are named otherwise."""
+    if isinstance(spec, Mesh):
+        if tuple(spec.axis_names) != AXES:
+            raise ValueError(f"mesh axes {tuple(spec.axis_names)}: expected {AXES} (jaxvlm.sharding.make_mesh builds "
+                             f"one)")
+        return spec
+    return make_mesh(spec)
+
+
+def lives_on(tree, mesh: Mesh) -> bool:
+    """Whether every array leaf of `tree` (a model state, any pytree) is placed on `mesh`."""
+    return all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+               for x in jax.tree.leaves(tree))
+
+
+def cache_sharding(array, batch: int, mesh: Mesh) -> NamedSharding:
+    """Where one generation-cache array lives. One of 4 or more axes holds keys or values, `[..., batch, slots,
+    kv_heads, head_dim]` (stacked layer axes first): its batch axis is split over `BATCH_AXES` when they divide the
+    batch, its kv heads over "tensor" when it divides them. Any other array (a per-sample mask) by `batch_sharding`."""
+    shape = np.shape(array)
+    if len(shape) < 4:
+        return batch_sharding(array, batch, mesh)
+    axes: list = [None] * len(shape)
+    if shape[-4] == batch and batch % mesh_size(mesh, BATCH_AXES) == 0:
+        axes[-4] = BATCH_AXES
+    if shape[-2] % mesh.shape["tensor"] == 0:
+        axes[-2] = "tensor"
+    return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def cache_shardings(cache, batch: int, mesh: Mesh):
+    """A NamedSharding for every array of a generation cache (a family's `init_cache` pytree), by `cache_sharding`."""
+    return jax.tree.map(lambda x: cache_sharding(x, batch, mesh), cache)
+
+
+def param_shardings(key: str, value, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = ()):
+    """The NamedSharding of every array leaf of one param's `value` (an array, a ShapeDtypeStruct or a typed weight
+    such as an NF4) at the dotted param path `key`: what `tree_shardings` gives that leaf inside its model's state."""
+    names = key.split(".")
+    tree = value
+    for name in reversed(names):
+        tree = {name: tree}
+    tree = tree_shardings(tree, mesh, stacked, rules)
+    for name in names:
+        tree = tree[name]
+    return tree

@@ -40,7 +40,8 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
     total = sum(x.nbytes for x in leaves)
     device0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])
     return {"losses": [r["loss"] for r in trainer.log_history], "steps": [r["step"] for r in trainer.log_history],
-            "total_bytes": total, "device0_bytes": device0, "devices": int(mesh.size)}
+            "total_bytes": total, "device0_bytes": device0, "devices": int(mesh.size),
+            "process": jax.process_index(), "processes": jax.process_count()}
 
 
 def main(argv=None):
@@ -53,6 +54,8 @@ def main(argv=None):
     p.add_argument("--save-steps", type=int, default=0)
     p.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
     a = p.parse_args(argv)
+    from jaxvlm.sharding import initialize_distributed
+    initialize_distributed()  # several processes when JAX_COORDINATOR_ADDRESS etc. say so
     for mesh in a.mesh:
         result = train(a.model_dir, mesh, a.steps, a.global_batch, a.out, a.save_steps, a.resume)
         print(json.dumps({"mesh": mesh, **result}), flush=True)

@@ -32,10 +32,13 @@ def run_tool(prog: str, body: Callable[[argparse.Namespace], int], args: argpars
     """body(args)'s exit code, with the tool's logging set up around it.
 
     A user error prints `<prog>: error: <message>` on stderr and returns 2 (Ctrl-C: 'interrupted', 130);
-    with args.debug it is re-raised instead.
+    with args.debug it is re-raised instead. Every tool joins a multi-host run first when the environment
+    describes one (jaxvlm.sharding.initialize_distributed: one command per host).
     """
     try:
         with tool_logging(args.debug):
+            from jaxvlm.sharding import initialize_distributed
+            initialize_distributed()
             return body(args)
     except KeyboardInterrupt:
         if args.debug:

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import LayerNorm, RMSNorm, dropout_key
 from jaxvlm.paths import path_key
-from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size, optimizer_shardings, shard_batch, shard_model
+from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size, optimizer_shardings, place, shard_batch, shard_model
 from jaxvlm.train.data import DataError
 from jaxvlm.train.optim import adamw_8bit
 
@@ -385,10 +385,11 @@ class SFTTrainer:
         self.model = rebuild(trainable, frozen)
         if a.save_steps:
             save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
-        os.makedirs(a.output_dir, exist_ok=True)
-        plot_loss(self.log_history, os.path.join(a.output_dir, "loss.png"))
-        with open(os.path.join(a.output_dir, "log_history.json"), "w") as f:
-            json.dump(self.log_history, f, indent=1)
+        if jax.process_index() == 0:  # several hosts: the first writes the run's files (all wrote checkpoints)
+            os.makedirs(a.output_dir, exist_ok=True)
+            plot_loss(self.log_history, os.path.join(a.output_dir, "loss.png"))
+            with open(os.path.join(a.output_dir, "log_history.json"), "w") as f:
+                json.dump(self.log_history, f, indent=1)
         runtime = time.perf_counter() - t_start
         trained = [loss for loss in losses if not math.isnan(loss)]
         return TrainOutput(step, float(np.mean(trained)) if trained else float("nan"),
@@ -422,7 +423,8 @@ def _has_dropout(model) -> bool:
 
 def _progress(total: int, initial: int):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                disable=jax.process_index() > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def save_checkpoint(output_dir: str, step: int, trainable, opt_state, keep: int 
     path = _checkpoint_dir(output_dir, step)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, {"trainable": trainable, "opt_state": opt_state, "step": step}, force=True)
-    if keep:
+    if keep and jax.process_index() == 0:
         steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-"))
         for old in steps[:-keep]:
             import shutil
@@ -464,7 +466,7 @@ def restore_checkpoint(path: str, trainable, opt_state):
         restored = ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
     # Each array where the run keeps it (the current mesh's placement, whatever mesh wrote the checkpoint; orbax
     # leaves a scalar such as Adam's count on one device).
-    placed = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x,
+    placed = jax.tree.map(lambda x, t: place(x, t.sharding) if isinstance(t, jax.Array) else x,
                           {"trainable": restored["trainable"], "opt_state": restored["opt_state"]},
                           {"trainable": trainable, "opt_state": opt_state})
     return placed["trainable"], placed["opt_state"], int(restored["step"])
