@@ -9,6 +9,13 @@ tensors, converted, and put on device before the next one is read, so the host n
 bitsandbytes 4-bit checkpoints (`*-bnb-4bit`) store a quantized Linear weight as `<key>` (packed uint8)
 plus `<key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map` and
 `.quant_state.bitsandbytes__nf4`; such a weight arrives at `convert` as an NF4, never as floats.
+
+On a device mesh (`load_state(..., mesh=)`) each device's block of a param (`jaxvlm.sharding.param_shardings`:
+where `shard_model` would put it) is read from the files alone, layer by layer for a stacked param, and only for
+the devices of this process, so no param is whole in host memory or on one device. A Linear weight bound for NF4
+or int8 is read so too, as floats laid out as the 16-bit model would hold them, and quantized on the mesh (the
+same bits as on one device). bitsandbytes-quantized weights and `transposed_keys` tensors are the exception: read
+whole on the host (one stacked param at a time), then split.
 """
 from __future__ import annotations
 
@@ -18,12 +25,14 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jaxvlm.converters.safetensors_io import Checkpoint, CheckpointError
 from jaxvlm.layers import dense_weight
 from jaxvlm.paths import path_key, split_layer
 from jaxvlm.quant import NF4
 from jaxvlm.quantize import quantize
+from jaxvlm.sharding import param_shardings
 
 # Suffixes of the tensors that carry a bitsandbytes-quantized weight's statistics.
 _BNB_PARTS = re.compile(r"^(.*)(\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map|"
@@ -39,11 +48,19 @@ def normalize_key(key: str, renames: Iterable[tuple[str, str]]) -> str:
     return key
 
 
+def _on_device(value, dtype) -> jax.Array:
+    """`value` in `dtype` on device: a host array cast on the host; a jax.Array (already placed on a mesh) cast where
+    it lies."""
+    if isinstance(value, jax.Array):
+        return value.astype(dtype)
+    return jax.device_put(np.asarray(value).astype(dtype))
+
+
 def default_convert(key: str, value, spec) -> jax.Array:
     """A float array, cast to the param's dtype, on device; a quantized weight is dequantized."""
     if hasattr(value, "dequantize"):
         return dense_weight(jax.device_put(value), spec.dtype)
-    return jax.device_put(np.asarray(value).astype(spec.dtype))
+    return _on_device(value, spec.dtype)
 
 
 def quantizing_convert(quant: str | None, targets: set[str], compute_dtype, prequantized: bool):
@@ -62,7 +79,7 @@ def quantizing_convert(quant: str | None, targets: set[str], compute_dtype, preq
         elif prequantized:
             return default_convert(key, value, spec)
         else:
-            dense = jax.device_put(np.asarray(value).astype(compute_dtype))
+            dense = _on_device(value, compute_dtype)
         return quantize(dense, quant)
     return convert
 
@@ -75,12 +92,16 @@ def load_state(
     renames: Iterable[tuple[str, str]],
     ignored: Iterable[str] = (),
     convert: Callable[[str, object, jax.ShapeDtypeStruct], object] = default_convert,
+    mesh: Mesh | None = None,
 ) -> nnx.Module:
     """The model `abstract` (built under nnx.eval_shape) with every param read from `ckpt`.
 
     Raises CheckpointError naming the key for a missing, unexpected or mis-shaped tensor: a model
     is never returned partly loaded. `convert(key, value, spec)` turns what was read (a host array
     [*stack, ...], or an NF4 of host arrays for a bnb-quantized weight) into the param's value.
+    With a `mesh`, what was read arrives at `convert` as a jax.Array (an NF4 of them) already placed on
+    the mesh (see the module docstring), and every array of the result is placed as
+    `jaxvlm.sharding.model_shardings` places it in the loaded model.
     """
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
@@ -130,7 +151,17 @@ def load_state(
             return _checked_either_layout(ckpt, disk_key, shape, ours)
         return _checked(ckpt, disk_key, shape, ours)
 
-    loaded = []
+    def read_whole(disk_keys: list[str], per_layer: bool, shape: tuple, key: str):
+        if not per_layer:
+            return read(disk_keys[0], shape, key)
+        layers = [read(k, shape[1:], key) for k in disk_keys]
+        return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+
+    def placement(key: str, value):
+        return param_shardings(key, value, mesh, stacked, abstract.sharding_rules())
+
+    # Where each param comes from, its layers and the shapes of its plain tensors checked before anything is read.
+    plan = []
     for path, var in flat:
         key = path_key(path)
         spec = var.get_value()
@@ -138,7 +169,7 @@ def load_state(
         if None in src:
             if len(src) > 1:
                 raise CheckpointError(f"{ckpt.model_dir}: {key} is given both stacked and per layer")
-            value = read(src[None], spec.shape, key)
+            disk_keys, per_layer = [src[None]], False
         else:
             n = spec.shape[0]
             absent = [i for i in range(n) if i not in src]
@@ -147,18 +178,67 @@ def load_state(
                 raise CheckpointError(
                     f"{ckpt.model_dir}: {key}: expected layers 0..{n - 1}, "
                     f"{'missing ' + str(absent[:5]) if absent else 'got extra ' + str(extra[:5])}")
-            layers = [read(src[i], spec.shape[1:], key) for i in range(n)]
-            value = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-        loaded.append((path, var.replace(convert(key, value, spec))))
+            disk_keys, per_layer = [src[i] for i in range(n)], True
+        plain = not any(k in quantized for k in disk_keys) and not any(re.search(p, key) for p in transposed)
+        if plain:
+            for k in disk_keys:
+                _check_shape(ckpt, k, spec.shape[1:] if per_layer else spec.shape, key)
+        plan.append((path, var, key, spec, disk_keys, per_layer, plain))
+
+    loaded = []
+    for path, var, key, spec, disk_keys, per_layer, plain in plan:
+        if mesh is None:
+            value = read_whole(disk_keys, per_layer, spec.shape, key)
+        elif plain:
+            value = read_sharded(ckpt, disk_keys, per_layer, spec.shape, placement(key, spec))
+        else:
+            value = read_whole(disk_keys, per_layer, spec.shape, key)
+            value = jax.device_put(value, placement(key, value))
+        value = convert(key, value, spec)
+        if mesh is not None:
+            value = jax.device_put(value, placement(key, value))
+        loaded.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _checked(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.ndarray:
+def read_sharded(ckpt: Checkpoint, disk_keys: list[str], per_layer: bool, shape: tuple,
+                 sharding: NamedSharding) -> jax.Array:
+    """The param of `shape` `[*stack, ...]` laid out by `sharding`, from the tensor `disk_keys[0]` (per_layer False)
+    or the per-layer tensors `disk_keys` (row r of the stack). Each block that a device of this process holds is
+    read alone (`Checkpoint.read_slice`, layer by layer), once however many devices hold it, and handed to them
+    before the next block is read."""
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not per_layer:
+            return ckpt.read_slice(disk_keys[0], index)
+        rows = range(*index[0].indices(shape[0]))
+        block = None
+        for i, row in enumerate(rows):
+            part = ckpt.read_slice(disk_keys[row], index[1:])
+            if block is None:
+                block = np.empty((len(rows), *part.shape), part.dtype)
+            block[i] = part
+        return block
+
+    holders: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        holders.setdefault(tuple((s.start, s.stop) for s in index), (index, []))[1].append(device)
+    arrays = []
+    for index, devices in holders.values():
+        block = read(index)
+        arrays += [jax.device_put(block, d) for d in devices]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _check_shape(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> None:
     got = ckpt.shape(disk_key)
     if tuple(got) != tuple(shape):
         raise CheckpointError(
             f"{ckpt.model_dir}: tensor {disk_key!r} has shape {tuple(got)}, the model expects {tuple(shape)} "
             f"(for {ours})")
+
+
+def _checked(ckpt: Checkpoint, disk_key: str, shape: tuple, ours: str) -> np.ndarray:
+    _check_shape(ckpt, disk_key, shape, ours)
     return ckpt.get(disk_key)
 
 

@@ -1,7 +1,8 @@
 """Read HF safetensors checkpoints (one file or a sharded set with its index) tensor by tensor.
 
 A tensor is a zero-copy numpy view of the memory-mapped file, so reading a checkpoint never holds a
-second full copy of it in host memory; bf16 comes through ml_dtypes. No torch needed.
+second full copy of it in host memory; bf16 comes through ml_dtypes. No torch needed. `Checkpoint.read_slice`
+copies one block of a tensor (what one device of a mesh holds) out of the mapped file.
 """
 from __future__ import annotations
 
@@ -130,3 +131,18 @@ class Checkpoint:
             self._maps[e.path] = np.memmap(e.path, dtype=np.uint8, mode="r")
         raw = self._maps[e.path][e.start:e.end]
         return raw.view(_DTYPES[e.dtype]).reshape(e.shape)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` of tensor `key` (one slice per leading axis, step 1; the axes after them whole),
+        copied into host memory from the mapped file, which reads only the pages that hold the block: a range of
+        the first axis is one contiguous range of the file, a narrower block a strided set of runs. ValueError
+        naming the key for an index that does not fit the tensor's shape."""
+        shape = self.shape(key)
+
+        def fits(s: slice, n: int) -> bool:
+            start, stop = 0 if s.start is None else s.start, n if s.stop is None else s.stop
+            return s.step in (None, 1) and 0 <= start <= stop <= n
+        if len(index) > len(shape) or not all(fits(s, n) for s, n in zip(index, shape)):
+            raise ValueError(f"{key}: block {tuple(index)} does not fit the tensor's shape {shape} (expected at "
+                             f"most {len(shape)} slices of step 1 within it)")
+        return np.array(self.get(key)[tuple(index)])

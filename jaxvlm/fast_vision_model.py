@@ -26,6 +26,7 @@ from jaxvlm.generate import generate
 from jaxvlm.layers import REMAT_POLICIES
 from jaxvlm.models import model_class
 from jaxvlm.quantize import quantized_weight_keys
+from jaxvlm.sharding import as_mesh
 
 # The processor each loaded model came with, so that for_training / for_inference can set its padding side.
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -142,6 +143,7 @@ class FastVisionModel:
         trust_remote_code: bool = False,
         use_gradient_checkpointing="unsloth",
         revision: str | None = None,
+        mesh=None,
         **kwargs,
     ):
         """Import an HF checkpoint (local dir or hub id). Returns `(model, processor)`.
@@ -149,12 +151,17 @@ class FastVisionModel:
         `dtype` is the compute and 16-bit storage dtype (default bfloat16). The frozen base is stored
         in NF4 with `load_in_4bit` (the default, as in Unsloth), int8 with `load_in_8bit`, or in
         `dtype` with `load_in_16bit` / `full_finetuning`, which take precedence.
+
+        `mesh` ("fsdp=4,tensor=2", a dict of axis sizes or a jax Mesh; see `jaxvlm.sharding.make_mesh`) loads
+        every param straight into its shards on that mesh, as `jaxvlm.sharding.shard_model` would place it, each
+        device's share read from the files alone: for a model that does not fit one device. None: one device.
         """
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit cannot both be True")
         sixteen = load_in_16bit or full_finetuning
         quant = None if sixteen else "nf4" if load_in_4bit else "int8" if load_in_8bit else None
         dtype = compute_dtype(dtype)
+        mesh = None if mesh is None else as_mesh(mesh)
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
         family, hf_config = read_config(model_dir)
@@ -167,7 +174,7 @@ class FastVisionModel:
         ignored = info.ignored_keys + ((r"^lm_head\.",) if getattr(cfg, "tie_word_embeddings", False) else ())
         targets = quantized_weight_keys(abstract, info.quant_skip) if quant else set()
         model = load_state(abstract, ckpt, stacked=abstract.stacks(), renames=info.legacy_keys, ignored=ignored,
-                           convert=quantizing_convert(quant, targets, dtype, prequantized))
+                           convert=quantizing_convert(quant, targets, dtype, prequantized), mesh=mesh)
         model.max_seq_length = max_seq_length
         model.name_or_path = model_name
         model.model_dir = model_dir
