@@ -1,6 +1,7 @@
 """jaxvlm param tree -> HF tensors and safetensors files (stacked blocks split per layer).
 
-Tensors are produced one at a time and written shard by shard, so the host holds at most one shard.
+Tensors are produced one at a time (a stacked param's rows sliced on its devices, then each gathered alone) and
+written shard by shard, so the host holds at most one shard.
 """
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from jaxvlm.paths import layer_key, path_key, stacked_prefix
@@ -19,22 +22,57 @@ INDEX_NAME = "model.safetensors.index.json"
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def hf_tensors(model: nnx.Module, stacked: Iterable[str],
-               to_array: Callable = np.asarray) -> Iterator[tuple[str, np.ndarray]]:
+def host_array(x) -> np.ndarray:
+    """`x` (a jax.Array on any devices, or a host array) as one host numpy array. An array spread over several
+    processes (jax.distributed) is gathered with `process_allgather`: a collective, which every process calls and
+    after which each holds the whole array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def to_first_device(x: jax.Array) -> jax.Array:
+    """`x` whole on this process's first device: copied there from the devices it lives on, or, spread over several
+    processes, gathered through the host (`host_array`)."""
+    return jax.device_put(x if x.is_fully_addressable else host_array(x), jax.local_devices()[0])
+
+
+@jax.jit
+def take_layer(value, i):
+    """Row `i` of a stacked param value (array, NF4, LoRA: the leading axis of every array leaf), sliced on the
+    devices it lives on. The index is traced: one compile serves every layer."""
+    return jax.tree.map(lambda x: x[i], value)
+
+
+def num_layers(value) -> int:
+    """The length of a stacked param value's leading layer axis."""
+    return jax.tree.leaves(value)[0].shape[0]
+
+
+def hf_tensors(model: nnx.Module, stacked: Iterable[str], convert: Callable) -> Iterator[tuple[str, np.ndarray]]:
     """(HF in-memory key, host array) for every param, one tensor at a time.
 
     `model.language_model.layers.self_attn.q_proj.weight [L, out, in]` becomes L tensors
-    `model.language_model.layers.{i}.self_attn.q_proj.weight [out, in]`. `to_array(value)` turns a
-    param value (array, NF4, LoRA) into the host array to write.
+    `model.language_model.layers.{i}.self_attn.q_proj.weight [out, in]`. Each tensor's param value (array, NF4,
+    LoRA; a stacked param's row, sliced on the devices it lives on by `take_layer`) is gathered alone onto this
+    process's first device (`to_first_device`), `convert(value)` turns it there into the array to write (a jit'd
+    function: its compiles then serve every export), and `host_array` brings that to the host. So the host holds one
+    tensor at a time, and `convert` runs the same program however the model is sharded: a sharded model exports the
+    bytes an unsharded one does (XLA's products over split operands may round differently). On several processes
+    every process iterates: the gathers are collectives. On an abstract model (nnx.eval_shape) `convert` is called
+    with each tensor's abstract value instead.
     """
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         key = path_key(path)
-        value = to_array(var.get_value())
-        if stacked_prefix(key, stacked) is None:
-            yield key, value
-            continue
-        for i in range(value.shape[0]):
-            yield layer_key(key, i, stacked), value[i]
+        value = var.get_value()
+        rows = [None] if stacked_prefix(key, stacked) is None else range(num_layers(value))
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(value))
+        for i in rows:
+            if abstract:
+                array = convert(value if i is None else jax.eval_shape(take_layer, value, i))
+            else:
+                array = convert(jax.tree.map(to_first_device, value if i is None else take_layer(value, i)))
+            yield layer_key(key, i, stacked), host_array(array)
 
 
 def parse_size(size) -> int:

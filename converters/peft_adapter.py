@@ -19,10 +19,12 @@ import math
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxvlm.converters import hf_export
 from jaxvlm.converters.safetensors_io import Checkpoint
 from jaxvlm.layers import Experts
 from jaxvlm.lora import LoRA, add_lora, config_string, expert_params, has_lora, lora_targets
@@ -33,8 +35,19 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
+def _factors(value: LoRA, layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lora_A, lora_B) of `value` on the host; of its row `layer` alone when given (sliced on its devices)."""
+    factors = (value.lora_A, value.lora_B)
+    if layer is not None:
+        factors = hf_export.take_layer(factors, layer)
+    return hf_export.host_array(factors[0]), hf_export.host_array(factors[1])
+
+
 def adapter_tensors(model) -> dict[str, np.ndarray]:
-    """PEFT's adapter state dict: lora_A / lora_B of the adapted layers and the modules_to_save weights."""
+    """PEFT's adapter state dict: lora_A / lora_B of the adapted layers and the modules_to_save weights.
+
+    A stacked param comes to the host one layer at a time (`hf_export.take_layer`, then `hf_export.host_array`:
+    over several processes every process calls this, and each gets the whole dict)."""
     stacked = model.stacks()
     keep = tuple(getattr(model, "modules_to_save", ()) or ())
     experts = {ours for ours, _ in expert_params(model).values()}
@@ -43,29 +56,29 @@ def adapter_tensors(model) -> dict[str, np.ndarray]:
         key, value = path_key(path), var.get_value()
         prefix = stacked_prefix(key, stacked)
         if isinstance(value, LoRA) and key in experts:
-            a, b, mask = np.asarray(value.lora_A), np.asarray(value.lora_B), np.asarray(value.mask)
+            mask = hf_export.host_array(value.mask)
             if mask.ndim == 1:
-                expert_factors[key] = (a, b)
+                expert_factors[key] = _factors(value)
             for i in np.flatnonzero(mask.any(axis=-1)) if mask.ndim > 1 else []:
-                expert_factors[layer_key(key, int(i), stacked)] = (a[i], b[i])
+                expert_factors[layer_key(key, int(i), stacked)] = _factors(value, int(i))
         elif isinstance(value, LoRA):
             module = key.removesuffix(".weight")
-            a, b = np.asarray(value.lora_A), np.asarray(value.lora_B)
             if value.mask is None:
+                a, b = _factors(value)
                 out[f"{_PREFIX}{module}.lora_A.weight"] = a
                 out[f"{_PREFIX}{module}.lora_B.weight"] = b
                 continue
-            for i in np.flatnonzero(np.asarray(value.mask)):
+            for i in np.flatnonzero(hf_export.host_array(value.mask)):
                 name = layer_key(module, int(i), stacked)
-                out[f"{_PREFIX}{name}.lora_A.weight"] = a[i]
-                out[f"{_PREFIX}{name}.lora_B.weight"] = b[i]
+                a, b = _factors(value, int(i))
+                out[f"{_PREFIX}{name}.lora_A.weight"] = a
+                out[f"{_PREFIX}{name}.lora_B.weight"] = b
         elif any(k in keep for k in key.split(".")):
-            array = np.asarray(value)
             if prefix is None:
-                out[f"{_PREFIX}{key}"] = array
+                out[f"{_PREFIX}{key}"] = hf_export.host_array(value)
             else:
-                for i in range(array.shape[0]):
-                    out[f"{_PREFIX}{layer_key(key, i, stacked)}"] = array[i]
+                for i in range(hf_export.num_layers(value)):
+                    out[f"{_PREFIX}{layer_key(key, i, stacked)}"] = hf_export.host_array(hf_export.take_layer(value, i))
     wrappers = _wrapper_keys(expert_factors)
     for name, (a, b) in expert_factors.items():
         experts_n, r, in_f = a.shape
@@ -90,10 +103,16 @@ def _wrapper_keys(param_names) -> dict[str, str]:
 
 
 def save_adapter(model, directory: str) -> None:
-    """Writes adapter_config.json and adapter_model.safetensors (PEFT's format) into `directory`."""
+    """Writes adapter_config.json and adapter_model.safetensors (PEFT's format) into `directory`.
+
+    Over several processes (jax.distributed) every process calls this: each takes part in gathering the factors,
+    and process 0 alone writes."""
     from safetensors.numpy import save_file
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapter to save: call get_peft_model first")
+    tensors = adapter_tensors(model)
+    if jax.process_index() != 0:
+        return
     config = json.loads(getattr(model, "peft_config", "{}"))
     config.setdefault("peft_type", "LORA")
     config["base_model_name_or_path"] = getattr(model, "name_or_path", None)
@@ -101,7 +120,7 @@ def save_adapter(model, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
-    save_file(adapter_tensors(model), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def load_adapter(model, directory: str):

@@ -3,6 +3,10 @@
 Unsloth's `save_pretrained_merged` / `push_to_hub_merged`. Files are written into a staging directory and
 moved into the target at the end (jaxvlm.converters.files): saving into an existing directory replaces
 the files it writes and leaves every other file there alone; a failure changes nothing.
+
+A model sharded over a device mesh comes to the host one tensor at a time (a stacked param layer by layer) and is
+written with the bytes the same model on one device writes; over several processes (jax.distributed) every process
+calls the export and process 0 alone writes.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxvlm.converters.files import staged_directory
 from jaxvlm.converters.hf_export import hf_tensors, remove_stale_weights, write_safetensors
@@ -46,10 +51,15 @@ def _copy_configs(model, out_dir: str, dtype, quantization_config: dict | None =
         shutil.copy(gen, out_dir)
 
 
+# Jit'd once here, so that every export reuses the programs compiled for a weight's shapes and dtype.
+_dense = jax.jit(dense_weight, static_argnums=1)
+_quantize = jax.jit(quantize_nf4)
+
+
 def _merged_current_names(model, dtype):
-    """(current HF key, host array) of every weight with LoRA merged and NF4 dequantized, in `dtype`."""
-    dense = jax.jit(lambda v: dense_weight(v, dtype))
-    yield from hf_tensors(model, model.stacks(), lambda v: np.asarray(dense(v)))
+    """(current HF key, host array) of every weight with LoRA merged and NF4 dequantized, in `dtype`, one layer at a
+    time (`hf_tensors`)."""
+    yield from hf_tensors(model, model.stacks(), lambda v: _dense(v, dtype))
 
 
 def merged_tensors(model, dtype):
@@ -64,13 +74,12 @@ def merged_4bit_tensors(model, dtype):
     and written as bitsandbytes writes them (`<key>`, `<key>.absmax`, ..., `.quant_state.bitsandbytes__nf4`)."""
     info = type(model).INFO
     targets = linear_weight_keys(model, info.quant_skip)
-    quantize = jax.jit(quantize_nf4)
     for key, array in _merged_current_names(model, dtype):
         disk_key = normalize_key(key, info.export_keys)
         if split_layer(key, model.stacks())[0] not in targets:
             yield disk_key, array
             continue
-        for suffix, tensor in nf4_to_bnb(quantize(jnp.asarray(array))).items():
+        for suffix, tensor in nf4_to_bnb(_quantize(jnp.asarray(array))).items():
             yield disk_key + suffix, np.asarray(tensor)
 
 
@@ -99,10 +108,16 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
     save_method: "merged_16bit" (LoRA merged into the base, stored in the model's dtype), "merged_4bit"
     (the same, then NF4 in bitsandbytes' format), or "lora" (the PEFT adapter only). Files already in
     `save_directory` that this save does not write stay, except weight shards of an earlier save.
+
+    A model sharded over several processes (jax.distributed) is saved by every process calling this: each takes
+    part in gathering the tensors, and process 0 alone writes.
     """
     if save_method not in SAVE_METHODS:
         raise ValueError(f"save_method={save_method!r}: expected one of {', '.join(SAVE_METHODS)}")
     dtype = model.dtype
+    if jax.process_index() != 0:
+        _take_part(model, save_method, dtype, save_directory)
+        return
     with staged_directory(save_directory) as stage:
         if save_method == "lora":
             save_adapter(model, stage)
@@ -121,6 +136,16 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
         remove_stale_weights(save_directory, written)
 
 
+def _take_part(model, save_method: str, dtype, save_directory: str) -> None:
+    """A process other than process 0 in a multi-process save: it takes part in every gather (collectives, which
+    need every process) and writes nothing."""
+    if save_method == "lora":
+        save_adapter(model, save_directory)
+        return
+    for _ in _merged_current_names(model, dtype):
+        pass
+
+
 def _progress(tensors, total: int | None = None):
     """`tensors` with a progress bar (shown on a terminal only)."""
     from tqdm.auto import tqdm
@@ -131,16 +156,17 @@ def _sizes(model, dtype) -> list[int]:
     """Bytes of each tensor `merged_tensors` will yield, without computing any (zero-stride views)."""
     def shape_only(v):
         return np.broadcast_to(np.empty((), dtype), jax.eval_shape(lambda w: dense_weight(w, dtype), v).shape)
-    return [a.nbytes for _, a in hf_tensors(model, model.stacks(), shape_only)]
+    return [a.nbytes for _, a in hf_tensors(nnx.eval_shape(lambda: model), model.stacks(), shape_only)]
 
 
 def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",
                        token: str | None = None, private: bool | None = None, max_shard_size="5GB",
-                       commit_message: str = "Upload model trained with jaxvlm", **kwargs) -> str:
+                       commit_message: str = "Upload model trained with jaxvlm", **kwargs) -> str | None:
     """Saves as `save_pretrained_merged` does, then uploads the directory to the hub repo `repo_id`.
 
     Returns the repo URL. Raises ConnectionError when huggingface_hub is offline (HF_HUB_OFFLINE) or
-    the hub cannot be reached.
+    the hub cannot be reached. Over several processes every process calls this; process 0 alone uploads, and the
+    others return None once they have taken part in the gathers.
     """
     from huggingface_hub import HfApi, constants
     if constants.HF_HUB_OFFLINE:
@@ -148,6 +174,8 @@ def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "
     with tempfile.TemporaryDirectory() as parent:
         folder = os.path.join(parent, "export")
         save_pretrained_merged(model, folder, tokenizer, save_method=save_method, max_shard_size=max_shard_size)
+        if jax.process_index() != 0:
+            return None
         api = HfApi(token=token)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
