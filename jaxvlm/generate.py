@@ -5,6 +5,10 @@ jaxvlm.models.base.VisionLanguageModel: `prepare_inputs`, `init_cache`, `prefill
 `next_positions`, `logits`. Prompts are left-padded (right padding is converted); what a cache holds
 (keys and values, a window, cross-attention states) and how positions map to rotary angles is the
 family's business.
+
+On a device mesh (`generate(..., mesh=...)`, jaxvlm.sharding) the same jit'd programs run on sharded arrays: the
+weights where `shard_model` puts them, the prompts and the cache split over the batch axes, the cache's kv heads over
+"tensor" (`cache_shardings`). Placement changes memory and communication, not the tokens.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxvlm.sharding import as_mesh, batch_sharding, cache_shardings, lives_on, shard_batch, shard_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,24 +69,39 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id: in
     return ids, mask
 
 
-@nnx.jit
-def _prefill(model, inputs, cache, key_mask):
+def _keep_placed(cache, batch, mesh):
+    """`cache` pinned where `cache_shardings` puts it on `mesh` (None: left to XLA), so that no step gathers it."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, batch, mesh))
+
+
+def _empty_cache(model, batch, length, mesh):
+    """The family's empty cache; on a mesh created in place, each device writing only its slices."""
+    if mesh is None:
+        return model.init_cache(batch, length)
+    make = lambda: model.init_cache(batch, length)  # noqa: E731
+    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), batch, mesh))()
+
+
+@nnx.jit(static_argnames=("mesh",))
+def _prefill(model, inputs, cache, key_mask, mesh):
     h, cache = model.prefill(inputs, cache, key_mask)
-    return model.logits(h[:, -1]).astype(jnp.float32), cache
+    return model.logits(h[:, -1]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
 
 
-def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len):
+def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, mesh):
     """Logits `[batch, vocab]` after feeding `token [batch]` as generated token number `step`."""
     h, cache = model.decode(token, next_pos + step, cache, key_mask, prompt_len + step)
-    return model.logits(h[:, 0]).astype(jnp.float32), cache
+    return model.logits(h[:, 0]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
 
 
-_decode_step = nnx.jit(_decode_logits, static_argnames=("prompt_len",))
+_decode_step = nnx.jit(_decode_logits, static_argnames=("prompt_len", "mesh"))
 
 
-@nnx.jit(static_argnames=("prompt_len", "max_new_tokens", "sampling"))
+@nnx.jit(static_argnames=("prompt_len", "max_new_tokens", "sampling", "mesh"))
 def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
-                 sampling):
+                 sampling, mesh):
     batch = first.shape[0]
     # NNX modules may not cross into a lax.while_loop body: carry their arrays through, rebuild inside.
     graphdef, params = nnx.split(model)
@@ -94,7 +115,7 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
         out = out.at[:, step].set(jnp.where(done, pad, token))
         done = done | jnp.isin(token, eos)
         logits, cache = _decode_logits(nnx.merge(graphdef, params), cache, token, step, key_mask, next_pos,
-                                       prompt_len)
+                                       prompt_len, mesh)
         rng, key = jax.random.split(rng)
         return step + 1, sample(logits, key, sampling), done, out, cache, rng, params
 
@@ -106,13 +127,17 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id=None, pad_token_id: int | None = None, seed: int = 0, streamer=None,
-             max_seq_length: int | None = None, **processor_outputs) -> np.ndarray:
+             max_seq_length: int | None = None, mesh=None, **processor_outputs) -> np.ndarray:
     """Prompt + generated token ids `[batch, prompt_len + new]`, as transformers' generate returns them.
 
     Takes what the processor returns (input_ids, attention_mask, pixel_values, image_grid_thw, ...).
     Each sequence stops at its first EOS (`eos_token_id`: int or list); later slots hold `pad_token_id`.
     `streamer`: an object with `put(token_ids)` / `end()` (transformers' TextStreamer works), fed after
     each step; decoding then runs step by step from Python instead of one on-device loop.
+    `mesh`: the devices to generate on ("tensor=4", "data=2,tensor=4", a dict or a jax Mesh, as
+    jaxvlm.sharding.make_mesh takes; None: one device). The weights are placed by jaxvlm.sharding.shard_model for
+    the call unless they already live on that mesh; the prompts and the KV cache are split over "data" x "fsdp" when
+    that divides the batch, the cache's kv heads over "tensor" when it divides them. The tokens are those of one device.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
@@ -134,6 +159,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
     if (attention_mask[:, -1] == 0).any():
         input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
 
+    if mesh is not None:
+        mesh = as_mesh(mesh)
+        if not lives_on(nnx.state(model), mesh):
+            model = shard_model(model, mesh)
     inputs = model.prepare_inputs(input_ids=input_ids, attention_mask=attention_mask, **processor_outputs)
     cache_len = -(-(prompt_len + max_new_tokens) // 64) * 64  # a few lengths -> a few compiled programs
     key_mask = np.concatenate([attention_mask, np.ones((batch, cache_len - prompt_len), np.int32)], axis=1)
@@ -143,16 +172,19 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
         # As transformers does: warn, and go on (positions past the trained range may degrade the output).
         warnings.warn(f"generating up to position {int(next_pos.max()) + max_new_tokens - 1}, past the model's "
                       f"max_position_embeddings={limit}: the output may degrade past that length")
-    logits, cache = _prefill(model, jax.tree.map(jnp.asarray, inputs), model.init_cache(batch, cache_len),
-                             jnp.asarray(key_mask))
+    if mesh is None:
+        inputs, key_mask, next_pos = jax.tree.map(jnp.asarray, inputs), jnp.asarray(key_mask), jnp.asarray(next_pos)
+    else:
+        inputs = shard_batch(inputs, batch, mesh)
+        key_mask, next_pos = (jax.device_put(a, batch_sharding(a, batch, mesh)) for a in (key_mask, next_pos))
+    logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)
     rng, key = jax.random.split(jax.random.key(seed))
     first = sample(logits, key, sampling)
 
     if streamer is None:
-        new = _decode_loop(model, cache, first, jnp.asarray(key_mask), jnp.asarray(next_pos), rng,
-                           jnp.asarray(eos), jnp.int32(pad), prompt_len=prompt_len,
-                           max_new_tokens=max_new_tokens, sampling=sampling)
+        new = _decode_loop(model, cache, first, key_mask, next_pos, rng, jnp.asarray(eos), jnp.int32(pad),
+                           prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
         return np.concatenate([input_ids, _trim(np.asarray(new), eos)], axis=1)
 
     streamer.put(input_ids)  # as transformers does, so that TextStreamer(skip_prompt=True) skips it
@@ -164,8 +196,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
         done |= np.isin(token_np, eos)
         if done.all():
             break
-        logits, cache = _decode_step(model, cache, token, step, jnp.asarray(key_mask), jnp.asarray(next_pos),
-                                     prompt_len=prompt_len)
+        logits, cache = _decode_step(model, cache, token, step, key_mask, next_pos, prompt_len=prompt_len,
+                                     mesh=mesh)
         rng, key = jax.random.split(rng)
         token = sample(logits, key, sampling)
     streamer.end()

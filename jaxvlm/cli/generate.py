@@ -4,6 +4,7 @@
     jaxvlm-generate --model DIR --adapter out/adapter --image a.png --image b.png --prompt "Compare them." \\
         --max-new-tokens 256 --do-sample --temperature 0.7 --top-p 0.9
     jaxvlm-generate --model Qwen/Qwen2.5-VL-3B-Instruct --video clip.mp4 --prompt "What happens?"   # needs PyAV
+    jaxvlm-generate --model DIR --image cat.jpg --prompt "Describe this image." --mesh tensor=4   # on 4 devices
 
 The answer streams to stdout as it is generated.
 """
@@ -35,6 +36,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
     ap.add_argument("--load-in-4bit", action="store_true", help="store the base weights in NF4")
     ap.add_argument("--max-seq-length", type=int, default=2048)
+    ap.add_argument("--mesh", default=None,
+                    help="device mesh to generate on, e.g. tensor=4 or data=2,tensor=4 (axes data, fsdp, tensor; left "
+                         "out: 1; the sizes multiply to the device count); default: one device")
     add_debug_option(ap)
     return ap.parse_args(argv)
 
@@ -50,6 +54,7 @@ def generate(args) -> int:
     from transformers import TextStreamer
 
     from jaxvlm import FastVisionModel
+    from jaxvlm.sharding import as_mesh
 
     images = []
     for path in args.image:
@@ -60,6 +65,7 @@ def generate(args) -> int:
     for path in args.video:
         if not os.path.isfile(path):
             raise ValueError(f"cannot read video {path}: no such file")
+    mesh = as_mesh(args.mesh) if args.mesh else None  # a bad --mesh fails before the model loads
     model, processor = FastVisionModel.from_pretrained(
         args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length)
     if args.adapter:
@@ -75,7 +81,7 @@ def generate(args) -> int:
     model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                    seed=args.seed, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+                   mesh=mesh, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return 0
 
 
