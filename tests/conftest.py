@@ -1,4 +1,8 @@
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,10 +13,11 @@ from PIL import Image
 
 from tests.tiny import build_hf_model, save_tiny_processor
 
+REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 # The longest files (minutes each), run first: the test command spreads whole files over two processes
 # (pytest-xdist --dist loadfile, in collection order), and a long file taken last would run on alone at the end.
-LONGEST_FIRST = ("test_sharding.py", "test_llava.py", "test_gemma3.py", "test_qwen3_vl_moe.py", "test_trainer.py")
+LONGEST_FIRST = ("test_sharding.py", "test_multihost.py", "test_llava.py", "test_gemma3.py", "test_qwen3_vl_moe.py", "test_trainer.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -43,3 +48,31 @@ def random_image(width, height, seed=0):
 def chat(text, n_images=0):
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
+
+
+def multidevice_env(devices: int) -> dict:
+    """The environment of a test subprocess with `devices` forced CPU devices. XLA's CPU client sizes its thread pool
+    by the core count (NPROC overrides it), at least one thread per device, and its thunk executor runs independent
+    collectives of one program at once: on 2 cores the 8 threads could all wait in collectives while one device had
+    no thread to reach them (a deadlock seen in CI). 4 threads per device leave room; the collective timeouts (40 s by
+    default) allow for a loaded machine and still end a real hang."""
+    flags = (f"--xla_force_host_platform_device_count={devices} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": str(4 * devices),
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture(scope="module")
+def multidevice(tmp_path_factory):
+    """Runs tests/multidevice.py with 8 CPU devices; returns a function of its arguments -> its JSON lines."""
+    from jaxvlm.tiny import save_random_model
+    model_dir = tmp_path_factory.mktemp("model")
+    save_random_model(str(model_dir), "qwen2_vl")
+    env = multidevice_env(8)
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "tests.multidevice", str(model_dir), *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=1200)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return run, str(model_dir), env

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tests.conftest import multidevice_env
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("merged_16bit", "merged_4bit", "lora")
@@ -26,11 +27,7 @@ def exports(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     save_random_model(str(model_dir), "qwen2_vl")
     out = tmp_path_factory.mktemp("exports")
-    # The environment of tests/test_sharding.py's `multidevice` fixture (see there for the thread count and timeouts).
-    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300 "
-             "--xla_cpu_collective_timeout_seconds=300")
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": "32",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = multidevice_env(8)
     result = subprocess.run([sys.executable, "-m", "tests.multidevice_export", str(model_dir), str(out)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

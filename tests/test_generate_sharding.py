@@ -5,7 +5,6 @@ since this process has one, while this process computes the single-device runs: 
 float32 and NF4; the weights and the KV cache are split as the mesh says; a model already on the mesh is used as it
 is; `jaxvlm-generate --mesh` prints what it prints without."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxvlm import sharding
 from tests import multidevice_generate
+from tests.conftest import multidevice_env
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = ["tensor=2", "data=2,tensor=4", "fsdp=8"]  # tensor=2 on 2 of the 8 devices
@@ -49,12 +49,7 @@ def model_dir(tmp_path_factory):
 def results(model_dir, tmp_path_factory):
     """{(weights, mesh name): run} and [the CLI's runs]: the mesh runs from the subprocess, the single-device ones
     ("one") from this process, computed meanwhile."""
-    # As tests/test_sharding.py's `multidevice`: NPROC=32 leaves XLA's CPU client threads for every device's
-    # collectives on a 2-core machine, and the timeouts allow for a loaded one.
-    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300 "
-             "--xla_cpu_collective_timeout_seconds=300")
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": "32",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = multidevice_env(8)
     logs = tmp_path_factory.mktemp("logs")
     with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "tests.multidevice_generate", model_dir, "--mesh", *MESHES,

@@ -7,7 +7,6 @@ fsdp=4 x tensor=2 and fsdp=8: every leaf holds the bits of the model loaded on o
 and the loader reads each checkpoint byte once, device 0's blocks being total / fsdp of them (less with tensor
 parallelism)."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from jaxvlm import FastVisionModel
 from jaxvlm.converters.safetensors_io import Checkpoint, CheckpointError
 from jaxvlm.sharding import parse_mesh
+from tests.conftest import multidevice_env
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = ["fsdp=4,tensor=2", "fsdp=8"]
@@ -73,11 +73,7 @@ def test_misshaped_tensor_on_a_mesh_names_key_and_both_shapes(model_dir, tmp_pat
 @pytest.fixture(scope="module")
 def loads(model_dir):
     """The JSON lines of tests/multidevice_load.py run with 8 CPU devices on `MESHES`, by (mesh, load_in_4bit)."""
-    # The environment of tests/test_sharding.py's `multidevice` fixture (see there for the thread count and timeouts).
-    flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300 "
-             "--xla_cpu_collective_timeout_seconds=300")
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": "32",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = multidevice_env(8)
     out = subprocess.run([sys.executable, "-m", "tests.multidevice_load", str(model_dir), *MESHES], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -31,7 +31,7 @@ from flax import nnx
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import LayerNorm, RMSNorm, dropout_key
 from jaxvlm.paths import path_key
-from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size, optimizer_shardings, place, shard_batch, shard_model
+from jaxvlm.sharding import BATCH_AXES, as_mesh, mesh_size, optimizer_shardings, place, shard_batch, shard_model
 from jaxvlm.train.data import DataError
 from jaxvlm.train.optim import adamw_8bit
 
@@ -405,14 +405,11 @@ class SFTTrainer:
 
 
 def _mesh(spec):
-    """The training mesh: a jax Mesh as given, one from a spec (jaxvlm.sharding.make_mesh), or, with none asked
+    """The training mesh: a jax Mesh as given, one from a spec (jaxvlm.sharding.as_mesh), or, with none asked
     for, every device on fsdp when there are several (None on one device: no placement at all)."""
-    from jax.sharding import Mesh
-    if isinstance(spec, Mesh):
-        return spec
     if spec is None and jax.device_count() == 1:
         return None
-    return make_mesh(spec)
+    return as_mesh(spec)
 
 
 def _has_dropout(model) -> bool:
