@@ -246,7 +246,7 @@ def lives_on(tree, mesh: Mesh) -> bool:
 
 
 def cache_sharding(array, batch: int, mesh: Mesh) -> NamedSharding:
-    """Where one generation-cache array lives. One of 4 or more axes holds keys or values, `[..., batch, slots,
+    """Where one generation-cache array lives. An array of 4 or more axes holds keys or values, `[..., batch, slots,
     kv_heads, head_dim]` (stacked layer axes first): its batch axis is split over `BATCH_AXES` when they divide the
     batch, its kv heads over "tensor" when it divides them. Any other array (a per-sample mask) by `batch_sharding`."""
     shape = np.shape(array)
