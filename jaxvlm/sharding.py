@@ -13,9 +13,9 @@ match wins), else the generic default: the stacked layer axes (a scan slices the
 axis, the weights of column-parallel Linears (q/k/v, gate/up, fc1, ...) are split along their output axis and those
 of row-parallel ones (o, down, fc2, ...) along their input axis; then the largest remaining axis that the fsdp size
 divides is split over "fsdp". NF4's packed codes and block statistics are flat per weight (row-major [out, in]), so
-an even split of them is a split along the output axis: no device holds a whole layer. A LoRA's factors and the
-optimizer state (arrays of the same shapes as the trainable leaves) follow the same rule. A leaf no axis of which
-divides stays replicated. Placement never changes results: jit computes the same function on any sharding (the
+an even split of them is a split along the output axis: no device holds a whole layer (column-parallel ones are
+split over tensor x fsdp, row-parallel ones over fsdp only). A LoRA's factors and the optimizer state (arrays of
+the same shapes as the trainable leaves) follow the same rule. A leaf no axis of which divides stays replicated. Placement never changes results: jit computes the same function on any sharding (the
 tests compare losses across meshes); it decides memory and communication.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ BATCH_AXES = ("data", "fsdp")
 # Linear leaf names whose products are split by output (column-parallel) or by input (row-parallel) on "tensor".
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "gate_up_proj", "qkv", "fc1", "linear_fc1",
                    "query", "key", "value")
+# NF4's flat per-weight arrays (jaxvlm.quant.NF4): the packed codes and the block statistics.
+NF4_FLAT = ("codes", "absmax", "nested_absmax")
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2", "proj", "linear_fc2", "dense")
 
 
@@ -141,6 +143,12 @@ def leaf_spec(names: list[str], shape: tuple[int, ...], stack_ndim: int, mesh: M
     fsdp, tensor = mesh.shape.get("fsdp", 1), mesh.shape.get("tensor", 1)
     field = names[-1] if names else ""
     dense = len(shape) - stack_ndim == 2 and field in ("weight", "base", "lora_A", "lora_B")
+    packed = len(shape) - stack_ndim == 1 and field in NF4_FLAT
+    if tensor > 1 and packed and _leaf_module(names) in COLUMN_PARALLEL and shape[-1] % tensor == 0:
+        # Row-major [out, in]: an even split of the flat arrays is a split of the output rows, over tensor and then
+        # fsdp. (A row-parallel weight's input axis is not contiguous in them: those are split over fsdp only.)
+        axes[-1] = ("tensor", "fsdp") if fsdp > 1 and shape[-1] % (tensor * fsdp) == 0 else "tensor"
+        return PartitionSpec(*axes)
     if tensor > 1 and dense:
         module = _leaf_module(names)
         out_axis, in_axis = len(shape) - 2, len(shape) - 1

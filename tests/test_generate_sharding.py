@@ -82,10 +82,8 @@ def test_weights_and_kv_cache_are_split_over_the_mesh(results, weights):
         r, sizes = runs[weights, name], sharding.parse_mesh(name)
         fsdp, tensor = sizes.get("fsdp", 1), sizes.get("tensor", 1)
         assert r["devices"] == (2 if name == "tensor=2" else 8)
-        if weights == "float32":  # q_proj [layers, out, in]: out over tensor, then in over fsdp
-            assert r["q_proj_share"] == pytest.approx(1 / (tensor * fsdp)), name
-        else:  # NF4's flat codes: over fsdp (the generic rule leaves them whole on "tensor")
-            assert r["q_proj_share"] <= 1 / fsdp, name
+        # q_proj [layers, out, in]: out over tensor, then in over fsdp; NF4's flat codes: their rows over tensor x fsdp
+        assert r["q_proj_share"] == pytest.approx(1 / (tensor * fsdp)), name
         assert r["cache_share"] == pytest.approx(CACHE_SHARE[name]), (name, r["cache_spec"])
 
 

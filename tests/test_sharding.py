@@ -51,6 +51,13 @@ def test_generic_rule_splits_the_largest_divisible_axis_never_the_layer_axis():
     # NF4's flat codes and absmax: split along their one axis (an output-axis split of the weight).
     assert spec(["layers", "q_proj", "weight", "base", "codes"], (6, 2048), 1, mesh(fsdp=8)) == PartitionSpec(
         None, "fsdp")
+    # With a tensor axis, a column-parallel NF4's flat arrays split their output rows over tensor x fsdp; a
+    # row-parallel one's (its input axis is not contiguous in them) over fsdp only.
+    nf4 = ["layers", "mlp", "up_proj", "weight", "base"]
+    assert spec(nf4 + ["codes"], (6, 2048), 1, mesh(fsdp=4, tensor=2)) == PartitionSpec(None, ("tensor", "fsdp"))
+    assert spec(nf4 + ["absmax"], (6, 6), 1, mesh(fsdp=4, tensor=2)) == PartitionSpec(None, "tensor")
+    assert spec(["layers", "mlp", "down_proj", "weight", "codes"], (6, 2048), 1, mesh(fsdp=4, tensor=2)) == (
+        PartitionSpec(None, "fsdp"))
     # Nothing divides: replicated.
     assert spec(["norm", "weight"], (7,), 0, mesh(fsdp=4)) == PartitionSpec(None)
     # Tensor parallel: column-parallel Linears by output, row-parallel by input; LoRA's factors on their own side.
