@@ -48,21 +48,24 @@ def speeds(generate_s: float, prefill_s: float, batch: int, new: int) -> dict:
                 decode_tokens_per_s=round(batch * (new - 1) / decode_s, 1) if decode_s > 0.01 * generate_s else None)
 
 
-def bench_jaxvlm(model, cfg, batch: int, new: int, image: int) -> dict:
+def bench_jaxvlm(model, cfg, batch: int, new: int, image: int, mesh=None) -> dict:
     import jax
 
     from jaxvlm.generate import generate
     raw = raw_batch(cfg, batch, TEXT, image)
 
     def run(n):
-        return lambda: generate(model, **raw, max_new_tokens=n, eos_token_id=-1, pad_token_id=0)
-    out = generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0)
+        return lambda: generate(model, **raw, max_new_tokens=n, eos_token_id=-1, pad_token_id=0, mesh=mesh)
+    out = generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, mesh=mesh)
     assert out.shape == (batch, raw["input_ids"].shape[1] + new), out.shape
     generate_s, prefill_s = timed(run(new)), timed(run(1))
-    stats = jax.devices()[0].memory_stats() or {}
+    # With a mesh: the largest peak of its devices.
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in (mesh.devices.flat if mesh else
+                                                                              jax.devices()[:1]))
     return dict(impl="jaxvlm", batch=batch, prompt_tokens=raw["input_ids"].shape[1], new_tokens=new,
-                **speeds(generate_s, prefill_s, batch, new),
-                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2), device=jax.devices()[0].device_kind)
+                **speeds(generate_s, prefill_s, batch, new), peak_gib=round(peak / 2**30, 2),
+                device=jax.devices()[0].device_kind,
+                **({"mesh": dict(mesh.shape), "devices": mesh.size} if mesh is not None else {}))
 
 
 def bench_hf(geometry: str, batches: list[int], new: int, tiny: bool):
@@ -108,12 +111,15 @@ def main():
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate (needs torch+cuda)")
     ap.add_argument("--dir", help="load this checkpoint (scripts/bench_load.py writes one) instead of random "
                                   "weights, so that the NF4 run's peak memory never holds a 16-bit copy")
+    ap.add_argument("--mesh", help="generate on a device mesh (jaxvlm.sharding), e.g. tensor=2: weights drawn "
+                                   "straight into their shards, peak_gib the largest of the devices'")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run one implementation/weights in this process
     # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     common = ["--geometry", args.geometry, "--new", str(args.new), "--batch", *map(str, args.batch),
-              *(["--dir", args.dir] if args.dir else []), *(["--tiny"] if args.tiny else [])]
+              *(["--dir", args.dir] if args.dir else []), *(["--tiny"] if args.tiny else []),
+              *(["--mesh", args.mesh] if args.mesh else [])]
     if args.one is None:
         # One process per configuration, so that each peak-memory reading is its own.
         for one in [*args.quant, *(["hf"] if args.hf else [])]:
@@ -129,16 +135,19 @@ def main():
             print(json.dumps(dict(bench="generate", geometry=args.geometry, **line)), flush=True)
         return
     import jax.numpy as jnp
+
+    from jaxvlm.sharding import make_mesh
+    mesh = make_mesh(args.mesh) if args.mesh else None
     if args.dir:
         from jaxvlm import FastVisionModel
-        model, _ = FastVisionModel.from_pretrained(args.dir, load_in_4bit=args.one == "nf4")
+        model, _ = FastVisionModel.from_pretrained(args.dir, load_in_4bit=args.one == "nf4", mesh=mesh)
         cfg = model.config
     else:
         model_cls, cfg = load_geometry(args.geometry, args.tiny)
-        model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4", model_cls=model_cls)
+        model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4", model_cls=model_cls, mesh=mesh)
     image = workload_image(cfg, args.tiny)
     for b in args.batch:
-        line = bench_jaxvlm(model, cfg, b, args.new, image)
+        line = bench_jaxvlm(model, cfg, b, args.new, image, mesh)
         print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=args.one, **line)), flush=True)
 
 
