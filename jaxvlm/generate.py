@@ -12,7 +12,9 @@ weights where `shard_model` puts them, the prompts and the cache split over the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.sharding import as_mesh, batch_sharding, cache_shardings, lives_on, shard_batch, shard_model
+from jaxvlm.layers import activation_layout
+from jaxvlm.sharding import (BATCH_AXES, as_mesh, batch_sharding, cache_shardings, lives_on, shard_batch,
+                             shard_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,8 @@ _decode_step = nnx.jit(_decode_logits, static_argnames=("prompt_len", "mesh"))
 def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
                  sampling, mesh):
     batch = first.shape[0]
-    # NNX modules may not cross into a lax.while_loop body: carry their arrays through, rebuild inside.
+    # NNX modules may not cross into a lax.while_loop body: their arrays are closed over (loop invariants, read in
+    # place) and the module rebuilt inside. (Carried through the loop state, every weight was copied: 2x the memory.)
     graphdef, params = nnx.split(model)
 
     def cond(state):
@@ -111,16 +116,16 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
         return (step < max_new_tokens) & ~done.all()
 
     def body(state):
-        step, token, done, out, cache, rng, params = state
+        step, token, done, out, cache, rng = state
         out = out.at[:, step].set(jnp.where(done, pad, token))
         done = done | jnp.isin(token, eos)
         logits, cache = _decode_logits(nnx.merge(graphdef, params), cache, token, step, key_mask, next_pos,
                                        prompt_len, mesh)
         rng, key = jax.random.split(rng)
-        return step + 1, sample(logits, key, sampling), done, out, cache, rng, params
+        return step + 1, sample(logits, key, sampling), done, out, cache, rng
 
     out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
-    state = (jnp.int32(0), first, jnp.zeros((batch,), bool), out, cache, rng, params)
+    state = (jnp.int32(0), first, jnp.zeros((batch,), bool), out, cache, rng)
     return jax.lax.while_loop(cond, body, state)[3]
 
 
@@ -177,14 +182,18 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
     else:
         inputs = shard_batch(inputs, batch, mesh)
         key_mask, next_pos = (jax.device_put(a, batch_sharding(a, batch, mesh)) for a in (key_mask, next_pos))
-    logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh)
+    # On a mesh, attention's operands are laid out on it while the programs trace.
+    layout = contextlib.nullcontext if mesh is None else functools.partial(activation_layout, mesh, BATCH_AXES, "tensor")
+    with layout():
+        logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)
     rng, key = jax.random.split(jax.random.key(seed))
     first = sample(logits, key, sampling)
 
     if streamer is None:
-        new = _decode_loop(model, cache, first, key_mask, next_pos, rng, jnp.asarray(eos), jnp.int32(pad),
-                           prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
+        with layout():
+            new = _decode_loop(model, cache, first, key_mask, next_pos, rng, jnp.asarray(eos), jnp.int32(pad),
+                               prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
         return np.concatenate([input_ids, _trim(np.asarray(new), eos)], axis=1)
 
     streamer.put(input_ids)  # as transformers does, so that TextStreamer(skip_prompt=True) skips it
@@ -196,8 +205,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
         done |= np.isin(token_np, eos)
         if done.all():
             break
-        logits, cache = _decode_step(model, cache, token, step, key_mask, next_pos, prompt_len=prompt_len,
-                                     mesh=mesh)
+        with layout():
+            logits, cache = _decode_step(model, cache, token, step, key_mask, next_pos, prompt_len=prompt_len,
+                                         mesh=mesh)
         rng, key = jax.random.split(rng)
         token = sample(logits, key, sampling)
     streamer.end()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 
 import jax
@@ -276,6 +277,56 @@ def _use_cudnn(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> boo
     return supported and q.shape[1] > 1 and jax.default_backend() == "gpu"
 
 
+# Where attention's operands live while a program for a device mesh traces (`activation_layout`; None: one device).
+# cuDNN's fused attention is partitioned by JAX's rule, which needs the queries, keys and values split alike (batch,
+# heads) and a mask split over the batch as the queries are (a replicated one fails in cuDNN): the operands are
+# pinned to that. Under a vmap over data-parallel shards (`vmapped`, the trainer's per-shard batches; the vmap's
+# spmd_axis_name places the shard axis) JAX's batching rule folds the shard axis into the batch and cannot fold a
+# mask broadcast over heads: the mask is widened to every head there.
+_layout: dict = {"mesh": None, "batch": None, "heads": None, "vmapped": False}
+
+
+@contextlib.contextmanager
+def activation_layout(mesh, batch=None, heads=None, vmapped: bool = False):
+    """Within this context, programs traced lay attention out on `mesh`: the batch axis over the mesh axes `batch`
+    (a name or tuple, None: not split), the heads over `heads` (when it divides them), each only where it divides."""
+    saved = dict(_layout)
+    _layout.update(mesh=mesh, batch=batch, heads=heads, vmapped=vmapped)
+    try:
+        yield
+    finally:
+        _layout.clear()
+        _layout.update(saved)
+
+
+def _laid_out(q, k, v, mask, lengths):
+    """(q, k, v, mask, lengths) pinned as `_layout` says (unchanged outside `activation_layout`)."""
+    mesh = _layout["mesh"]
+    if mesh is None:
+        return q, k, v, mask, lengths
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def size(axes):
+        return 1 if axes is None else math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+    batch = _layout["batch"] if q.shape[0] % size(_layout["batch"]) == 0 else None
+    heads = _layout["heads"] if q.shape[2] % size(_layout["heads"]) == 0 and k.shape[2] % size(
+        _layout["heads"]) == 0 else None
+
+    def pin(x, *spec):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    q, k, v = (pin(x, batch, None, heads, None) for x in (q, k, v))
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if _layout["vmapped"]:
+            mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], *mask.shape[2:]))
+        mask = pin(mask, batch if mask.shape[0] == q.shape[0] else None,
+                   heads if mask.shape[1] == q.shape[2] else None, None, None)
+    if lengths is not None:
+        lengths = pin(lengths, batch)
+    return q, k, v, mask, lengths
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class CausalBlockMask:
@@ -337,6 +388,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Causal
     """
     if isinstance(mask, CausalBlockMask):
         return _block_mask_attention(q, k, v, mask, scale)
+    q, k, v, mask, lengths = _laid_out(q, k, v, mask, lengths)
     if _use_cudnn(q, k, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, scale=scale, implementation="cudnn")

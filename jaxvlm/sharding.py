@@ -231,6 +231,28 @@ def batch_sharding(array, batch: int, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def local_shards(mesh: Mesh) -> list[int]:
+    """The data x fsdp coordinates (row-major: the order in which a batch split over `BATCH_AXES` is dealt out) that
+    this process's devices hold."""
+    devices = mesh.devices  # [data, fsdp, tensor]
+    return sorted({d * devices.shape[1] + f for (d, f, _), device in np.ndenumerate(devices)
+                   if device.process_index == jax.process_index()})
+
+
+def place_shards(inputs: dict[str, np.ndarray], shards: list[int], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-shard model inputs `[len(shards), ...]` (row i: data x fsdp coordinate `shards[i]`, this process's, as
+    `local_shards` gives them) as global arrays `[data x fsdp, ...]` whose leading axis is split over `BATCH_AXES`:
+    each device receives its own shard's row only."""
+    n = mesh_size(mesh, BATCH_AXES)
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    row = {shard: i for i, shard in enumerate(shards)}
+
+    def put(x):
+        return jax.make_array_from_callback((n, *x.shape[1:]), sharding,
+                                            lambda index: x[row[index[0].start or 0]][None])
+    return {k: put(np.asarray(v)) for k, v in inputs.items()}
+
+
 def shard_batch(inputs: dict, batch: int, mesh: Mesh) -> dict:
     """The model inputs placed on the mesh (`batch_sharding` each)."""
     return {k: place(np.asarray(v), batch_sharding(v, batch, mesh)) for k, v in inputs.items()}

@@ -252,6 +252,7 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls, mesh=mesh)
     # What the processor returns (Qwen-VL: image_grid_thw; Gemma 3: token_type_ids), labels on the text only.
     raw = raw_batch(cfg, batch * dp, text, image)
+    shard_raw = raw_batch(cfg, batch, text, image)
     seq = raw["input_ids"].shape[1]
     model.max_seq_length = max(2048, seq)
     # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
@@ -262,10 +263,20 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     grid, _ = image_tokens(cfg, image)
     labels = raw["input_ids"].copy()
     labels[:, :image_prefix(cfg, image)] = -100
+    shard_labels = shard_raw["input_ids"].copy()
+    shard_labels[:, :image_prefix(cfg, image)] = -100
 
     class SyntheticTrainer(SFTTrainer):
+        """The same batch every step: the global one, or on a mesh (families with PER_SHARD_INPUTS) one batch of
+        `batch` samples per data x fsdp coordinate, as the trainer's per-shard collation gives them."""
         def micro_batch(self, index):
             return {**raw, "labels": labels}, list(range(batch * dp))
+
+        def per_shard(self):
+            return dp > 1 and model_cls.PER_SHARD_INPUTS
+
+        def shard_batches(self, index, shards):
+            return {s: {**shard_raw, "labels": shard_labels} for s in shards}, list(range(batch * dp))
 
     def trainer(n):
         return SyntheticTrainer(model, processing_class=None, data_collator=lambda *a, **k: None,

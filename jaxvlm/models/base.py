@@ -20,7 +20,7 @@ Parts of ../shared/FAMILY.md and where they live:
   generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
   dtypes it cannot run in      `resolve_dtype`
-  placement on a device mesh   `sharding_rules` (jaxvlm.sharding)
+  placement on a device mesh   `sharding_rules` (jaxvlm.sharding), `PER_SHARD_INPUTS`, `input_fill`
 """
 from __future__ import annotations
 
@@ -109,6 +109,11 @@ class VisionLanguageModel(nnx.Module):
     # The collator pads pixel_values along its first axis (patches, or whole images) to a bucket ladder
     # (64, 96, 128, ...) that starts here.
     PIXEL_BUCKET_MIN: ClassVar[int] = 64
+    # Whether the trainer may give each data-parallel shard of a device mesh a batch of its own, stacked on a leading
+    # axis (jaxvlm.train.trainer.SFTTrainer.per_shard): true when `prepare_inputs` of batches that the collator
+    # padded to one sequence length and one count of pixel_values rows differ in shape only in arrays that
+    # `input_fill` pads. Then each device's vision tower sees its own samples' images only.
+    PER_SHARD_INPUTS: ClassVar[bool] = False
 
     def __init__(self, cfg, dtype):
         self.config = cfg
@@ -164,6 +169,13 @@ class VisionLanguageModel(nnx.Module):
         values: the value of padding images and of samples without images (the processor's, for a batch it pads).
         Zeros by default."""
         return np.zeros(shape, dtype)
+
+    def input_fill(self, name: str, inputs: dict[str, np.ndarray]):
+        """The value that pads `prepare_inputs`' array `name` (in `inputs`, one data-parallel shard's arrays) at the
+        end of its axes, so that every shard's batch has one shape (the trainer stacks them: `PER_SHARD_INPUTS`);
+        it must leave the result unchanged. None (the default): the array takes no padding (its shape is decided by
+        the collator's sizes alone)."""
+        return None
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         """Final hidden states `[batch, seq, hidden]`; jit-compatible."""

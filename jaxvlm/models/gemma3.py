@@ -514,6 +514,9 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
             eoi_token_index=tokens["<end_of_image>"], image_token_index=tokens["<image_soft_token>"],
             tie_word_embeddings=tie)
 
+    # Batches padded to one length and one image count have one shape.
+    PER_SHARD_INPUTS = True
+
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
 

@@ -20,7 +20,7 @@ from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguage
 from jaxvlm.models.qwen_inputs import qwen_inputs
 from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS,
                                      MRoPEModelMethods, TextConfig, TextModel)
-from jaxvlm.models.qwen_vision import VisionConfig, VisionTransformer, vision_layout
+from jaxvlm.models.qwen_vision import VisionConfig, VisionTransformer, layout_fill, vision_layout
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -195,8 +195,14 @@ class Qwen2VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
     def tiny_config(cls, model_type: str, size: str = "test", **text_overrides):
         return _tiny_config(model_type, size, cls.TINY.special_tokens, text_overrides)
 
+    # Batches padded to one length and one patch count differ only in the vision segments' arrays.
+    PER_SHARD_INPUTS = True
+
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
+
+    def input_fill(self, name: str, inputs: dict[str, np.ndarray]):
+        return layout_fill(name, inputs)
 
     def embed(self, inputs: dict[str, jax.Array]) -> jax.Array:
         """Token embeddings `[batch, seq, hidden]` with the image and video tokens replaced by the vision tower's output."""

@@ -38,7 +38,7 @@ from jaxvlm.models import qwen_text
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.qwen_inputs import qwen_inputs
 from jaxvlm.models.qwen_text import ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS, MRoPEModelMethods
-from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, vision_cos_sin, vision_layout
+from jaxvlm.models.qwen_vision import VisionAttention, VisionConfig, layout_fill, vision_cos_sin, vision_layout
 
 MODEL_TYPE = "qwen3_vl"
 
@@ -432,8 +432,14 @@ class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
     def tiny_config(cls, model_type: str, size: str = "test", **text_overrides):
         return _tiny_config(size, cls.TINY.special_tokens, text_overrides)
 
+    # Batches padded to one length and one patch count differ only in the vision segments' arrays.
+    PER_SHARD_INPUTS = True
+
     def prepare_inputs(self, **processor_outputs) -> dict[str, np.ndarray]:
         return prepare_inputs(self.config, **processor_outputs)
+
+    def input_fill(self, name: str, inputs: dict[str, np.ndarray]):
+        return layout_fill(name, inputs)
 
     def embed(self, inputs: dict[str, jax.Array]):
         """(token embeddings `[batch, seq, hidden]` with the image tokens replaced by the vision tower's

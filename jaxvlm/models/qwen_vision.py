@@ -111,6 +111,14 @@ def vision_layout(cfg: VisionConfig, grid_thw: np.ndarray) -> dict[str, np.ndarr
     return out
 
 
+def layout_fill(name: str, inputs: dict[str, np.ndarray]) -> int | None:
+    """What pads `vision_layout`'s segment arrays when batches of one shape must agree (a family's `input_fill`):
+    the out-of-range patch index, which makes padding segments and padding slots of a segment attend nothing."""
+    if name in ("full_attn_index", "window_attn_index"):
+        return len(inputs["pixel_values"])
+    return None
+
+
 def ladder(n: int) -> int:
     """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) that is >= n:
     padding wastes at most a third, and a run meets few distinct shapes (few compiled programs)."""

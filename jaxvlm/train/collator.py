@@ -234,9 +234,25 @@ class VisionDataCollator:
             raise DataError("empty batch: the collator was given no examples")
         if indices is not None and len(indices) != len(examples):
             raise ValueError(f"{len(indices)} indices for {len(examples)} examples")
+        return self.collate(self.encode(examples, indices))
+
+    def encode(self, examples, indices=None) -> list[_Row | None]:
+        """Each record's unpadded row (None for one on_overflow="skip" skips): the processor's work, done once."""
         names = [f"record {indices[i]}" if indices is not None else f"example {i} of the batch"
                  for i in range(len(examples))]
-        return self._collate([self._encode(example, name) for example, name in zip(examples, names)])
+        return [self._encode(example, name) for example, name in zip(examples, names)]
+
+    def collate(self, rows: list[_Row | None], floor: dict[str, int] | None = None) -> dict[str, np.ndarray | int]:
+        """The padded batch of `encode`'s rows. `floor` ({"seq": tokens, "pixel_rows": rows of pixel_values with
+        their padding}, as `extent` gives them; pad_to_bucket only): pad to at least those sizes, so that the
+        batches of several data-parallel shards share one shape (jaxvlm's trainer gives each its own)."""
+        return self._collate(rows, floor or {})
+
+    def extent(self, batch: dict) -> dict[str, int]:
+        """The sizes of a batch that `collate`'s floor raises: its padded sequence length, and the rows the vision
+        tower sees (pixel_values' with their padding, and pixel_values_videos')."""
+        return {"seq": int(np.shape(batch["input_ids"])[1]),
+                "pixel_rows": len(batch.get("pixel_values", ())) + len(batch.get("pixel_values_videos", ()))}
 
     # ------------------------------------------------------------------------------------------
     # One record.
@@ -375,10 +391,13 @@ class VisionDataCollator:
     # ------------------------------------------------------------------------------------------
     # The batch.
 
-    def _collate(self, rows: list[_Row | None]) -> dict[str, np.ndarray | int]:
+    def _collate(self, rows: list[_Row | None], floor: dict[str, int]) -> dict[str, np.ndarray | int]:
         kept = [row for row in rows if row is not None]
         longest = max((len(row.input_ids) for row in kept), default=0)
         seq = bucket_size(longest, self.max_seq_length) if self.pad_to_bucket else longest
+        if floor and not self.pad_to_bucket:
+            raise ValueError("collate(floor=...) pads to shared sizes; it needs pad_to_bucket=True")
+        seq = max(seq, floor.get("seq", 0))
         empty = np.zeros(0, np.int32)
         batch = {
             "input_ids": self._pad([empty if r is None else r.input_ids for r in rows], seq, self.pad_token_id),
@@ -405,8 +424,8 @@ class VisionDataCollator:
         if self.pad_to_bucket and not self.sample_arrays:
             # One bucket for all the patches the vision tower sees (the model joins images and videos).
             n_patches = sum(len(p) for p in pixels)
-            n_pad = (bucket_size(n_patches + n_video_patches, smallest=self.pixel_bucket_min)
-                     - n_patches - n_video_patches)
+            n_pad = (max(bucket_size(n_patches + n_video_patches, smallest=self.pixel_bucket_min),
+                         floor.get("pixel_rows", 0)) - n_patches - n_video_patches)
             pixels.append(np.zeros((n_pad, *self.pixel_row_shape), np.float32))
             batch["pixel_values"] = np.concatenate(pixels).astype(np.float32)
             if grids or self.grids:

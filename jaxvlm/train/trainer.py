@@ -12,6 +12,7 @@ batches of 2 equals one batch of 8.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,9 +30,10 @@ import optax
 from flax import nnx
 
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
-from jaxvlm.layers import LayerNorm, RMSNorm, dropout_key
+from jaxvlm.layers import LayerNorm, RMSNorm, activation_layout, dropout_key
 from jaxvlm.paths import path_key
-from jaxvlm.sharding import BATCH_AXES, as_mesh, mesh_size, optimizer_shardings, place, shard_batch, shard_model
+from jaxvlm.sharding import (BATCH_AXES, as_mesh, local_shards, mesh_size, optimizer_shardings, place, place_shards,
+                             shard_batch, shard_model)
 from jaxvlm.train.data import DataError
 from jaxvlm.train.optim import adamw_8bit
 
@@ -264,6 +266,55 @@ class SFTTrainer:
         inputs["labels"] = np.asarray(batch["labels"], np.int32)
         return inputs
 
+    # -- one batch per data-parallel shard -----------------------------------------------------
+
+    def per_shard(self) -> bool:
+        """Whether each data x fsdp coordinate gets a micro-batch of its own (`shard_batches`): on a mesh that
+        splits the batch, with jaxvlm's collator, for a family whose packed vision arrays pad to one shape
+        (`VisionLanguageModel.PER_SHARD_INPUTS`). Then each device runs the vision tower on its own samples' images
+        only, and each host encodes only the records its devices train on. Otherwise the global micro-batch is
+        collated whole on every host and its packed vision arrays are replicated (the per-sample ones split)."""
+        return (self.mesh is not None and mesh_size(self.mesh, BATCH_AXES) > 1 and hasattr(self.collator, "collate")
+                and getattr(type(self.model), "PER_SHARD_INPUTS", False))
+
+    def shard_batches(self, index: int, shards: list[int]) -> tuple[dict[int, dict], list[int]]:
+        """({shard: its batch} for `shards` (data x fsdp coordinates, row-major), the global micro-batch's record
+        ids). Shard k takes the k-th run of per_device_train_batch_size records of micro_batch's order, so the
+        samples of a step do not depend on the mesh. The batches are padded to the largest sizes of any shard (on
+        any host: `_agree`), so that they stack into one array per input."""
+        per_epoch, size, b = self._batches_per_epoch(), self.global_batch_size, self.args.per_device_train_batch_size
+        epoch, k = divmod(index, per_epoch)
+        ids = self._epoch_order(epoch)[k * size:(k + 1) * size].tolist()
+        rows = {}
+        for shard in shards:
+            part = ids[shard * b:(shard + 1) * b]
+            # The last micro-batch of an epoch may be short: its shards are filled with all-padding rows (no loss).
+            rows[shard] = self.collator.encode([self.dataset[i] for i in part], indices=part) + [None] * (b - len(part))
+        extents = [self.collator.extent(self.collator.collate(r)) for r in rows.values()]
+        floor = {name: max(e[name] for e in extents) for name in extents[0]}
+        floor = dict(zip(floor, _agree(np.array(list(floor.values())))))
+        return {shard: self.collator.collate(r, floor) for shard, r in rows.items()}, ids
+
+    def shard_inputs(self, batches: dict[int, dict]) -> dict[str, np.ndarray]:
+        """The model inputs of each shard's batch, padded to one shape (`VisionLanguageModel.input_fill`) and
+        stacked on a leading shard axis, in `batches`' order."""
+        inputs = {shard: self.model_inputs(batch) for shard, batch in batches.items()}
+        first = next(iter(inputs.values()))
+        names = sorted(first)
+        for shard, x in inputs.items():
+            if sorted(x) != names:
+                raise ValueError(f"{type(self.model).__name__}: data-parallel shards' inputs differ in their arrays "
+                                 f"({names} and {sorted(x)}): the family cannot take per-shard batches")
+        ranks = [np.ndim(first[n]) for n in names]
+        shapes = np.array([[d for n in names for d in np.shape(x[n])] for x in inputs.values()]).max(axis=0)
+        shapes = _agree(shapes)
+        out = {}
+        for i, name in enumerate(names):
+            start = sum(ranks[:i])
+            target = tuple(int(d) for d in shapes[start:start + ranks[i]])
+            out[name] = np.stack([_pad_input(self.model, name, x, target) for x in inputs.values()])
+        return out
+
     # -- training ------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
@@ -287,16 +338,27 @@ class SFTTrainer:
             trainable, opt_state, step = restore_checkpoint(path, trainable, opt_state)
             logger.info("resumed from %s at step %d", path, step)
 
+        per_shard = self.per_shard()
+
+        def token_losses(model, inputs, key):
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            with dropout_key(key):  # LoRA dropout, if the adapters have it
+                if not a.loss_chunk_size:
+                    return token_loss_sum(model.forward(features), inputs["labels"])
+                return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
+                                              a.loss_chunk_size)
+
         @jax.jit
         def grad_step(trainable, frozen, inputs, key):
             def loss_fn(t):
-                model = rebuild(t, frozen)
-                features = {k: v for k, v in inputs.items() if k != "labels"}
-                with dropout_key(key):  # LoRA dropout, if the adapters have it
-                    if not a.loss_chunk_size:
-                        return token_loss_sum(model.forward(features), inputs["labels"])
-                    return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
-                                                  a.loss_chunk_size)
+                if not per_shard:
+                    return token_losses(rebuild(t, frozen), inputs, key)
+                # Inputs [shard, ...], the shard axis split over data x fsdp: each device runs its own shards. (The
+                # model is rebuilt inside the vmap: NNX modules do not cross transform levels.)
+                shard_keys = None if key is None else jax.random.split(key, inputs["labels"].shape[0])
+                sums, counts = jax.vmap(lambda t, f, x, k: token_losses(rebuild(t, f), x, k), in_axes=(None, None, 0, 0),
+                                        spmd_axis_name=BATCH_AXES)(t, frozen, inputs, shard_keys)
+                return sums.sum(), counts.sum()
             (loss_sum, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
             return loss_sum, n_tokens, grads
 
@@ -335,6 +397,10 @@ class SFTTrainer:
 
         # Each micro-batch's dropout key is this folded with its index (None when no adapter has dropout).
         dropout_root = jax.random.key(a.seed) if _has_dropout(self.model) else None
+        shards = local_shards(self.mesh) if per_shard else None
+        # On a mesh, attention's operands are laid out on it (per-shard batches: the vmap places the shard axis).
+        layout = (contextlib.nullcontext if self.mesh is None else functools.partial(
+            activation_layout, self.mesh, None if per_shard else BATCH_AXES, "tensor", vmapped=per_shard))
         pending = None
         trained_so_far = step  # a resumed run trained before
         while step < total:
@@ -342,18 +408,28 @@ class SFTTrainer:
             record_ids, n_trained = [], 0
             for micro in range(a.gradient_accumulation_steps):
                 index = step * a.gradient_accumulation_steps + micro
-                batch, ids = self.micro_batch(index)
+                if per_shard:
+                    batches, ids = self.shard_batches(index, shards)
+                    inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
+                    # Counted over every host's shards (each holds its own).
+                    counts = _agree(np.array([sum(_trained_tokens(b) for b in batches.values()),
+                                              sum(int(np.asarray(b["attention_mask"]).sum())
+                                                  for b in batches.values())]), np.sum)
+                else:
+                    batch, ids = self.micro_batch(index)
+                    inputs = self.model_inputs(batch)
+                    counts = (_trained_tokens(batch), int(np.asarray(batch["attention_mask"]).sum()))
+                    if self.mesh is not None:
+                        inputs = shard_batch(inputs, len(ids), self.mesh)
                 record_ids += ids
-                n_trained += int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
-                inputs = self.model_inputs(batch)
+                n_trained += int(counts[0])
                 self._log_compile(inputs)
-                if self.mesh is not None:
-                    inputs = shard_batch(inputs, len(ids), self.mesh)
                 key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
-                ls, nt, g = grad_step(trainable, frozen, inputs, key)
+                with layout():  # read while grad_step traces
+                    ls, nt, g = grad_step(trainable, frozen, inputs, key)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
-                n_seq_tokens += int(np.asarray(batch["attention_mask"]).sum())
+                n_seq_tokens += int(counts[1])
             trained_so_far += n_trained
             seen = (step + 1) * a.gradient_accumulation_steps * self.global_batch_size
             if not trained_so_far and seen >= len(self.dataset):
@@ -402,6 +478,32 @@ class SFTTrainer:
             logger.info("compiling the training step for a new batch shape (%d so far): input_ids %s, "
                         "pixel_values %s", len(self._compiled_shapes), np.shape(inputs["input_ids"]),
                         np.shape(inputs.get("pixel_values")))
+
+
+def _trained_tokens(batch: dict) -> int:
+    return int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _agree(values: np.ndarray, reduce=np.max) -> np.ndarray:
+    """`values` (an int vector) reduced element-wise over every process of a multi-host run (max: the sizes all
+    hosts' shards pad to); as they are on one host."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    return reduce(np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64))), axis=0)
+
+
+def _pad_input(model, name: str, x: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """One shard's input `name` padded at the end of its axes to `shape` with the family's `input_fill`."""
+    array = np.asarray(x[name])
+    if array.shape == shape:
+        return array
+    fill = model.input_fill(name, x)
+    if fill is None:
+        raise ValueError(f"{type(model).__name__}.prepare_inputs' {name!r} has shape {array.shape} in one "
+                         f"data-parallel shard and {shape} in another, and the family gives it no padding "
+                         f"(input_fill)")
+    return np.pad(array, [(0, t - n) for n, t in zip(array.shape, shape)], constant_values=fill)
 
 
 def _mesh(spec):
