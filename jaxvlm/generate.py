@@ -88,7 +88,22 @@ def _empty_cache(model, batch, length, mesh):
     return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), batch, mesh))()
 
 
-@nnx.jit(static_argnames=("mesh",))
+def _jit_model(**jit_kwargs):
+    """`fn(model, *args, **kwargs)` jit'd with the module's arrays as inputs only (nnx.jit hands a module's state
+    back as outputs, and XLA copies an input it returns: twice the weights' memory)."""
+    def wrap(fn):
+        @functools.partial(jax.jit, static_argnums=0, **jit_kwargs)
+        def pure(graphdef, state, *args, **kwargs):
+            return fn(nnx.merge(graphdef, state), *args, **kwargs)
+
+        @functools.wraps(fn)
+        def call(model, *args, **kwargs):
+            return pure(*nnx.split(model), *args, **kwargs)
+        return call
+    return wrap
+
+
+@_jit_model(static_argnames=("mesh",))
 def _prefill(model, inputs, cache, key_mask, mesh):
     h, cache = model.prefill(inputs, cache, key_mask)
     return model.logits(h[:, -1]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
@@ -100,16 +115,18 @@ def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, me
     return model.logits(h[:, 0]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
 
 
-_decode_step = nnx.jit(_decode_logits, static_argnames=("prompt_len", "mesh"))
+_decode_step = _jit_model(static_argnames=("prompt_len", "mesh"))(_decode_logits)
 
 
-@nnx.jit(static_argnames=("prompt_len", "max_new_tokens", "sampling", "mesh"))
+@_jit_model(static_argnames=("prompt_len", "max_new_tokens", "sampling", "mesh"))
 def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
                  sampling, mesh):
     batch = first.shape[0]
-    # NNX modules may not cross into a lax.while_loop body: their arrays are closed over (loop invariants, read in
-    # place) and the module rebuilt inside. (Carried through the loop state, every weight was copied: 2x the memory.)
-    graphdef, params = nnx.split(model)
+    # NNX modules (and their Variables) may not cross into a lax.while_loop body: the weights' arrays are closed over
+    # (loop invariants, read in place) and the module rebuilt inside around them. (Carried through the loop state,
+    # every weight was copied: twice the weights' memory.)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
 
     def cond(state):
         step, _, done, *_ = state
@@ -119,8 +136,8 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
         step, token, done, out, cache, rng = state
         out = out.at[:, step].set(jnp.where(done, pad, token))
         done = done | jnp.isin(token, eos)
-        logits, cache = _decode_logits(nnx.merge(graphdef, params), cache, token, step, key_mask, next_pos,
-                                       prompt_len, mesh)
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        logits, cache = _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, mesh)
         rng, key = jax.random.split(rng)
         return step + 1, sample(logits, key, sampling), done, out, cache, rng
 
@@ -185,7 +202,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
     # On a mesh, attention's operands are laid out on it while the programs trace.
     layout = contextlib.nullcontext if mesh is None else functools.partial(activation_layout, mesh, BATCH_AXES, "tensor")
     with layout():
-        logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh)
+        logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh=mesh)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)
     rng, key = jax.random.split(jax.random.key(seed))
     first = sample(logits, key, sampling)

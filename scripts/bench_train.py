@@ -272,8 +272,8 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
         def micro_batch(self, index):
             return {**raw, "labels": labels}, list(range(batch * dp))
 
-        def per_shard(self):
-            return dp > 1 and model_cls.PER_SHARD_INPUTS
+        def per_shard(self):  # BENCH_PER_SHARD=0: the global batch, its packed vision arrays replicated
+            return dp > 1 and model_cls.PER_SHARD_INPUTS and os.environ.get("BENCH_PER_SHARD", "1") == "1"
 
         def shard_batches(self, index, shards):
             return {s: {**shard_raw, "labels": shard_labels} for s in shards}, list(range(batch * dp))
