@@ -20,6 +20,12 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 LONGEST_FIRST = ("test_sharding.py", "test_multihost.py", "test_llava.py", "test_gemma3.py", "test_qwen3_vl_moe.py", "test_trainer.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist otherwise hands out loadfile scopes largest-first by test count, not in LONGEST_FIRST's order.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept

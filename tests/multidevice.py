@@ -7,16 +7,35 @@ import sys
 
 
 def records(n):
+    """Records of 1, 2, 1 and no images of varied sizes: data-parallel shards of different shapes."""
     import numpy as np
     from PIL import Image
     out = []
     for i in range(n):
         rng = np.random.default_rng(i)
-        image = Image.fromarray(rng.integers(0, 256, (28 + 7 * (i % 3), 35, 3), dtype=np.uint8))
+        images = [Image.fromarray(rng.integers(0, 256, (28 + 7 * ((i + j) % 3), 35, 3), dtype=np.uint8))
+                  for j in range((1, 2, 1, 0)[i % 4])]
         out.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "which digit"}]},
+            {"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                         {"type": "text", "text": "which digit" + " please" * (i % 3)}]},
             {"role": "assistant", "content": [{"type": "text", "text": f"the digit is {i % 10}"}]}]})
     return out
+
+
+def shard_layout(trainer):
+    """{input: [global shape, device 0's block shape]} of the first micro-batch as the trainer places it, or None when
+    the trainer collates the global batch (no per-shard batches)."""
+    import jax
+
+    from jaxvlm.sharding import local_shards, place_shards
+    if not trainer.per_shard():
+        return None
+    shards = local_shards(trainer.mesh)
+    batches, _ = trainer.shard_batches(0, shards)
+    placed = place_shards(trainer.shard_inputs(batches), shards, trainer.mesh)
+    device0 = jax.local_devices()[0]
+    return {k: [list(v.shape), next(list(s.data.shape) for s in v.addressable_shards if s.device == device0)]
+            for k, v in placed.items()}
 
 
 def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=None):
@@ -40,6 +59,7 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
     total = sum(x.nbytes for x in leaves)
     device0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])
     return {"losses": [r["loss"] for r in trainer.log_history], "steps": [r["step"] for r in trainer.log_history],
+            "shard_layout": shard_layout(trainer),
             "total_bytes": total, "device0_bytes": device0, "devices": int(mesh.size),
             "process": jax.process_index(), "processes": jax.process_count()}
 

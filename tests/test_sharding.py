@@ -94,9 +94,16 @@ def mesh_runs(multidevice, tmp_path_factory):
 def test_losses_on_every_mesh_equal_one_device_and_each_device_holds_its_share(mesh_runs):
     one, *rest = mesh_runs
     assert one["devices"] == 1 and len(one["losses"]) == 5 and one["losses"][-1] < one["losses"][0]
+    assert one["shard_layout"] is None
     for r, name in zip(rest, MESHES):
         assert r["devices"] == 8 and r["mesh"] == name
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5, err_msg=name)
+        # Per-shard batches: every input is [data x fsdp, ...], device 0 holding its own shard's row alone (its own
+        # images' patches: the vision tower runs on them only).
+        shards = sharding.parse_mesh(name).get("data", 1) * sharding.parse_mesh(name).get("fsdp", 1)
+        for key, (shape, block) in r["shard_layout"].items():
+            assert shape[0] == shards and block == [1, *shape[1:]], (name, key, shape, block)
+        assert "pixel_values" in r["shard_layout"], name
         fsdp = sharding.parse_mesh(name).get("fsdp", 1)
         if "tensor" not in name:  # FSDP alone: each device holds total / fsdp (within a few %)
             assert abs(r["device0_bytes"] * fsdp / r["total_bytes"] - 1) < 0.03, (name, r)

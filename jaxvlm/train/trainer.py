@@ -348,19 +348,23 @@ class SFTTrainer:
                 return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
                                               a.loss_chunk_size)
 
+        def value_and_grad(trainable, frozen, inputs, key):
+            (loss_sum, n_tokens), grads = jax.value_and_grad(
+                lambda t: token_losses(rebuild(t, frozen), inputs, key), has_aux=True)(trainable)
+            return loss_sum, n_tokens, grads
+
         @jax.jit
         def grad_step(trainable, frozen, inputs, key):
-            def loss_fn(t):
-                if not per_shard:
-                    return token_losses(rebuild(t, frozen), inputs, key)
-                # Inputs [shard, ...], the shard axis split over data x fsdp: each device runs its own shards. (The
-                # model is rebuilt inside the vmap: NNX modules do not cross transform levels.)
-                shard_keys = None if key is None else jax.random.split(key, inputs["labels"].shape[0])
-                sums, counts = jax.vmap(lambda t, f, x, k: token_losses(rebuild(t, f), x, k), in_axes=(None, None, 0, 0),
-                                        spmd_axis_name=BATCH_AXES)(t, frozen, inputs, shard_keys)
-                return sums.sum(), counts.sum()
-            (loss_sum, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-            return loss_sum, n_tokens, grads
+            if not per_shard:
+                return value_and_grad(trainable, frozen, inputs, key)
+            # Inputs [shard, ...], the shard axis split over data x fsdp: each device runs its own shards, to its own
+            # gradients, summed over the shards once at the end (a gradient of the summed loss would be reduced
+            # across devices layer by layer inside the backward scan: hundreds of small collectives a step). The
+            # model is rebuilt inside the vmap: NNX modules do not cross transform levels.
+            shard_keys = None if key is None else jax.random.split(key, inputs["labels"].shape[0])
+            sums, counts, grads = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0), spmd_axis_name=BATCH_AXES)(
+                trainable, frozen, inputs, shard_keys)
+            return sums.sum(), counts.sum(), jax.tree.map(lambda g: g.sum(0), grads)
 
         @jax.jit
         def apply_step(trainable, opt_state, grads, loss_sum, n_tokens):
