@@ -14,6 +14,10 @@ if "jaxvlm.converters" not in _sys.modules and not _os.path.isdir(_os.path.join(
         _sys.modules["jaxvlm.converters"] = _module = _util.module_from_spec(_spec)
         _spec.loader.exec_module(_module)
 
+from jaxvlm.compilation_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()  # compiled programs kept on disk for the next run (JAXVLM_COMPILATION_CACHE=0: off)
+
 from jaxvlm.fast_vision_model import FastModel, FastVisionModel  # noqa: E402
 
 __all__ = ["FastModel", "FastVisionModel"]

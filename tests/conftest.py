@@ -6,6 +6,8 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No persistent compilation cache in the suite (tests/test_compilation_cache.py turns it on in its own processes).
+os.environ.setdefault("JAXVLM_COMPILATION_CACHE", "0")
 
 import numpy as np
 import pytest

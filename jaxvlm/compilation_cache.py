@@ -1,0 +1,36 @@
+"""JAX's persistent compilation cache, on by default: a second run of the same training or generation loads its
+compiled programs from disk instead of compiling them again (XLA's compile is most of a run's start-up).
+
+`import jaxvlm` turns it on at `$JAXVLM_COMPILATION_CACHE`, else `$XDG_CACHE_HOME/jaxvlm/xla` (`~/.cache/jaxvlm/xla`),
+unless JAX already has a cache directory (`JAX_COMPILATION_CACHE_DIR` or `jax.config`'s `jax_compilation_cache_dir`:
+the user's wins) or `JAXVLM_COMPILATION_CACHE=0`. JAX's own rules decide what is kept (programs whose compile took at
+least `jax_persistent_cache_min_compile_time_secs`, 1 s by default) and key each entry by the program, the devices
+and the jax/jaxlib versions, so a stale entry is never used.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV = "JAXVLM_COMPILATION_CACHE"
+_OFF = ("0", "off", "false", "no")
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxvlm", "xla")
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache at `path` (None: as the module docstring says); returns the
+    directory in use, or None when it is off. Call it before the first compile (`import jaxvlm` does)."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    setting = os.environ.get(ENV, "")
+    if path is None and setting.lower() in _OFF:
+        return None
+    path = path or setting or default_dir()
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
