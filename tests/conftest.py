@@ -2,12 +2,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# No persistent compilation cache in the suite (tests/test_compilation_cache.py turns it on in its own processes).
-os.environ.setdefault("JAXVLM_COMPILATION_CACHE", "0")
+# The suite's processes (the multi-device runs and CLIs start many, compiling many of the same programs) share one
+# persistent compilation cache under the temp dir, kept to 2 GB (least recently used entries go first).
+# tests/test_compilation_cache.py gives its own processes their own.
+os.environ.setdefault("JAXVLM_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), f"jaxvlm-tests-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
 
 import numpy as np
 import pytest
@@ -19,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 # The longest files (minutes each), run first: the test command spreads whole files over two processes
 # (pytest-xdist --dist loadfile, in collection order), and a long file taken last would run on alone at the end.
-LONGEST_FIRST = ("test_sharding.py", "test_multihost.py", "test_llava.py", "test_gemma3.py", "test_qwen3_vl_moe.py", "test_trainer.py")
+LONGEST_FIRST = ("test_sharding.py", "test_family_sharding.py", "test_multihost.py", "test_llava.py", "test_gemma3.py",
+                 "test_qwen3_vl_moe.py", "test_trainer.py")
 
 
 def pytest_configure(config):

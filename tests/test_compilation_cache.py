@@ -1,6 +1,7 @@
 """`import jaxvlm` turns on JAX's persistent compilation cache (jaxvlm.compilation_cache): a second process running
 the same training step loads every program from the cache instead of compiling it; JAXVLM_COMPILATION_CACHE=0 and a
-cache directory the user gave JAX win over the default. (The rest of the suite runs with the cache off: conftest.)"""
+cache directory the user gave JAX win over the default. (The rest of the suite shares one cache directory of its own:
+conftest.)"""
 import json
 import os
 import subprocess
