@@ -10,6 +10,7 @@ and the jax/jaxlib versions, so a stale entry is never used.
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 
@@ -32,5 +33,14 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if path is None and setting.lower() in _OFF:
         return None
     path = path or setting or default_dir()
+    try:  # JAX would raise at the first compile on a directory it cannot create
+        os.makedirs(path, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        warnings.warn(f"compilation cache: {path} cannot be written, so compiled programs are not kept; set "
+                      f"{ENV} to a writable directory (or 0 to silence this)", UserWarning, stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     return path

@@ -56,7 +56,10 @@ def test_a_second_run_loads_its_programs_from_the_cache(tmp_path):
     assert second["misses"] == 0 and second["hits"] == first["misses"], (first, second)
     assert set(os.listdir(cache)) == entries  # nothing compiled anew
 
-    # Off, and the user's own directory.
+    # Off, the user's own directory, and one that cannot be written (a warning, no cache, no failure).
     assert run({"JAXVLM_COMPILATION_CACHE": "0"})["dir"] is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert run({"JAXVLM_COMPILATION_CACHE": str(blocked / "cache")})["dir"] is None
     own = str(tmp_path / "own")
     assert run({"JAX_COMPILATION_CACHE_DIR": own, "JAXVLM_COMPILATION_CACHE": str(cache)})["dir"] == own
