@@ -12,7 +12,6 @@ weights where `shard_model` puts them, the prompts and the cache split over the 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import warnings
@@ -200,7 +199,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
         inputs = shard_batch(inputs, batch, mesh)
         key_mask, next_pos = (jax.device_put(a, batch_sharding(a, batch, mesh)) for a in (key_mask, next_pos))
     # On a mesh, attention's operands are laid out on it while the programs trace.
-    layout = contextlib.nullcontext if mesh is None else functools.partial(activation_layout, mesh, BATCH_AXES, "tensor")
+    layout = functools.partial(activation_layout, mesh, BATCH_AXES, "tensor")
     with layout():
         logits, cache = _prefill(model, inputs, _empty_cache(model, batch, cache_len, mesh), key_mask, mesh=mesh)
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p)

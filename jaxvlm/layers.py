@@ -288,8 +288,8 @@ _layout: dict = {"mesh": None, "batch": None, "heads": None, "vmapped": False}
 
 @contextlib.contextmanager
 def activation_layout(mesh, batch=None, heads=None, vmapped: bool = False):
-    """Within this context, programs traced lay attention out on `mesh`: the batch axis over the mesh axes `batch`
-    (a name or tuple, None: not split), the heads over `heads` (when it divides them), each only where it divides."""
+    """Within this context, programs traced lay attention out on `mesh` (None: one device, nothing pinned): the batch
+    axis over the mesh axes `batch` (a name or tuple, None: not split), the heads over `heads`, each where it divides."""
     saved = dict(_layout)
     _layout.update(mesh=mesh, batch=batch, heads=heads, vmapped=vmapped)
     try:

@@ -15,8 +15,9 @@ of row-parallel ones (o, down, fc2, ...) along their input axis; then the larges
 divides is split over "fsdp". NF4's packed codes and block statistics are flat per weight (row-major [out, in]), so
 an even split of them is a split along the output axis: no device holds a whole layer (column-parallel ones are
 split over tensor x fsdp, row-parallel ones over fsdp only). A LoRA's factors and the optimizer state (arrays of
-the same shapes as the trainable leaves) follow the same rule. A leaf no axis of which divides stays replicated. Placement never changes results: jit computes the same function on any sharding (the
-tests compare losses across meshes); it decides memory and communication.
+the same shapes as the trainable leaves) follow the same rule. A leaf no axis of which divides stays replicated.
+Placement never changes results: jit computes the same function on any sharding (the tests compare losses across
+meshes); it decides memory and communication.
 """
 from __future__ import annotations
 

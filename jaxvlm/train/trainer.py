@@ -12,7 +12,6 @@ batches of 2 equals one batch of 8.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -403,8 +402,8 @@ class SFTTrainer:
         dropout_root = jax.random.key(a.seed) if _has_dropout(self.model) else None
         shards = local_shards(self.mesh) if per_shard else None
         # On a mesh, attention's operands are laid out on it (per-shard batches: the vmap places the shard axis).
-        layout = (contextlib.nullcontext if self.mesh is None else functools.partial(
-            activation_layout, self.mesh, None if per_shard else BATCH_AXES, "tensor", vmapped=per_shard))
+        layout = functools.partial(activation_layout, self.mesh, None if per_shard else BATCH_AXES, "tensor",
+                                   vmapped=per_shard)
         pending = None
         trained_so_far = step  # a resumed run trained before
         while step < total:
