@@ -91,9 +91,10 @@ def _jit_model(**jit_kwargs):
     """`fn(model, *args, **kwargs)` jit'd with the module's arrays as inputs only (nnx.jit hands a module's state
     back as outputs, and XLA copies an input it returns: twice the weights' memory)."""
     def wrap(fn):
-        @functools.partial(jax.jit, static_argnums=0, **jit_kwargs)
         def pure(graphdef, state, *args, **kwargs):
             return fn(nnx.merge(graphdef, state), *args, **kwargs)
+        pure.__name__ = pure.__qualname__ = fn.__name__  # the program's name in dumps and profiles
+        pure = jax.jit(pure, static_argnums=0, **jit_kwargs)
 
         @functools.wraps(fn)
         def call(model, *args, **kwargs):

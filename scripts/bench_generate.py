@@ -12,7 +12,10 @@ process (its own peak-memory reading); one JSON line per batch size: generate se
 --new tokens) and for a call generating one token (the prefill), each the median of 3 after a warm-up; new
 tokens/s of the whole call, decode tokens/s = batch x (new - 1) / (generate - prefill), peak device memory.
 jaxvlm runs in bf16 ("16bit") or with its Linear weights (and experts) in NF4 ("nf4"); transformers (--hf) in
-bf16, its model built on the GPU from the config.
+bf16, its model built on the GPU from the config. With --trace DIR, after the measurements, the first weights kind's
+first batch generates once more under a profiler (CUPTI through torch's profiler, as bench_train --trace): GPU time
+per new token by kernel kind and kernel (XLA's fusions named from the optimized HLO), and the share of the call the
+GPU was busy (DIR/summary.json).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -68,6 +72,34 @@ def bench_jaxvlm(model, cfg, batch: int, new: int, image: int, mesh=None) -> dic
                 **({"mesh": dict(mesh.shape), "devices": mesh.size} if mesh is not None else {}))
 
 
+def trace_generate(model, cfg, batch: int, new: int, image: int, mesh, out_dir: str, geometry: str, weights: str):
+    """One profiled generate call (after a warm-up): bench_train's kernel summary, per new token."""
+    import jax
+
+    from jaxvlm.generate import generate
+    from scripts.bench_train import keep_hlo_dump, name_kernels, torch_cupti_trace
+    raw = raw_batch(cfg, batch, TEXT, image)
+
+    def run():
+        return generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, mesh=mesh)
+    run()
+    t0 = time.perf_counter()
+    run()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    os.makedirs(out_dir, exist_ok=True)
+    summary = torch_cupti_trace(run, new)
+    hlo = "\n".join(filter(None, [keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), out_dir, name)
+                                   for name in ("prefill", "decode_loop")]))
+    if hlo:
+        summary["top_kernels_ms"] = name_kernels(summary["top_kernels_ms"], hlo)
+    # Per new token: wall of an unprofiled call, GPU kernel time and the GPU's busy time (the prefill included).
+    out = dict(bench="generate-trace", geometry=geometry, weights=weights, batch=batch, new_tokens=new,
+               wall_ms_per_token=round(wall_ms / new, 3), device=jax.devices()[0].device_kind, **summary)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: v for k, v in out.items() if k != "top_kernels_ms"}), flush=True)
+
+
 def bench_hf(geometry: str, batches: list[int], new: int, tiny: bool):
     """Yields one result per batch size, the transformers model built once (bf16, sdpa)."""
     import torch
@@ -113,6 +145,7 @@ def main():
                                   "weights, so that the NF4 run's peak memory never holds a 16-bit copy")
     ap.add_argument("--mesh", help="generate on a device mesh (jaxvlm.sharding), e.g. tensor=2: weights drawn "
                                    "straight into their shards, peak_gib the largest of the devices'")
+    ap.add_argument("--trace", help="profile one generate call of the first weights kind and batch into this directory")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) run one implementation/weights in this process
     # the family's tiny config, 64-pixel images (Gemma 3: the tiny tower's 28)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -129,6 +162,13 @@ def main():
             if r.returncode:
                 print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=one, batch=args.batch,
                                       error=f"exit {r.returncode}")), flush=True)
+        if args.trace:  # in its own process, after the measurements (the profiler has crashed lent GPUs' processes)
+            dump = tempfile.mkdtemp(prefix="xla_dump_")
+            env = dict(os.environ, JAXVLM_BENCH_DUMP=dump,
+                       XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_as_text")
+            common[common.index("--batch") + 1:common.index("--batch") + 1 + len(args.batch)] = [str(args.batch[0])]
+            subprocess.run([sys.executable, "-m", "scripts.bench_generate", "--one", args.quant[0], "--trace",
+                            args.trace, *common], env=env)
         return
     if args.one == "hf":
         for line in bench_hf(args.geometry, args.batch, args.new, args.tiny):
@@ -146,6 +186,9 @@ def main():
         model_cls, cfg = load_geometry(args.geometry, args.tiny)
         model = random_model(cfg, jnp.bfloat16, nf4=args.one == "nf4", model_cls=model_cls, mesh=mesh)
     image = workload_image(cfg, args.tiny)
+    if args.trace:
+        trace_generate(model, cfg, args.batch[0], args.new, image, mesh, args.trace, args.geometry, args.one)
+        return
     for b in args.batch:
         line = bench_jaxvlm(model, cfg, b, args.new, image, mesh)
         print(json.dumps(dict(bench="generate", geometry=args.geometry, weights=args.one, **line)), flush=True)

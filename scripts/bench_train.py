@@ -210,17 +210,17 @@ def torch_cupti_trace(run, steps: int) -> dict:
     return _summary(kernels, {}, steps, busy_ms_per_step=round(busy / 1e3 / steps, 3))
 
 
-def keep_hlo_dump(dump_dir: str, out_dir: str) -> str | None:
-    """The largest optimized HLO module of an XLA dump (the training step), gzipped into out_dir; returns
-    its text."""
+def keep_hlo_dump(dump_dir: str, out_dir: str, name: str = "") -> str | None:
+    """The largest optimized HLO module of an XLA dump (the training step; with `name`, the largest whose file name
+    holds it), gzipped into out_dir as `<name or step>_hlo.txt.gz`; returns its text."""
     import glob
     import gzip
-    files = glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))
+    files = [f for f in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")) if name in os.path.basename(f)]
     if not files:
         return None
     with open(max(files, key=os.path.getsize)) as f:
         text = f.read()
-    with gzip.open(os.path.join(out_dir, "step_hlo.txt.gz"), "wt") as f:
+    with gzip.open(os.path.join(out_dir, f"{name or 'step'}_hlo.txt.gz"), "wt") as f:
         f.write(text)
     return text
 
@@ -236,44 +236,26 @@ def name_kernels(rows: list, hlo: str) -> list:
     return [[*row, *found.get(re.sub(r"_(\d+)$", r".\1", row[0]), found.get(row[0], ()))] for row in rows]
 
 
-def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
-            trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b",
-            tiny: bool = False, lora_experts: str = "auto", mesh: str | None = None) -> dict:
-    from jaxvlm import FastVisionModel, layers
-    from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size
-    from jaxvlm.lora import count_parameters
+
+def synthetic_trainer(model, cfg, batch: int, text: int, image: int, mesh=None, loss_chunk: int = 512):
+    """(`trainer(n)`: an SFTTrainer of n steps, seq): every step the same synthetic batch (what the processor returns
+    for `batch` samples of one `image`-pixel image + `text` tokens, labels on the text only), the global one, or on a
+    mesh (families with PER_SHARD_INPUTS) `batch` samples per data x fsdp coordinate, as the trainer's per-shard
+    collation gives them. `batch` is per data x fsdp coordinate (per_device_train_batch_size)."""
+    from jaxvlm.sharding import BATCH_AXES, mesh_size
     from jaxvlm.train.trainer import SFTConfig, SFTTrainer
-    layers.attention_implementation = attn
-    model_cls, cfg = load_geometry(geometry, tiny)
-    image = workload_image(cfg, tiny)
-    # With a mesh, `batch` is per data x fsdp coordinate (per_device_train_batch_size), as in the trainer.
-    mesh = make_mesh(mesh) if mesh else None
-    n_dev, dp = (1, 1) if mesh is None else (mesh.size, mesh_size(mesh, BATCH_AXES))
-    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls, mesh=mesh)
-    # What the processor returns (Qwen-VL: image_grid_thw; Gemma 3: token_type_ids), labels on the text only.
-    raw = raw_batch(cfg, batch * dp, text, image)
-    shard_raw = raw_batch(cfg, batch, text, image)
-    seq = raw["input_ids"].shape[1]
-    model.max_seq_length = max(2048, seq)
-    # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
-    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16,
-                                           **({"target_parameters": []} if lora_experts == "off" else {}))
-    trainable = count_parameters(model)[0]
-    FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
-    grid, _ = image_tokens(cfg, image)
-    labels = raw["input_ids"].copy()
+    dp = 1 if mesh is None else mesh_size(mesh, BATCH_AXES)
+    raw, shard_raw = raw_batch(cfg, batch * dp, text, image), raw_batch(cfg, batch, text, image)
+    labels, shard_labels = raw["input_ids"].copy(), shard_raw["input_ids"].copy()
     labels[:, :image_prefix(cfg, image)] = -100
-    shard_labels = shard_raw["input_ids"].copy()
     shard_labels[:, :image_prefix(cfg, image)] = -100
 
     class SyntheticTrainer(SFTTrainer):
-        """The same batch every step: the global one, or on a mesh (families with PER_SHARD_INPUTS) one batch of
-        `batch` samples per data x fsdp coordinate, as the trainer's per-shard collation gives them."""
         def micro_batch(self, index):
             return {**raw, "labels": labels}, list(range(batch * dp))
 
         def per_shard(self):  # BENCH_PER_SHARD=0: the global batch, its packed vision arrays replicated
-            return dp > 1 and model_cls.PER_SHARD_INPUTS and os.environ.get("BENCH_PER_SHARD", "1") == "1"
+            return dp > 1 and type(model).PER_SHARD_INPUTS and os.environ.get("BENCH_PER_SHARD", "1") == "1"
 
         def shard_batches(self, index, shards):
             return {s: {**shard_raw, "labels": shard_labels} for s in shards}, list(range(batch * dp))
@@ -284,6 +266,30 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                                     per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                                     max_steps=n, learning_rate=1e-4, optim="adamw_torch", logging_steps=0,
                                     output_dir="/tmp/bench_train", loss_chunk_size=loss_chunk, mesh=mesh))
+    return trainer, raw["input_ids"].shape[1]
+
+
+def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, text: int = 256, steps: int = 13,
+            trace: str | None = None, trace_tool: str = "torch", geometry: str = "qwen2-vl-2b",
+            tiny: bool = False, lora_experts: str = "auto", mesh: str | None = None) -> dict:
+    from jaxvlm import FastVisionModel, layers
+    from jaxvlm.sharding import BATCH_AXES, make_mesh, mesh_size
+    from jaxvlm.lora import count_parameters
+    layers.attention_implementation = attn
+    model_cls, cfg = load_geometry(geometry, tiny)
+    image = workload_image(cfg, tiny)
+    # With a mesh, `batch` is per data x fsdp coordinate (per_device_train_batch_size), as in the trainer.
+    mesh = make_mesh(mesh) if mesh else None
+    n_dev, dp = (1, 1) if mesh is None else (mesh.size, mesh_size(mesh, BATCH_AXES))
+    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls, mesh=mesh)
+    model.max_seq_length = max(2048, raw_batch(cfg, 1, text, image)["input_ids"].shape[1])
+    # Unsloth's targets; on a mixture of experts they include the experts' weights unless lora_experts="off".
+    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16,
+                                           **({"target_parameters": []} if lora_experts == "off" else {}))
+    trainable = count_parameters(model)[0]
+    FastVisionModel.for_training(model, use_gradient_checkpointing=False if remat == "none" else remat)
+    grid, _ = image_tokens(cfg, image)
+    trainer, seq = synthetic_trainer(model, cfg, batch, text, image, mesh, loss_chunk)
     if trace:  # profile only (its own process: the profiler has crashed a lent H100 process)
         os.makedirs(trace, exist_ok=True)
         trainer(2).train()  # compile and warm up; then profile 3 steps of a warm trainer

@@ -1,0 +1,96 @@
+"""Start-up time to the first training step: cold (empty compilation cache) and warm (the same command again, its
+compiled programs loaded from jaxvlm's persistent compilation cache). On the lent GPU machine:
+
+    PYTHONPATH=. python -m scripts.bench_start --dir /tmp/qwen2vl-2b-random --weights bf16 nf4 --batch 4
+
+Writes a random-weight Qwen2-VL-2B checkpoint in transformers' layout there first (scripts/bench_load.py), unless
+one is there. Then, per weights kind, a fresh empty cache directory (JAXVLM_COMPILATION_CACHE) and two fresh
+processes in turn, each doing what a user's training script does: `import jaxvlm`, `from_pretrained`, `get_peft_model`
+(Unsloth's defaults, r=16), `for_training`, and one SFTTrainer step (bench_train's synthetic batch: one 448x448 image +
+256 text tokens per sample). One JSON line per process: seconds from the process's start to `import jaxvlm` done, to
+the model ready, and to the first step's loss read back (`first_step_s`: the step's compile, or its cache load,
+included), and the cache's entries and bytes after it. `--tiny` runs the family's tiny config on the CPU (a check of
+the script, not a measurement).
+"""
+from __future__ import annotations
+
+import time
+
+T0 = time.time()  # before any heavy import: the child's clock starts with the process
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def first_step(path: str, weights: str, batch: int, text: int, tiny: bool) -> dict:
+    import jaxvlm  # noqa: F401  (turns the compilation cache on)
+    t_import = time.time()
+    import jax
+
+    from jaxvlm import FastVisionModel
+    from scripts.bench_common import workload_image
+    from scripts.bench_train import synthetic_trainer
+    model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=weights == "nf4", load_in_16bit=weights == "bf16")
+    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
+    FastVisionModel.for_training(model)
+    jax.block_until_ready(jax.tree.leaves(model))
+    t_model = time.time()
+    cfg = model.config
+    trainer, seq = synthetic_trainer(model, cfg, batch, text, workload_image(cfg, tiny))
+    out = trainer(1).train()  # returns after the step's loss is read back
+    t_step = time.time()
+    return dict(import_s=round(t_import - T0, 2), model_s=round(t_model - T0, 2), first_step_s=round(t_step - T0, 2),
+                loss=round(out.training_loss, 4), seq=seq, device=jax.devices()[0].device_kind)
+
+
+def cache_size(path: str) -> tuple[int, int]:
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    return len(files), sum(os.path.getsize(f) for f in files)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/qwen2vl-2b-random", help="the checkpoint (written there if absent)")
+    ap.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "nf4"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--text", type=int, default=256)
+    ap.add_argument("--tiny", action="store_true", help="the tiny Qwen2-VL on the CPU (checks the script)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) weights kind: one start in this process
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(first_step(args.dir, args.one, args.batch, args.text, args.tiny)), flush=True)
+        return
+    if not os.path.exists(os.path.join(args.dir, "config.json")):
+        if args.tiny:
+            from jaxvlm.tiny import save_random_model
+            save_random_model(args.dir, "qwen2_vl")
+        else:
+            from scripts.bench_load import write_checkpoint
+            write_checkpoint(args.dir)
+    for weights in args.weights:
+        cache = tempfile.mkdtemp(prefix="jaxvlm-start-cache-")
+        for run in ("cold", "warm"):
+            env = dict(os.environ, JAXVLM_COMPILATION_CACHE=cache)
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a directory given to JAX would win over ours
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-m", "scripts.bench_start", "--one", weights, "--dir", args.dir,
+                                "--batch", str(args.batch), "--text", str(args.text),
+                                *(["--tiny"] if args.tiny else [])], env=env,
+                               capture_output=True, text=True)
+            line = dict(bench="start", run=run, geometry="tiny" if args.tiny else "qwen2-vl-2b", weights=weights,
+                        batch=args.batch, process_s=round(time.time() - t0, 2))
+            if r.returncode:
+                print(r.stderr[-3000:], file=sys.stderr)
+                line["error"] = f"exit {r.returncode}"
+            else:
+                line.update(json.loads(r.stdout.strip().splitlines()[-1]))
+            entries, size = cache_size(cache)
+            print(json.dumps(dict(line, cache_entries=entries, cache_mib=round(size / 2**20, 1))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
