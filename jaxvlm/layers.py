@@ -12,6 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -39,18 +40,36 @@ def dense_weight(w, dtype) -> jax.Array:
 nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 
 
+# A product with at most ROWS_PRODUCT_MAX rows of x (a decode step) as a multiply + sum over `in` in float32 rather
+# than a dot: "auto" on a GPU, "on" everywhere (the tests), "off" never. XLA emits a dot as a GEMM kernel that
+# cannot read a layer's weight inside the stacked array of the layer scan, so it first copies the layer out (a whole
+# extra write and read of the weights per token); a reduction reads the weight where it lies, and an NF4 weight's
+# dequantization fuses into it, so that a decode step reads the packed codes only (docs/BENCHMARKS.md,
+# "Decode"). Read at trace time.
+rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
+ROWS_PRODUCT_MAX = 8
+
+
+def _rows_product(x: jax.Array) -> bool:
+    on = rows_product == "on" or (rows_product == "auto" and jax.default_backend() == "gpu")
+    return on and int(np.prod(x.shape[:-1])) <= ROWS_PRODUCT_MAX
+
+
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
-    With JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows (a decode step) goes through the Pallas
-    kernel on a GPU.
+    A few rows of x (a decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With
+    JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the Pallas kernel on a GPU.
     """
     if hasattr(w, "linear"):
         y = w.linear(x)
     elif (isinstance(w, NF4) and nf4_kernel == "on" and jax.default_backend() == "gpu"
           and nf4_matmul.supported(x, w)):
         y = nf4_matmul.nf4_matmul(x, w)
+    elif _rows_product(x):
+        w = dense_weight(w, jnp.float32)
+        y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
     else:
         w = dense_weight(w, x.dtype)
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
@@ -516,10 +535,11 @@ def checkpoint_policy(name: str):
     raise ValueError(f"remat policy {name!r}: expected one of {REMAT_POLICIES}")
 
 
-def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None):
+def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None, unroll: int | bool = 1):
     """Runs `carry, y = fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked
     module; returns the final carry and the per-layer outputs stacked (pytrees are fine for both).
-    With `remat` (a REMAT_POLICIES name) each block is rematerialized in the backward pass."""
+    With `remat` (a REMAT_POLICIES name) each block is rematerialized in the backward pass; `unroll` as
+    `jax.lax.scan`'s."""
     body = fn
     if remat is not None:
         def named(block, c, *xs):
@@ -530,7 +550,7 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
     key = _dropout["key"]
     index = () if key is None else (jnp.arange(jax.tree.leaves(nnx.state(stack))[0].shape[0]),)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0), unroll=unroll)
     def step(block, c, *xs):
         if key is None:
             return body(block, c, *xs)

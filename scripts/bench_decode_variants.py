@@ -1,0 +1,83 @@
+"""Decode tokens/s of the Qwen2-VL-2B geometry under variants of the decode program (an experiment of issue 19).
+
+    PYTHONPATH=. python -m scripts.bench_decode_variants --variants base unroll dsfusion --weights 16bit nf4
+
+Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), unroll (the decode step's layer scan unrolled: static weight slices), dsfusion
+(XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel (JAXVLM_NF4_KERNEL=on), combinations joined by "+". Each
+variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
+token by kernel kind (bench_train's CUPTI summary).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+
+
+def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvlm import layers
+    from jaxvlm.models import qwen_text
+    from scripts.bench_common import load_geometry, random_model, workload_image
+    from scripts.bench_generate import bench_jaxvlm, TEXT
+    parts = variant.split("+")
+    if "unroll" in parts:  # the decode step (one token) runs its layers unrolled
+        def scan_blocks(stack, carry, fn, *per_layer, remat=None, unroll=1):
+            return layers.scan_blocks(stack, carry, fn, *per_layer, remat=remat,
+                                      unroll=True if carry.shape[1] == 1 else unroll)
+        qwen_text.scan_blocks = scan_blocks
+    model_cls, cfg = load_geometry(geometry, tiny)
+    model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
+    image = workload_image(cfg, tiny)
+    line = bench_jaxvlm(model, cfg, batch, new, image)
+    if jax.default_backend() == "gpu":
+        from jaxvlm.generate import generate
+        from scripts.bench_common import raw_batch
+        from scripts.bench_train import torch_cupti_trace
+        raw = raw_batch(cfg, batch, TEXT, image)
+        s = torch_cupti_trace(functools.partial(generate, model, **raw, max_new_tokens=new, eos_token_id=-1,
+                                                pad_token_id=0), new)
+        line.update(gpu_ms_per_token=s["gpu_kernel_ms_per_step"], busy_ms_per_token=s["busy_ms_per_step"],
+                    by_kind_ms=s["by_kind_ms"], kernels_per_token=sum(r[2] for r in s["top_kernels_ms"]),
+                    top=s["top_kernels_ms"][:8])
+    return dict(bench="decode-variant", variant=variant, weights=weights, geometry=geometry, **line)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=["base", "unroll"])
+    ap.add_argument("--weights", nargs="+", default=["16bit"], choices=["16bit", "nf4"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--geometry", default="qwen2-vl-2b")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        variant, weights = args.one.split(":")
+        print(json.dumps(one(variant, weights, args.batch, args.new, args.geometry, args.tiny)), flush=True)
+        return
+    for weights in args.weights:
+        for variant in args.variants:
+            env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+            if "dsfusion" in variant.split("+"):
+                env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_dynamic_slice_fusion=true"
+            if "dot" in variant.split("+"):
+                env["JAXVLM_ROWS_PRODUCT"] = "off"
+            if "nf4kernel" in variant.split("+"):
+                env["JAXVLM_NF4_KERNEL"] = "on"
+            r = subprocess.run([sys.executable, "-m", "scripts.bench_decode_variants", "--one", f"{variant}:{weights}",
+                                "--batch", str(args.batch), "--new", str(args.new), "--geometry", args.geometry,
+                                *(["--tiny"] if args.tiny else [])], env=env)
+            if r.returncode:
+                print(json.dumps(dict(bench="decode-variant", variant=variant, weights=weights,
+                                      error=f"exit {r.returncode}")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
