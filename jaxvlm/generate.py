@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import activation_layout
+from jaxvlm.layers import activation_layout, unrolled_layers
 from jaxvlm.sharding import (BATCH_AXES, as_mesh, batch_sharding, cache_shardings, lives_on, shard_batch,
                              shard_model)
 
@@ -111,7 +111,8 @@ def _prefill(model, inputs, cache, key_mask, mesh):
 
 def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, mesh):
     """Logits `[batch, vocab]` after feeding `token [batch]` as generated token number `step`."""
-    h, cache = model.decode(token, next_pos + step, cache, key_mask, prompt_len + step)
+    with unrolled_layers():
+        h, cache = model.decode(token, next_pos + step, cache, key_mask, prompt_len + step)
     return model.logits(h[:, 0]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
 
 

@@ -40,14 +40,15 @@ def dense_weight(w, dtype) -> jax.Array:
 nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 
 
-# A product with at most ROWS_PRODUCT_MAX rows of x (a decode step) as a multiply + sum over `in` in float32 rather
-# than a dot: "auto" on a GPU, "on" everywhere (the tests), "off" never. XLA emits a dot as a GEMM kernel that
-# cannot read a layer's weight inside the stacked array of the layer scan, so it first copies the layer out (a whole
-# extra write and read of the weights per token); a reduction reads the weight where it lies, and an NF4 weight's
-# dequantization fuses into it, so that a decode step reads the packed codes only (docs/BENCHMARKS.md,
-# "Decode"). Read at trace time.
+# A product with at most ROWS_PRODUCT_MAX rows of x (a batch-1 decode step) as a multiply + sum over `in` in float32
+# rather than a dot: "auto" on a GPU, "on" everywhere (the tests), "off" never. XLA emits such a dot as a GEMM kernel
+# that cannot read a layer's weight inside the stacked array of the layer scan, so it first copies the layer out (a
+# whole extra write and read of the weights per token); a reduction reads the weight where it lies, and an NF4
+# weight's dequantization fuses into it, so that the step reads the packed codes only. Qwen2-VL-2B geometry on an
+# H200, decode tokens/s at batch 1: bf16 324 -> 591, NF4 268 -> 464; at batch 8 the reduction reads each weight once
+# per row and loses (2,128 -> 1,135), hence one row (docs/BENCHMARKS.md, "Decode"). Read at trace time.
 rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
-ROWS_PRODUCT_MAX = 8
+ROWS_PRODUCT_MAX = 1
 
 
 def _rows_product(x: jax.Array) -> bool:
@@ -535,11 +536,26 @@ def checkpoint_policy(name: str):
     raise ValueError(f"remat policy {name!r}: expected one of {REMAT_POLICIES}")
 
 
-def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None, unroll: int | bool = 1):
+_unroll = {"on": False}
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """While a program traces inside it, `scan_blocks` unrolls its loop over the layers (generation's decode step:
+    the layers' weights become static slices, and XLA schedules the step's few hundred small kernels as one
+    sequence; 2B geometry, batch 1: 591 -> 643 decode tokens/s in bf16, 464 -> 506 in NF4)."""
+    before, _unroll["on"] = _unroll["on"], True
+    try:
+        yield
+    finally:
+        _unroll["on"] = before
+
+
+def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None):
     """Runs `carry, y = fn(block, carry, *per_layer_slices)` over the leading (layer) axis of a stacked
     module; returns the final carry and the per-layer outputs stacked (pytrees are fine for both).
-    With `remat` (a REMAT_POLICIES name) each block is rematerialized in the backward pass; `unroll` as
-    `jax.lax.scan`'s."""
+    With `remat` (a REMAT_POLICIES name) each block is rematerialized in the backward pass; inside
+    `unrolled_layers()` the loop is unrolled."""
     body = fn
     if remat is not None:
         def named(block, c, *xs):
@@ -550,7 +566,8 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
     key = _dropout["key"]
     index = () if key is None else (jnp.arange(jax.tree.leaves(nnx.state(stack))[0].shape[0]),)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0), unroll=unroll)
+    @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0),
+              unroll=True if _unroll["on"] else 1)
     def step(block, c, *xs):
         if key is None:
             return body(block, c, *xs)

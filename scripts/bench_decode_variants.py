@@ -1,9 +1,10 @@
 """Decode tokens/s of the Qwen2-VL-2B geometry under variants of the decode program (an experiment of issue 19).
 
-    PYTHONPATH=. python -m scripts.bench_decode_variants --variants base unroll dsfusion --weights 16bit nf4
+    PYTHONPATH=. python -m scripts.bench_decode_variants --variants base dot scan --weights 16bit nf4
 
-Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), unroll (the decode step's layer scan unrolled: static weight slices), dsfusion
-(XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel (JAXVLM_NF4_KERNEL=on), combinations joined by "+". Each
+Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
+layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
+(JAXVLM_NF4_KERNEL=on), combinations joined by "+". Each
 variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
 token by kernel kind (bench_train's CUPTI summary).
 """
@@ -21,16 +22,13 @@ def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: b
     import jax
     import jax.numpy as jnp
 
-    from jaxvlm import layers
-    from jaxvlm.models import qwen_text
     from scripts.bench_common import load_geometry, random_model, workload_image
     from scripts.bench_generate import bench_jaxvlm, TEXT
-    parts = variant.split("+")
-    if "unroll" in parts:  # the decode step (one token) runs its layers unrolled
-        def scan_blocks(stack, carry, fn, *per_layer, remat=None, unroll=1):
-            return layers.scan_blocks(stack, carry, fn, *per_layer, remat=remat,
-                                      unroll=True if carry.shape[1] == 1 else unroll)
-        qwen_text.scan_blocks = scan_blocks
+    if "scan" in variant.split("+"):  # the decode step's layers as a scan (generate unrolls them)
+        import contextlib
+
+        import jaxvlm.generate
+        jaxvlm.generate.unrolled_layers = contextlib.nullcontext
     model_cls, cfg = load_geometry(geometry, tiny)
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
     image = workload_image(cfg, tiny)
@@ -50,7 +48,7 @@ def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: b
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=["base", "unroll"])
+    ap.add_argument("--variants", nargs="+", default=["base", "dot", "scan"])
     ap.add_argument("--weights", nargs="+", default=["16bit"], choices=["16bit", "nf4"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=128)

@@ -112,3 +112,16 @@ def test_max_new_tokens_beyond_max_seq_length_is_clamped_with_a_warning(setup):
     assert out.shape[1] == prompt_len + 4
     with pytest.raises(ValueError, match="already fills max_seq_length"):
         model.generate(**batch, max_new_tokens=5, max_seq_length=prompt_len)
+
+
+def test_batch_one_decoding_by_sums_gives_transformers_tokens(setup, monkeypatch):
+    """The GPU's batch-1 decode (each Linear a float32 multiply + sum, forced here on the CPU; the layers unrolled
+    as generation always does) gives transformers' greedy tokens."""
+    from jaxvlm import layers
+    model, processor, hf_model, batch = setup
+    monkeypatch.setattr(layers, "rows_product", "on")
+    one = {k: v[1:] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    patches = int(np.prod(batch["image_grid_thw"][0]))
+    one.update(pixel_values=batch["pixel_values"][patches:], image_grid_thw=batch["image_grid_thw"][1:])
+    ours = model.generate(**one, max_new_tokens=16, eos_token_id=-1, pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, hf_generate(hf_model, one, max_new_tokens=16, min_new_tokens=16))

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxvlm.layers import attention, segment_attention
 from jaxvlm.models.qwen_vision import segment_index
@@ -51,3 +52,25 @@ def test_odd_lengths_padded_to_even_give_the_same_attention_and_gradients():
     for a, b in zip(jax.grad(lambda *x: loss(padded, *x), argnums=(0, 1, 2))(q, k, v),
                     jax.grad(lambda *x: loss(plain, *x), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["plain", "nf4"])
+def test_a_one_row_product_is_a_sum_that_equals_the_dot(kind, monkeypatch):
+    """A batch-1 decode step's Linear as a float32 multiply + sum (the GPU's default, forced here): the dot's
+    result, bias included; two rows go through the dot."""
+    from jaxvlm import layers
+    from jaxvlm.quant.nf4 import quantize_nf4
+    k = jax.random.split(jax.random.key(0), 4)
+    w = jax.random.normal(k[0], (96, 192), jnp.float32)
+    w = quantize_nf4(w) if kind == "nf4" else w
+    bias = jax.random.normal(k[1], (96,), jnp.float32)
+    one_row, two_rows = jax.random.normal(k[2], (1, 1, 192)), jax.random.normal(k[3], (2, 1, 192))
+
+    def ops(x):
+        return {e.primitive.name for e in jax.make_jaxpr(lambda x: layers.linear(x, w, bias))(x).jaxpr.eqns}
+    monkeypatch.setattr(layers, "rows_product", "off")
+    want = layers.linear(one_row, w, bias)
+    monkeypatch.setattr(layers, "rows_product", "on")
+    got = layers.linear(one_row, w, bias)
+    assert "dot_general" not in ops(one_row) and "dot_general" in ops(two_rows)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
