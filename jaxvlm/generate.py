@@ -116,10 +116,11 @@ def _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, me
     return model.logits(h[:, 0]).astype(jnp.float32), _keep_placed(cache, key_mask.shape[0], mesh)
 
 
-_decode_step = _jit_model(static_argnames=("prompt_len", "mesh"))(_decode_logits)
+# The cache (argument 2 of the jit'd function: graphdef, state, cache) is donated: updated in place, never copied.
+_decode_step = _jit_model(static_argnames=("prompt_len", "mesh"), donate_argnums=(2,))(_decode_logits)
 
 
-@_jit_model(static_argnames=("prompt_len", "max_new_tokens", "sampling", "mesh"))
+@_jit_model(static_argnames=("prompt_len", "max_new_tokens", "sampling", "mesh"), donate_argnums=(2,))
 def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
                  sampling, mesh):
     batch = first.shape[0]
@@ -144,7 +145,8 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
 
     out = jnp.full((batch, max_new_tokens), pad, jnp.int32)
     state = (jnp.int32(0), first, jnp.zeros((batch,), bool), out, cache, rng)
-    return jax.lax.while_loop(cond, body, state)[3]
+    _, _, _, out, cache, _ = jax.lax.while_loop(cond, body, state)
+    return out, cache  # the cache returned into the donated input's buffers: the loop updates it in place
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128, do_sample: bool = False,
@@ -210,7 +212,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 128
 
     if streamer is None:
         with layout():
-            new = _decode_loop(model, cache, first, key_mask, next_pos, rng, jnp.asarray(eos), jnp.int32(pad),
+            new, _ = _decode_loop(model, cache, first, key_mask, next_pos, rng, jnp.asarray(eos), jnp.int32(pad),
                                prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, mesh=mesh)
         return np.concatenate([input_ids, _trim(np.asarray(new), eos)], axis=1)
 

@@ -149,9 +149,9 @@ def lora_targets(model: nnx.Module) -> dict[str, tuple[str, int | None]]:
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
 
 
-def _uniform(key, shape, fan_in):
+def _uniform(rng: np.random.Generator, shape, fan_in) -> jax.Array:
     bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return jnp.asarray((rng.random(shape, np.float32) * 2 - 1) * np.float32(bound))
 
 
 def _pissa(w: jax.Array, r: int, scale: float):
@@ -167,17 +167,18 @@ def _olora(w: jax.Array, r: int, scale: float):
     return rr[:r], q[:, :r]
 
 
-def _init_factors(key, base, stack, out_f, in_f, r, scale, init, layer_mask, where, b_fan_in=None):
+def _init_factors(rng, base, stack, out_f, in_f, r, scale, init, layer_mask, where, b_fan_in=None):
     """(lora_A, lora_B, base) for one weight; `base` changes only for pissa / olora (the residual).
-    `b_fan_in`: the fan-in of B's default init (r; PEFT's expert wrappers hold B as one [out, r * experts])."""
-    ka, kb = jax.random.split(key)
+    `b_fan_in`: the fan-in of B's default init (r; PEFT's expert wrappers hold B as one [out, r * experts]).
+    The random factors are drawn on the host (`rng`, numpy) and sent to the device: drawn with jax.random, each
+    factor shape compiled a program of its own, a few seconds of a training script's start."""
+    zeros = lambda: jnp.asarray(np.zeros((*stack, out_f, r), np.float32))  # noqa: E731
     if init in (True, False):
-        a = _uniform(ka, (*stack, r, in_f), in_f)
-        b = (_uniform(kb, (*stack, out_f, r), b_fan_in or r) if init is False
-             else jnp.zeros((*stack, out_f, r), jnp.float32))
+        a = _uniform(rng, (*stack, r, in_f), in_f)
+        b = _uniform(rng, (*stack, out_f, r), b_fan_in or r) if init is False else zeros()
         return a, b, base
     if init == "gaussian":
-        return jax.random.normal(ka, (*stack, r, in_f), jnp.float32) / r, jnp.zeros((*stack, out_f, r), jnp.float32), base
+        return jnp.asarray(rng.standard_normal((*stack, r, in_f), np.float32) / np.float32(r)), zeros(), base
     if init == "pissa" and isinstance(base, (NF4, Int8)):
         raise ValueError(f"init_lora_weights='pissa' on {where}: its base weight is quantized. As in PEFT, "
                          f"PiSSA needs a float base: load with load_in_4bit=False (and load_in_8bit=False), "
@@ -224,7 +225,6 @@ def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=T
                          f"grouped product)")
     graphdef, state = nnx.split(model)
     flat = []
-    key = jax.random.key(random_state)
     for index, (path, var) in enumerate(nnx.to_flat_state(state)):
         ours = path_key(path)
         if ours not in layers:
@@ -250,8 +250,9 @@ def add_lora(model, chosen: list[str], r: int, scale: float, init_lora_weights=T
             mask = np.broadcast_to(mask[..., None], (*stack, groups))
             stack.append(groups)
         mask = None if mask is None else jnp.asarray(mask)
-        a, b, base = _init_factors(jax.random.fold_in(key, index), base, tuple(stack), out_f, in_f, r, scale,
-                                   init_lora_weights, mask, where, b_fan_in=r * groups if groups else None)
+        rng = np.random.default_rng((random_state, index))
+        a, b, base = _init_factors(rng, base, tuple(stack), out_f, in_f, r, scale, init_lora_weights, mask, where,
+                                   b_fan_in=r * groups if groups else None)
         flat.append((path, var.replace(LoRA(base=base, lora_A=a, lora_B=b, mask=mask, scale=scale,
                                             dropout=dropout))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

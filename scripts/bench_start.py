@@ -8,8 +8,8 @@ one is there. Then, per weights kind, a fresh empty cache directory (JAXVLM_COMP
 processes in turn, each doing what a user's training script does: `import jaxvlm`, `from_pretrained`, `get_peft_model`
 (Unsloth's defaults, r=16), `for_training`, and one SFTTrainer step (bench_train's synthetic batch: one 448x448 image +
 256 text tokens per sample). One JSON line per process: seconds from the process's start to `import jaxvlm` done, to
-the model ready, and to the first step's loss read back (`first_step_s`: the step's compile, or its cache load,
-included), and the cache's entries and bytes after it. `--tiny` runs the family's tiny config on the CPU (a check of
+the model ready, to the first step's loss read back (`first_step_s`: the step's compile, or its cache load,
+included) and to train() returning (`train_returned_s`: the run's files written), and the cache's entries after it. `--tiny` runs the family's tiny config on the CPU (a check of
 the script, not a measurement).
 """
 from __future__ import annotations
@@ -41,15 +41,26 @@ def first_step(path: str, weights: str, batch: int, text: int, tiny: bool) -> di
     t_model = time.time()
     cfg = model.config
     trainer, seq = synthetic_trainer(model, cfg, batch, text, workload_image(cfg, tiny))
-    out = trainer(1).train()  # returns after the step's loss is read back
-    t_step = time.time()
-    return dict(import_s=round(t_import - T0, 2), model_s=round(t_model - T0, 2), first_step_s=round(t_step - T0, 2),
+    tr = trainer(1)
+    tr.log_history = Stamped()
+    out = tr.train()
+    return dict(import_s=round(t_import - T0, 2), model_s=round(t_model - T0, 2),
+                first_step_s=round(tr.log_history.first - T0, 2), train_returned_s=round(time.time() - T0, 2),
                 loss=round(out.training_loss, 4), seq=seq, device=jax.devices()[0].device_kind)
 
 
-def cache_size(path: str) -> tuple[int, int]:
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-    return len(files), sum(os.path.getsize(f) for f in files)
+class Stamped(list):
+    """The trainer's log_history, noting when the first step's record (its loss read back) arrives: train() goes on
+    to write the run's files (the loss plot: matplotlib's import and first text layout, seconds)."""
+    first = None
+
+    def append(self, record):
+        self.first = self.first or time.time()
+        super().append(record)
+
+
+def cache_entries(path: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
 
 
 def main():
@@ -59,6 +70,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text", type=int, default=256)
     ap.add_argument("--tiny", action="store_true", help="the tiny Qwen2-VL on the CPU (checks the script)")
+    ap.add_argument("--cache", help="the compilation cache directory (default: a new one per weights kind); it must "
+                                    "be empty for the first run to be cold")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) weights kind: one start in this process
     args = ap.parse_args()
     if args.one:
@@ -72,7 +85,9 @@ def main():
             from scripts.bench_load import write_checkpoint
             write_checkpoint(args.dir)
     for weights in args.weights:
-        cache = tempfile.mkdtemp(prefix="jaxvlm-start-cache-")
+        cache = os.path.join(args.cache, weights) if args.cache else tempfile.mkdtemp(prefix="jaxvlm-start-cache-")
+        if os.path.exists(cache) and os.listdir(cache):
+            raise SystemExit(f"--cache: {cache} is not empty, so the first run would not be cold")
         for run in ("cold", "warm"):
             env = dict(os.environ, JAXVLM_COMPILATION_CACHE=cache)
             env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a directory given to JAX would win over ours
@@ -88,8 +103,7 @@ def main():
                 line["error"] = f"exit {r.returncode}"
             else:
                 line.update(json.loads(r.stdout.strip().splitlines()[-1]))
-            entries, size = cache_size(cache)
-            print(json.dumps(dict(line, cache_entries=entries, cache_mib=round(size / 2**20, 1))), flush=True)
+            print(json.dumps(dict(line, cache_entries=cache_entries(cache))), flush=True)
 
 
 if __name__ == "__main__":

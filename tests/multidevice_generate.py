@@ -58,13 +58,17 @@ def share(array, device):
 
 
 def spy_on_decode_loop():
-    """A dict that receives the model and cache that jaxvlm.generate hands its decode loop (placed as it placed
-    them)."""
+    """A dict that receives the model that jaxvlm.generate hands its decode loop and, of the cache it hands it (placed
+    as it placed them), the first array's share held by device 0 and its sharding's spec (read before the call: the
+    loop takes the cache's buffers over)."""
+    import jax
+
     from jaxvlm import generate
     seen, original = {}, generate._decode_loop
 
     def decode_loop(model, cache, *args, **kwargs):
-        seen.update(model=model, cache=cache)
+        k_cache = jax.tree.leaves(cache)[0]
+        seen.update(model=model, cache_share=share(k_cache, jax.devices()[0]), cache_spec=str(k_cache.sharding.spec))
         return original(model, cache, *args, **kwargs)
     generate._decode_loop = decode_loop
     return seen
@@ -85,10 +89,9 @@ def on_meshes(model_dir, meshes, placed):
             mesh = name if n == jax.device_count() else sharding.make_mesh(name, jax.devices()[:n])
             tokens = model.generate(**batch, **kw, mesh=mesh)
             q_proj = seen["model"].model.language_model.layers.self_attn.q_proj.weight.get_value()
-            k_cache = jax.tree.leaves(seen["cache"])[0]
             yield {"weights": weights, "mesh": name, "devices": n, "tokens": tokens.tolist(),
                    "q_proj_share": share(max(jax.tree.leaves(q_proj), key=lambda a: a.size), device),  # NF4: codes
-                   "cache_share": share(k_cache, device), "cache_spec": str(k_cache.sharding.spec)}
+                   "cache_share": seen["cache_share"], "cache_spec": seen["cache_spec"]}
         on_mesh = sharding.shard_model(model, sharding.make_mesh(placed))
         tokens = on_mesh.generate(**batch, **kw, mesh=placed)
         yield {"weights": weights, "mesh": f"{placed} (placed)", "tokens": tokens.tolist(),
