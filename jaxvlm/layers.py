@@ -60,7 +60,7 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
-    A few rows of x (a decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With
+    One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With
     JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the Pallas kernel on a GPU.
     """
     if hasattr(w, "linear"):
