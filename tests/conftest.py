@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAXVLM_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), f"jaxvlm-tests-xla-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
+# XLA's CPU backend compiles at LLVM -O0 (measured: a tiny model's training step compiles in 6 s instead of 15 s, and
+# compiling is most of the suite's time; the tiny programs run about as fast). Every process of the suite compiles
+# alike, so one-device and mesh runs still compare programs built the same way.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import numpy as np
 import pytest
@@ -70,7 +75,7 @@ def multidevice_env(devices: int) -> dict:
     collectives of one program at once: on 2 cores the 8 threads could all wait in collectives while one device had
     no thread to reach them (a deadlock seen in CI). 4 threads per device leave room; the collective timeouts (40 s by
     default) allow for a loaded machine and still end a real hang."""
-    flags = (f"--xla_force_host_platform_device_count={devices} "
+    flags = (f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices} "
              "--xla_cpu_collective_call_terminate_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=300")
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "NPROC": str(4 * devices),
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -1,6 +1,6 @@
 """Run in a subprocess with several forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):
-trains a tiny NF4 + LoRA model for a few steps on each mesh asked for and prints one JSON line per run (losses,
-per-device param bytes). tests/test_sharding.py starts it; the main pytest process has one device."""
+trains each tiny NF4 + LoRA model given for a few steps on each mesh asked for and prints one JSON line per run
+(losses, per-device param bytes). tests/test_sharding.py starts it; the main pytest process has one device."""
 import argparse
 import json
 import sys
@@ -66,7 +66,7 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", nargs="+", help="one or more model directories, each trained on every mesh")
     p.add_argument("--mesh", nargs="+", required=True, help="'one' (a single device) or data=..,fsdp=..,tensor=..")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=8)
@@ -76,9 +76,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     from jaxvlm.sharding import initialize_distributed
     initialize_distributed()  # several processes when JAX_COORDINATOR_ADDRESS etc. say so
-    for mesh in a.mesh:
-        result = train(a.model_dir, mesh, a.steps, a.global_batch, a.out, a.save_steps, a.resume)
-        print(json.dumps({"mesh": mesh, **result}), flush=True)
+    for model_dir in a.model_dir:
+        for mesh in a.mesh:
+            result = train(model_dir, mesh, a.steps, a.global_batch, a.out, a.save_steps, a.resume)
+            print(json.dumps({"model_dir": model_dir, "mesh": mesh, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,20 @@ PER_SHARD = {"qwen2_5_vl": True, "qwen3_vl": True, "gemma3": True, "llava": Fals
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """{family: [one-device run, fsdp=2 run]}, every family trained in one subprocess (one process start, one import
+    of jax and jaxvlm)."""
     from jaxvlm.tiny import save_random_model
-    env, out = multidevice_env(2), {}
+    model_dirs = {}
     for model_type in PER_SHARD:
-        model_dir = tmp_path_factory.mktemp(model_type)
-        save_random_model(str(model_dir), model_type)
-        result = subprocess.run([sys.executable, "-m", "tests.multidevice", str(model_dir), "--mesh", "one",
-                                 "fsdp=2", "--steps", "2", "--out", str(model_dir / "out")], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=1200)
-        assert result.returncode == 0, (model_type, result.stderr[-3000:])
-        out[model_type] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return out
+        model_dirs[model_type] = tmp_path_factory.mktemp(model_type)
+        save_random_model(str(model_dirs[model_type]), model_type)
+    out = tmp_path_factory.mktemp("out")
+    result = subprocess.run([sys.executable, "-m", "tests.multidevice", *map(str, model_dirs.values()), "--mesh",
+                             "one", "fsdp=2", "--steps", "2", "--out", str(out)], cwd=REPO, env=multidevice_env(2),
+                            capture_output=True, text=True, timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {model_type: [r for r in lines if r["model_dir"] == str(path)] for model_type, path in model_dirs.items()}
 
 
 @pytest.mark.parametrize("model_type", list(PER_SHARD))
