@@ -4,7 +4,7 @@
 
 Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
 layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
-(JAXVLM_NF4_KERNEL=on), combinations joined by "+". Each
+(JAXVLM_NF4_KERNEL=on), cublas (--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
 variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
 token by kernel kind (bench_train's CUPTI summary).
 """
@@ -65,6 +65,9 @@ def main():
             env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
             if "dsfusion" in variant.split("+"):
                 env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_dynamic_slice_fusion=true"
+            if "cublas" in variant.split("+"):  # dots as cuBLAS calls: with dsfusion, a slice of a stacked weight may be
+                # read in place (XLA's dynamic-slice fusion takes library calls, not Triton GEMMs)
+                env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
             if "dot" in variant.split("+"):
                 env["JAXVLM_ROWS_PRODUCT"] = "off"
             if "nf4kernel" in variant.split("+"):
