@@ -173,16 +173,18 @@ def tree_shardings(tree, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tup
     typed weights opened up), by `leaf_spec`. Leaves under a stacked prefix have one leading layer axis (experts one
     more: an `Experts` weight's own axis is kept whole too)."""
     stacked, rules = tuple(stacked), tuple(rules)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _leaf_sharding(_names(path), leaf, mesh, stacked, rules), tree)
 
-    def sharding(path, leaf):
-        names = [n for n in _names(path) if n not in ("value", "raw_value")]  # nnx's Variable field
-        key = ".".join(names)
-        stack = 0
-        if stacked_prefix(key, stacked) is not None:
-            stack = 2 if "experts" in names else 1
-        stack = min(stack, max(np.ndim(leaf) - 1, 0))
-        return NamedSharding(mesh, leaf_spec(names, np.shape(leaf), stack, mesh, rules))
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+def _leaf_sharding(names: list[str], leaf, mesh: Mesh, stacked: tuple, rules: tuple) -> NamedSharding:
+    """The NamedSharding of the array `leaf` at the param path `names` (nnx's Variable fields dropped)."""
+    names = [n for n in names if n not in ("value", "raw_value")]
+    stack = 0
+    if stacked_prefix(".".join(names), stacked) is not None:
+        stack = 2 if "experts" in names else 1
+    stack = min(stack, max(np.ndim(leaf) - 1, 0))
+    return NamedSharding(mesh, leaf_spec(names, np.shape(leaf), stack, mesh, rules))
 
 
 def model_shardings(model, mesh: Mesh):
@@ -299,11 +301,6 @@ def cache_shardings(cache, batch: int, mesh: Mesh):
 def param_shardings(key: str, value, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = ()):
     """The NamedSharding of every array leaf of one param's `value` (an array, a ShapeDtypeStruct or a typed weight
     such as an NF4) at the dotted param path `key`: what `tree_shardings` gives that leaf inside its model's state."""
-    names = key.split(".")
-    tree = value
-    for name in reversed(names):
-        tree = {name: tree}
-    tree = tree_shardings(tree, mesh, stacked, rules)
-    for name in names:
-        tree = tree[name]
-    return tree
+    stacked, rules = tuple(stacked), tuple(rules)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _leaf_sharding(key.split(".") + _names(path), leaf, mesh, stacked, rules), value)
