@@ -307,16 +307,22 @@ _layout: dict = {"mesh": None, "batch": None, "heads": None, "vmapped": False}
 
 
 @contextlib.contextmanager
-def activation_layout(mesh, batch=None, heads=None, vmapped: bool = False):
-    """Within this context, programs traced lay attention out on `mesh` (None: one device, nothing pinned): the batch
-    axis over the mesh axes `batch` (a name or tuple, None: not split), the heads over `heads`, each where it divides."""
-    saved = dict(_layout)
-    _layout.update(mesh=mesh, batch=batch, heads=heads, vmapped=vmapped)
+def _setting(table: dict, **values):
+    """`table` (one of this module's trace-time settings) holding `values` inside the context, as before after it."""
+    saved = dict(table)
+    table.update(values)
     try:
         yield
     finally:
-        _layout.clear()
-        _layout.update(saved)
+        table.clear()
+        table.update(saved)
+
+
+def activation_layout(mesh, batch=None, heads=None, vmapped: bool = False):
+    """Within this context, programs traced lay attention out on `mesh` (None: one device, nothing pinned): the
+    batch axis over the mesh axes `batch` (a name or tuple, None: not split), the heads over `heads`, each where it
+    divides."""
+    return _setting(_layout, mesh=mesh, batch=batch, heads=heads, vmapped=vmapped)
 
 
 def _laid_out(q, k, v, mask, lengths):
@@ -495,16 +501,9 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
 _dropout: dict = {"key": None, "draws": 0}
 
 
-@contextlib.contextmanager
 def dropout_key(key: jax.Array | None):
     """Within this context, `next_dropout_key()` gives fresh keys derived from `key` (None: no dropout)."""
-    saved = dict(_dropout)
-    _dropout.update(key=key, draws=0)
-    try:
-        yield
-    finally:
-        _dropout.clear()
-        _dropout.update(saved)
+    return _setting(_dropout, key=key, draws=0)
 
 
 def next_dropout_key() -> jax.Array | None:
@@ -539,16 +538,11 @@ def checkpoint_policy(name: str):
 _unroll = {"on": False}
 
 
-@contextlib.contextmanager
 def unrolled_layers():
     """While a program traces inside it, `scan_blocks` unrolls its loop over the layers (generation's decode step:
     the layers' weights become static slices, and XLA schedules the step's few hundred small kernels as one
     sequence; 2B geometry, batch 1: 591 -> 643 decode tokens/s in bf16, 464 -> 506 in NF4)."""
-    before, _unroll["on"] = _unroll["on"], True
-    try:
-        yield
-    finally:
-        _unroll["on"] = before
+    return _setting(_unroll, on=True)
 
 
 def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None):

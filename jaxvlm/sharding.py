@@ -168,23 +168,21 @@ def _names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
-def tree_shardings(tree, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = ()):
+def tree_shardings(tree, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = (),
+                   prefix: str = ""):
     """A NamedSharding for every array leaf of `tree` (a model state, or any pytree whose key paths are param paths:
-    typed weights opened up), by `leaf_spec`. Leaves under a stacked prefix have one leading layer axis (experts one
-    more: an `Experts` weight's own axis is kept whole too)."""
-    stacked, rules = tuple(stacked), tuple(rules)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _leaf_sharding(_names(path), leaf, mesh, stacked, rules), tree)
+    typed weights opened up; `prefix`: the dotted param path of the tree's root), by `leaf_spec`. Leaves under a
+    stacked prefix have one leading layer axis (experts one more: an `Experts` weight's own axis is kept whole too)."""
+    stacked, rules, root = tuple(stacked), tuple(rules), prefix.split(".") if prefix else []
 
-
-def _leaf_sharding(names: list[str], leaf, mesh: Mesh, stacked: tuple, rules: tuple) -> NamedSharding:
-    """The NamedSharding of the array `leaf` at the param path `names` (nnx's Variable fields dropped)."""
-    names = [n for n in names if n not in ("value", "raw_value")]
-    stack = 0
-    if stacked_prefix(".".join(names), stacked) is not None:
-        stack = 2 if "experts" in names else 1
-    stack = min(stack, max(np.ndim(leaf) - 1, 0))
-    return NamedSharding(mesh, leaf_spec(names, np.shape(leaf), stack, mesh, rules))
+    def sharding(path, leaf):
+        names = [n for n in root + _names(path) if n not in ("value", "raw_value")]  # nnx's Variable field
+        stack = 0
+        if stacked_prefix(".".join(names), stacked) is not None:
+            stack = 2 if "experts" in names else 1
+        stack = min(stack, max(np.ndim(leaf) - 1, 0))
+        return NamedSharding(mesh, leaf_spec(names, np.shape(leaf), stack, mesh, rules))
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
 def model_shardings(model, mesh: Mesh):
@@ -301,6 +299,4 @@ def cache_shardings(cache, batch: int, mesh: Mesh):
 def param_shardings(key: str, value, mesh: Mesh, stacked: Iterable = (), rules: Iterable[tuple[str, tuple]] = ()):
     """The NamedSharding of every array leaf of one param's `value` (an array, a ShapeDtypeStruct or a typed weight
     such as an NF4) at the dotted param path `key`: what `tree_shardings` gives that leaf inside its model's state."""
-    stacked, rules = tuple(stacked), tuple(rules)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _leaf_sharding(key.split(".") + _names(path), leaf, mesh, stacked, rules), value)
+    return tree_shardings(value, mesh, stacked, rules, prefix=key)

@@ -11,11 +11,18 @@ token by kernel kind (bench_train's CUPTI summary).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
 import sys
+
+
+# What a variant sets in its process's environment (scan is set inside it, base is today's program).
+ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
+       "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
+       # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice
+       # fusion takes library calls, not Triton GEMMs)
+       "cublas": ("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")}
 
 
 def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: bool) -> dict:
@@ -23,7 +30,7 @@ def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: b
     import jax.numpy as jnp
 
     from scripts.bench_common import load_geometry, random_model, workload_image
-    from scripts.bench_generate import bench_jaxvlm, TEXT
+    from scripts.bench_generate import bench_jaxvlm, generate_call
     if "scan" in variant.split("+"):  # the decode step's layers as a scan (generate unrolls them)
         import contextlib
 
@@ -34,12 +41,8 @@ def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: b
     image = workload_image(cfg, tiny)
     line = bench_jaxvlm(model, cfg, batch, new, image)
     if jax.default_backend() == "gpu":
-        from jaxvlm.generate import generate
-        from scripts.bench_common import raw_batch
         from scripts.bench_train import torch_cupti_trace
-        raw = raw_batch(cfg, batch, TEXT, image)
-        s = torch_cupti_trace(functools.partial(generate, model, **raw, max_new_tokens=new, eos_token_id=-1,
-                                                pad_token_id=0), new)
+        s = torch_cupti_trace(generate_call(model, cfg, batch, new, image), new)
         line.update(gpu_ms_per_token=s["gpu_kernel_ms_per_step"], busy_ms_per_token=s["busy_ms_per_step"],
                     by_kind_ms=s["by_kind_ms"], kernels_per_token=sum(r[2] for r in s["top_kernels_ms"]),
                     top=s["top_kernels_ms"][:8])
@@ -63,15 +66,12 @@ def main():
     for weights in args.weights:
         for variant in args.variants:
             env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-            if "dsfusion" in variant.split("+"):
-                env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_dynamic_slice_fusion=true"
-            if "cublas" in variant.split("+"):  # dots as cuBLAS calls: with dsfusion, a slice of a stacked weight may be
-                # read in place (XLA's dynamic-slice fusion takes library calls, not Triton GEMMs)
-                env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
-            if "dot" in variant.split("+"):
-                env["JAXVLM_ROWS_PRODUCT"] = "off"
-            if "nf4kernel" in variant.split("+"):
-                env["JAXVLM_NF4_KERNEL"] = "on"
+            for part in variant.split("+"):
+                name, value = ENV.get(part, (None, None))
+                if name == "XLA_FLAGS":
+                    env[name] = f"{env.get(name, '')} {value}".strip()
+                elif name:
+                    env[name] = value
             r = subprocess.run([sys.executable, "-m", "scripts.bench_decode_variants", "--one", f"{variant}:{weights}",
                                 "--batch", str(args.batch), "--new", str(args.new), "--geometry", args.geometry,
                                 *(["--tiny"] if args.tiny else [])], env=env)

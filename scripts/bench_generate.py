@@ -52,21 +52,26 @@ def speeds(generate_s: float, prefill_s: float, batch: int, new: int) -> dict:
                 decode_tokens_per_s=round(batch * (new - 1) / decode_s, 1) if decode_s > 0.01 * generate_s else None)
 
 
+def generate_call(model, cfg, batch: int, new: int, image: int, mesh=None):
+    """A call of jaxvlm's generate on the workload (see the module docstring): exactly `new` tokens, greedy."""
+    from jaxvlm.generate import generate
+    raw = raw_batch(cfg, batch, TEXT, image)
+    return lambda: generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, mesh=mesh)
+
+
 def bench_jaxvlm(model, cfg, batch: int, new: int, image: int, mesh=None) -> dict:
     import jax
 
-    from jaxvlm.generate import generate
-    raw = raw_batch(cfg, batch, TEXT, image)
-
     def run(n):
-        return lambda: generate(model, **raw, max_new_tokens=n, eos_token_id=-1, pad_token_id=0, mesh=mesh)
-    out = generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, mesh=mesh)
-    assert out.shape == (batch, raw["input_ids"].shape[1] + new), out.shape
+        return generate_call(model, cfg, batch, n, image, mesh)
+    out = run(new)()
+    prompt_tokens = raw_batch(cfg, 1, TEXT, image)["input_ids"].shape[1]
+    assert out.shape == (batch, prompt_tokens + new), out.shape
     generate_s, prefill_s = timed(run(new)), timed(run(1))
     # With a mesh: the largest peak of its devices.
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in (mesh.devices.flat if mesh else
                                                                               jax.devices()[:1]))
-    return dict(impl="jaxvlm", batch=batch, prompt_tokens=raw["input_ids"].shape[1], new_tokens=new,
+    return dict(impl="jaxvlm", batch=batch, prompt_tokens=prompt_tokens, new_tokens=new,
                 **speeds(generate_s, prefill_s, batch, new), peak_gib=round(peak / 2**30, 2),
                 device=jax.devices()[0].device_kind,
                 **({"mesh": dict(mesh.shape), "devices": mesh.size} if mesh is not None else {}))
@@ -76,12 +81,8 @@ def trace_generate(model, cfg, batch: int, new: int, image: int, mesh, out_dir: 
     """One profiled generate call (after a warm-up): bench_train's kernel summary, per new token."""
     import jax
 
-    from jaxvlm.generate import generate
     from scripts.bench_train import keep_hlo_dump, name_kernels, torch_cupti_trace
-    raw = raw_batch(cfg, batch, TEXT, image)
-
-    def run():
-        return generate(model, **raw, max_new_tokens=new, eos_token_id=-1, pad_token_id=0, mesh=mesh)
+    run = generate_call(model, cfg, batch, new, image, mesh)
     run()
     t0 = time.perf_counter()
     run()

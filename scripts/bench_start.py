@@ -9,8 +9,8 @@ processes in turn, each doing what a user's training script does: `import jaxvlm
 (Unsloth's defaults, r=16), `for_training`, and one SFTTrainer step (bench_train's synthetic batch: one 448x448 image +
 256 text tokens per sample). One JSON line per process: seconds from the process's start to `import jaxvlm` done, to
 the model ready, to the first step's loss read back (`first_step_s`: the step's compile, or its cache load,
-included) and to train() returning (`train_returned_s`: the run's files written), and the cache's entries after it. `--tiny` runs the family's tiny config on the CPU (a check of
-the script, not a measurement).
+included) and to train() returning (`train_returned_s`: the run's files written), and the cache's entries after it.
+`--tiny` runs the family's tiny config on the CPU (a check of the script, not a measurement).
 """
 from __future__ import annotations
 
