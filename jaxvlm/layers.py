@@ -430,6 +430,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Causal
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla")
 
 
+def query_slots(t: int, index) -> jax.Array:
+    """int32 `[batch or 1, t]`: the cache slot of each of a step's `t` queries, for a step written at `index`: an int
+    (or a scalar array) shared by every row, or int32 `[batch]`, each row's own slot (the engine's slot cache,
+    jaxvlm.engine). A cached step's masks compare key slots with these."""
+    return jnp.arange(t, dtype=jnp.int32)[None, :] + jnp.reshape(jnp.asarray(index, jnp.int32), (-1, 1))
+
+
+def write_step(cache: jax.Array, new: jax.Array, index, lead: tuple = ()) -> jax.Array:
+    """`cache [*lead axes, batch, slots, ...]` with a step's `new [batch, t, ...]` written at entry `lead` (indices of
+    the leading axes, e.g. a layer), slots index..index+t-1. `index`: an int or a scalar for every row (a prompt, or
+    one token of an aligned batch), or int32 `[batch]`, each row's slot (then `t` is 1); a slot past the end is
+    dropped."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        z = jnp.int32(0)
+        return jax.lax.dynamic_update_slice(cache, new[(None,) * len(lead)],
+                                            (*lead, z, jnp.asarray(index, jnp.int32), *(z,) * (new.ndim - 2)))
+    if new.shape[1] != 1:
+        raise ValueError(f"a step of {new.shape[1]} tokens with a slot per row: only one token per row is supported")
+    return cache.at[(*lead, jnp.arange(new.shape[0]), index)].set(new[:, 0], mode="drop")
+
+
 def pad_to_even(q, k, v):
     """(q, k, v, query lengths, key lengths) with one zero token appended to an odd query axis and to an odd key
     axis, the lengths `[batch]` the real ones (cuDNN masks the added key by them, without a bias array): cuDNN's

@@ -212,7 +212,9 @@ class VisionLanguageModel(nnx.Module):
     def decode(self, tokens: jax.Array, positions: jax.Array, cache, key_mask: jax.Array,
                index) -> tuple[jax.Array, Any]:
         """(hidden `[batch, 1, hidden]`, cache) after feeding `tokens [batch]` at cache slot `index`,
-        each at text position `positions [batch]` (counted as `next_positions` counts)."""
+        each at text position `positions [batch]` (counted as `next_positions` counts). `index`: a scalar, the same
+        slot for every row (generate), or int32 `[batch]`, each row's own slot (the engine's slot cache,
+        jaxvlm.engine); `layers.write_step` and `layers.query_slots` take both."""
         raise NotImplementedError
 
     def next_positions(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

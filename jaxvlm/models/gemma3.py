@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention, linear,
-                           scan_blocks)
+                           query_slots, scan_blocks, write_step)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
 
@@ -277,43 +277,40 @@ class LayerCache:
     is_sliding: jax.Array
     global_index: jax.Array
     local_index: jax.Array
-    index: object  # the step's first cache slot (an int for the prefill, traced in decode)
+    index: object  # the step's first cache slot (an int for the prefill, traced in decode; [batch]: each row's)
     key_mask: jax.Array  # [batch, cache_len]
     prefill: bool
 
     def write(self, k, v):
         kg, vg, kl, vl = self.caches
         t, ring = k.shape[1], kl.shape[2]
-        z = jnp.int32(0)
-        kg = jax.lax.dynamic_update_slice(kg, k[None].astype(kg.dtype), (self.global_index, z, self.index, z, z))
-        vg = jax.lax.dynamic_update_slice(vg, v[None].astype(vg.dtype), (self.global_index, z, self.index, z, z))
+        kg, vg = (write_step(c, a, self.index, (self.global_index,)) for c, a in ((kg, k), (vg, v)))
         if self.prefill:  # the prompt at slots 0..t-1: its last `ring` tokens, each at its slot modulo ring
             if t >= ring:
                 k, v = (jnp.roll(a[:, t - ring:], (t - ring) % ring, axis=1) for a in (k, v))
-            kl = jax.lax.dynamic_update_slice(kl, k[None].astype(kl.dtype), (self.local_index, z, z, z, z))
-            vl = jax.lax.dynamic_update_slice(vl, v[None].astype(vl.dtype), (self.local_index, z, z, z, z))
-        else:  # one token at slot index
+            slot = 0
+        else:  # one token at slot index (each row's, when index is [batch])
             slot = jnp.asarray(self.index, jnp.int32) % ring
-            kl = jax.lax.dynamic_update_slice(kl, k[None].astype(kl.dtype), (self.local_index, z, slot, z, z))
-            vl = jax.lax.dynamic_update_slice(vl, v[None].astype(vl.dtype), (self.local_index, z, slot, z, z))
+        kl, vl = (write_step(c, a, slot, (self.local_index,)) for c, a in ((kl, k), (vl, v)))
         return dataclasses.replace(self, caches=(kg, vg, kl, vl))
 
     def attend(self, q, attend):
         """`attend(keys, values, mask)` over this layer's entry: the global cache or the sliding ring."""
         kg, vg, kl, vl = self.caches
-        index = jnp.asarray(self.index, jnp.int32)
+        index = query_slots(1, self.index)  # [batch or 1, 1]: the step's slot, each row's or one for all
         keys = kg.shape[2]
+        batch = self.key_mask.shape[0]
 
         def global_attention():
-            mask = (jnp.arange(keys)[None, :] <= index) & (self.key_mask > 0)
+            mask = (jnp.arange(keys) <= index) & (self.key_mask > 0)
             return attend(kg[self.global_index], vg[self.global_index], mask[:, None, None, :])
 
         def sliding_attention():
             ring = kl.shape[2]
             s = jnp.arange(ring)
             slot = index - (index - s) % ring  # the cache slot each ring entry holds (negative: never written)
-            ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1)[None].repeat(
-                self.key_mask.shape[0], 0), axis=1) > 0)
+            slot = jnp.broadcast_to(slot, (batch, ring))
+            ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1), axis=1) > 0)
             return attend(kl[self.local_index], vl[self.local_index], ok[:, None, None, :])
 
         return jax.lax.cond(self.is_sliding, sliding_attention, global_attention)

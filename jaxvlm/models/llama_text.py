@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm.layers import ACTIVATIONS, CausalBlockMask, scan_blocks
+from jaxvlm.layers import ACTIVATIONS, CausalBlockMask, query_slots, scan_blocks
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.qwen_text import KVCache, TextModel
 
@@ -170,7 +170,8 @@ class LlamaTextModel(TextModel):
         at `positions [batch, seq]`.
 
         Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one (`init_cache`), the step's
-        tokens go to cache slots index..index+seq (a prompt at 0, then a token at a time) and `attention_mask
+        tokens go to cache slots index..index+seq (a prompt at 0, then a token at a time; `index` int32 `[batch]`: each
+        row's slot) and `attention_mask
         [batch, cache_len]` marks the slots holding real tokens. Returns (hidden, cache).
         """
         c = self.cfg
@@ -195,10 +196,10 @@ class LlamaTextModel(TextModel):
             h, _ = scan_blocks(self.layers, h, layer_step, *per_layer, remat=self.remat)
             return self.norm(h), None
 
-        keys = jnp.arange(attention_mask.shape[1])[None, :]
-        queries = jnp.arange(t)[:, None] + index  # the queries' cache slots
-        full = (keys <= queries)[None, None] & key_ok[:, None, None, :]
-        windowed = full if window is None else full & (keys > queries - window)[None, None]
+        keys = jnp.arange(attention_mask.shape[1])
+        queries = query_slots(t, index)[..., None]  # the queries' cache slots, [batch or 1, t, 1]
+        full = (keys <= queries)[:, None] & key_ok[:, None, None, :]
+        windowed = full if window is None else full & (keys > queries - window)[:, None]
 
         def layer_step(layer, x, *rest):
             *flag, kv = rest

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy
+from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy, query_slots
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.llama_text import rope_cos_sin, rope_inv_freq  # noqa: F401 (rope_inv_freq re-exported)
 from jaxvlm.models.qwen_text import Attention  # Llama-style grouped-query attention with a cache
@@ -181,7 +181,7 @@ class MllamaTextModel(nnx.Module):
             self_mask = attention_mask[:, None, None, :] > 0
         else:
             keys = attention_mask.shape[1]
-            self_mask = ((jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None]
+            self_mask = ((jnp.arange(keys) <= query_slots(t, index)[..., None])[:, None]
                          & (attention_mask[:, None, None, :] > 0))
             if prefill and vision is not None:
                 n, (b, s, _) = len(c.cross_attention_layers), vision.shape

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, linear, scan_blocks
+from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, linear, query_slots,
+                           scan_blocks, write_step)
 
 
 # The Qwen chat tokens shared by the Qwen VLM families: those standing for images and videos (the loss
@@ -84,8 +85,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
-        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index`
-        and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
+        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index` (an int, or
+        int32 `[batch]`: each row's slot; see `layers.write_step`) and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
@@ -94,9 +95,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            kv = (k, v)
+            kv = (write_step(kv[0], k, index), write_step(kv[1], v, index))
+            k, v = kv
         return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
 
 
@@ -151,7 +151,8 @@ class TextModel(nnx.Module):
         """Final hidden states `[batch, seq, hidden]` from input embeddings `[batch, seq, hidden]`.
 
         Without a cache, `attention_mask [batch, seq]` marks the real tokens. With one, the step's
-        tokens go to cache slots index..index+seq, and `attention_mask [batch, cache_len]` marks the
+        tokens go to cache slots index..index+seq (`index` an int, or int32 `[batch]` for a one-token step: each
+        row's slot), and `attention_mask [batch, cache_len]` marks the
         slots holding real tokens. `deepstack` (see `add_deepstack`) is added after the first layers.
         Returns (hidden, cache).
         """
@@ -168,7 +169,7 @@ class TextModel(nnx.Module):
 
             h, _ = scan_blocks(self.layers, h, layer_step, *per_layer, remat=self.remat)
         else:
-            mask = (jnp.arange(keys)[None, :] <= jnp.arange(t)[:, None] + index)[None, None] & key_ok
+            mask = (jnp.arange(keys) <= query_slots(t, index)[..., None])[:, None] & key_ok
 
             def layer_step(layer, x, *rest):
                 *i, kv = rest

@@ -1,0 +1,238 @@
+"""A batched generation engine for many requests at once (`fast_inference`): continuous batching over a slot KV cache.
+
+`generate` runs one batch from prefill to the last EOS: prompts are padded to the longest, and a finished row keeps
+its place until every row is done. The engine instead holds `max_num_seqs` slots, each a row of one KV cache of
+`max_length` token slots, and fills a slot again as soon as its request ends:
+
+    engine = Engine(model, max_num_seqs=64, max_length=1024, eos_token_id=..., pad_token_id=...)
+    requests = [engine.submit(max_new_tokens=128, **processor(text=..., images=..., return_tensors="np"))
+                for ...]
+    engine.run()                       # or: for token in requests[0]: ... (a stream; it drives the engine)
+    requests[0].token_ids              # the generated ids, EOS included when it came
+
+A request's prompt is prefilled alone (batch 1, its length rounded up to a multiple of 64, left-padded as `generate`
+pads), into a one-row cache that is then written into its slot's row. Decoding runs all slots together, `steps` tokens
+per call of one jit'd program (a scan of decode steps with sampling on the device), each slot at its own cache slot
+and text position (the families' `decode` takes a per-row `index`). Between calls the host hands out the tokens,
+retires finished requests and admits waiting ones. A slot that finishes inside a call computes a few more tokens that
+are dropped.
+
+The model's arrays are inputs of the jit'd programs, not constants: LoRA stays unmerged (`linear` applies it), and
+`set_model` swaps in another adapter of the same shapes without compiling again (Unsloth's `lora_request`).
+One device; every request's prompt and new tokens must fit `max_length`. A family whose cache changes shape with
+the prompt (Llama 3.2 Vision's cross-attention states, sized by the prompt's image tiles) is refused with images.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxvlm.generate import SamplingConfig, _jit_model, _prefill, sample
+from jaxvlm.layers import unrolled_layers
+
+_PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: a few prefill programs, not one per length
+
+
+@dataclasses.dataclass
+class Request:
+    """One request: its prompt ids, what it has generated so far (`token_ids`), and whether it is done
+    (`finish_reason`: "stop" at an EOS, which `token_ids` then ends with, or "length"). Iterating over it yields its
+    new token ids as they come, running the engine while it waits."""
+    request_id: int
+    prompt_token_ids: np.ndarray
+    max_new_tokens: int
+    inputs: dict | None  # the processor's outputs, until the request is prefilled
+    engine: "Engine" = dataclasses.field(repr=False)
+    token_ids: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __iter__(self):
+        seen = 0
+        while True:
+            while seen < len(self.token_ids):
+                seen += 1
+                yield self.token_ids[seen - 1]
+            if self.finished:
+                return
+            self.engine.step()
+
+
+def _batch_axes(model, length: int):
+    """Per cache leaf, the axis that runs over the batch (the one whose size follows the batch size)."""
+    one, two = (jax.eval_shape(lambda b=b: model.init_cache(b, length)) for b in (1, 2))
+    return jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), one, two)
+
+
+def _insert(cache, row, slot, axes: tuple):
+    """`cache` with `row` (a one-row cache of the same layout) written at batch position `slot`; `axes`: each leaf's
+    batch axis, in leaf order."""
+    leaves, treedef = jax.tree.flatten(cache)
+    return treedef.unflatten([jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, a)
+                              for c, r, a in zip(leaves, jax.tree.leaves(row), axes)])
+
+
+_insert_jit = jax.jit(_insert, static_argnums=3, donate_argnums=0)
+
+
+@_jit_model(static_argnames=("steps", "sampling"), donate_argnums=(2,))
+def _decode_steps(model, cache, tokens, positions, index, key_mask, rng, *, steps, sampling):
+    """`steps` decode steps of every slot: feeds `tokens [slots]` at cache slots `index [slots]` and text positions
+    `positions [slots]`, samples, feeds the samples, ... Returns (the sampled ids `[slots, steps]`, cache, rng)."""
+    graphdef, state = nnx.split(model)  # the weights closed over, the module rebuilt inside (see generate)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+
+    def body(carry, step):
+        tokens, cache, rng = carry
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        with unrolled_layers():
+            h, cache = model.decode(tokens, positions + step, cache, key_mask, index + step)
+        rng, key = jax.random.split(rng)
+        tokens = sample(model.logits(h[:, 0]).astype(jnp.float32), key, sampling)
+        return (tokens, cache, rng), tokens
+
+    (_, cache, rng), out = jax.lax.scan(body, (tokens, cache, rng), jnp.arange(steps, dtype=jnp.int32))
+    return out.T, cache, rng
+
+
+class Engine:
+    """Continuous batching over `max_num_seqs` slots of a `max_length`-token KV cache (see the module's doc).
+
+    `sampling`: a `generate.SamplingConfig` for every request (greedy by default); `steps`: decode steps per call
+    of the device program (more: fewer host round trips, more tokens computed past a slot's end)."""
+
+    def __init__(self, model, *, max_num_seqs: int = 64, max_length: int = 2048, eos_token_id=None,
+                 pad_token_id: int | None = None, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 steps: int = 8):
+        if max_num_seqs < 1 or max_length < 2 or steps < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs}, max_length={max_length}, steps={steps}: expected "
+                             f"max_num_seqs >= 1, max_length >= 2, steps >= 1")
+        self.model = model
+        self.slots, self.length, self.steps, self.sampling = max_num_seqs, max_length, steps, sampling
+        self.eos = set(np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else [], np.int64)).tolist())
+        self.pad = int(pad_token_id if pad_token_id is not None else min(self.eos, default=0))
+        self._axes = tuple(jax.tree.leaves(_batch_axes(model, max_length)))
+        self._one_row = jax.eval_shape(lambda: model.init_cache(1, max_length))
+        self.cache = jax.jit(lambda: model.init_cache(max_num_seqs, max_length))()
+        self.key_mask = np.zeros((max_num_seqs, max_length), np.int32)
+        self.index = np.full(max_num_seqs, max_length, np.int32)  # an idle slot writes past the end: dropped
+        self.positions = np.zeros(max_num_seqs, np.int32)
+        self.tokens = np.full(max_num_seqs, self.pad, np.int32)
+        self.running: list[Request | None] = [None] * max_num_seqs
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._ids = itertools.count()
+        self._rng = jax.random.key(seed)
+
+    def set_model(self, model) -> None:
+        """Generate with `model` from now on: the same family and shapes (another LoRA adapter, or merged weights of
+        the same dtype) reuse the compiled programs. Requests under way continue with the new weights."""
+        if jax.tree.structure(nnx.state(model)) != jax.tree.structure(nnx.state(self.model)):
+            raise ValueError("set_model: the new model's parameters are not laid out as the engine's model's "
+                             "(another family, another LoRA rank or targets?): build a new Engine for it")
+        self.model = model
+
+    def submit(self, *, max_new_tokens: int = 128, **processor_outputs) -> Request:
+        """Queues one request: what the processor returns for one prompt (input_ids `[1, n]` or `[n]`, its
+        attention_mask, pixel_values, image_grid_thw, ...). Returns its Request (see `Request`)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+        if "input_ids" not in processor_outputs:
+            raise ValueError("submit: expected the processor's outputs for one prompt, with input_ids")
+        ids = np.asarray(processor_outputs["input_ids"]).astype(np.int32)
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected one prompt, [1, n] or [n] with n >= 1, got shape {ids.shape}")
+        mask = np.asarray(processor_outputs.get("attention_mask", np.ones_like(ids))).astype(np.int32).reshape(ids.shape)
+        prompt = ids[0][mask[0] > 0]
+        bucket = -(-prompt.size // _PROMPT_BUCKET) * _PROMPT_BUCKET
+        if bucket + max_new_tokens > self.length:
+            raise ValueError(f"a prompt of {prompt.size} tokens (its prefill bucket {bucket}) + max_new_tokens="
+                             f"{max_new_tokens} does not fit the engine's max_length={self.length}")
+        inputs = dict(processor_outputs, input_ids=ids, attention_mask=mask)
+        request = Request(next(self._ids), prompt, int(max_new_tokens), inputs, self)
+        self.waiting.append(request)
+        return request
+
+    def generate(self, requests: list[dict], max_new_tokens: int = 128) -> list[Request]:
+        """Submits every request (processor outputs, one prompt each) and runs them to the end, in order."""
+        out = [self.submit(max_new_tokens=max_new_tokens, **r) for r in requests]
+        self.run()
+        return out
+
+    def run(self) -> None:
+        """Steps until no request waits or runs."""
+        while self.waiting or any(r is not None for r in self.running):
+            self.step()
+
+    def step(self) -> None:
+        """Admits waiting requests into free slots (each prefilled), then one call of `steps` decode steps."""
+        for slot in range(self.slots):
+            if self.running[slot] is None and self.waiting:
+                self._admit(slot, self.waiting.popleft())
+        if not any(r is not None for r in self.running):
+            return
+        self._rng, rng = jax.random.split(self._rng)
+        out, self.cache, _ = _decode_steps(self.model, self.cache, self.tokens, self.positions, self.index,
+                                           self.key_mask, rng, steps=self.steps, sampling=self.sampling)
+        out = np.asarray(out)
+        self.tokens = out[:, -1].copy()
+        self.index = np.minimum(self.index + self.steps, self.length).astype(np.int32)
+        self.positions += self.steps
+        for slot, request in enumerate(self.running):
+            if request is not None:
+                for token in out[slot]:
+                    if self._emit(request, int(token)):
+                        self._retire(slot)
+                        break
+
+    def _admit(self, slot: int, request: Request) -> None:
+        inputs, request.inputs = request.inputs, None
+        n = request.prompt_token_ids.size
+        bucket = -(-n // _PROMPT_BUCKET) * _PROMPT_BUCKET
+        ids = np.full((1, bucket), self.pad, np.int32)
+        ids[0, bucket - n:] = request.prompt_token_ids
+        mask = np.zeros((1, bucket), np.int32)
+        mask[0, bucket - n:] = 1
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        prepared = self.model.prepare_inputs(input_ids=ids, attention_mask=mask, **extra)
+        key_mask = np.concatenate([mask, np.ones((1, self.length - bucket), np.int32)], axis=1)
+        empty = self.model.init_cache(1, self.length)
+        logits, row = _prefill(self.model, jax.tree.map(jnp.asarray, prepared), empty, jnp.asarray(key_mask),
+                               mesh=None)
+        if jax.tree.map(lambda a: a.shape, row) != jax.tree.map(lambda a: a.shape, self._one_row):
+            raise NotImplementedError(f"{type(self.model).__name__}: its generation cache changes shape with the "
+                                      f"prompt (e.g. cross-attention image states), which the engine's slot cache "
+                                      f"cannot hold; use generate() for this request")
+        self.cache = _insert_jit(self.cache, row, slot, self._axes)
+        self._rng, key = jax.random.split(self._rng)
+        first = int(sample(logits, key, self.sampling)[0])
+        self.key_mask[slot] = key_mask[0]
+        self.index[slot] = bucket
+        self.positions[slot] = int(self.model.next_positions(prepared)[0])
+        self.tokens[slot] = first
+        self.running[slot] = request
+        if self._emit(request, first):
+            self._retire(slot)
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Hands `token` to the request; True when the request is then done."""
+        request.token_ids.append(token)
+        if token in self.eos:
+            request.finish_reason = "stop"
+        elif len(request.token_ids) >= request.max_new_tokens:
+            request.finish_reason = "length"
+        return request.finished
+
+    def _retire(self, slot: int) -> None:
+        self.running[slot] = None
+        self.key_mask[slot] = 0
+        self.index[slot] = self.length
