@@ -120,6 +120,9 @@ class Engine:
         self.slots, self.length, self.steps, self.sampling = max_num_seqs, max_length, steps, sampling
         self.eos = set(np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else [], np.int64)).tolist())
         self.pad = int(pad_token_id if pad_token_id is not None else min(self.eos, default=0))
+        # Processor outputs that run along the prompt's tokens (their token axis): re-padded with it.
+        self._token_axes = {"token_type_ids": 1, "mm_token_type_ids": 1, **{
+            name: axes.index("seq") + 1 for name, axes in type(model).INFO.sample_arrays if "seq" in axes}}
         self._axes = tuple(jax.tree.leaves(_batch_axes(model, max_length)))
         self._one_row = jax.eval_shape(lambda: model.init_cache(1, max_length))
         self.cache = jax.jit(lambda: model.init_cache(max_num_seqs, max_length))()
@@ -157,7 +160,15 @@ class Engine:
         if bucket + max_new_tokens > self.length:
             raise ValueError(f"a prompt of {prompt.size} tokens (its prefill bucket {bucket}) + max_new_tokens="
                              f"{max_new_tokens} does not fit the engine's max_length={self.length}")
+        # The prompt left-padded to its bucket, with every processor output that runs along its tokens.
+        keep = np.flatnonzero(mask[0] > 0)
         inputs = dict(processor_outputs, input_ids=ids, attention_mask=mask)
+        for name, axis in {"input_ids": 1, "attention_mask": 1, **self._token_axes}.items():
+            if inputs.get(name) is not None:
+                value = np.take(np.asarray(inputs[name]), keep, axis=axis)
+                widths = [(0, 0)] * value.ndim
+                widths[axis] = (bucket - keep.size, 0)
+                inputs[name] = np.pad(value, widths, constant_values=self.pad if name == "input_ids" else 0)
         request = Request(next(self._ids), prompt, int(max_new_tokens), inputs, self)
         self.waiting.append(request)
         return request
@@ -196,15 +207,9 @@ class Engine:
 
     def _admit(self, slot: int, request: Request) -> None:
         inputs, request.inputs = request.inputs, None
-        n = request.prompt_token_ids.size
-        bucket = -(-n // _PROMPT_BUCKET) * _PROMPT_BUCKET
-        ids = np.full((1, bucket), self.pad, np.int32)
-        ids[0, bucket - n:] = request.prompt_token_ids
-        mask = np.zeros((1, bucket), np.int32)
-        mask[0, bucket - n:] = 1
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        prepared = self.model.prepare_inputs(input_ids=ids, attention_mask=mask, **extra)
-        key_mask = np.concatenate([mask, np.ones((1, self.length - bucket), np.int32)], axis=1)
+        bucket = inputs["input_ids"].shape[1]
+        prepared = self.model.prepare_inputs(**inputs)
+        key_mask = np.concatenate([inputs["attention_mask"], np.ones((1, self.length - bucket), np.int32)], axis=1)
         empty = self.model.init_cache(1, self.length)
         logits, row = _prefill(self.model, jax.tree.map(jnp.asarray, prepared), empty, jnp.asarray(key_mask),
                                mesh=None)

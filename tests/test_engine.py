@@ -24,7 +24,7 @@ def requests_of(processor, images_per_request=((56, 56), (84, 56), None, (56, 84
         image = None if size is None else [random_image(*size, seed=len(texts))]
         single.append(encode(processor, [text], image))
         texts.append(text)
-        images.extend(image or [])
+        images.append(image or [])
     return single, texts, images
 
 
@@ -37,7 +37,7 @@ def check_engine_matches_generate(model, processor, images_per_request=((56, 56)
     old = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "left"
     try:
-        batch = encode(processor, texts, images or None)
+        batch = encode(processor, texts, images if any(images) else None)
     finally:
         processor.tokenizer.padding_side = old
     new = [9, 5, 12, 7, 10]

@@ -562,3 +562,10 @@ def test_merged_4bit_export_loads_in_transformers_with_bitsandbytes(loaded, tmp_
 def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
     from tests.test_cli import check_train_generate_export
     check_train_generate_export(tiny[0], FAMILY, tmp_path, capsys)
+
+
+def test_engine_gives_each_request_the_tokens_of_generate(loaded):
+    """The slot cache's per-row slots reach the sliding layers' rings too (jaxvlm.engine)."""
+    from tests.test_engine import check_engine_matches_generate
+    model, processor, _ = loaded
+    check_engine_matches_generate(model, processor, pad=PAD)

@@ -426,3 +426,9 @@ def test_config_errors_name_the_field(tiny):
         "num_attention_heads": 2, "image_size": 56, "patch_size": 7}, vision_feature_layer=-2)
     with pytest.raises(ConfigError, match="vision_feature_layer=-2"):
         LlavaForConditionalGeneration.config_from_hf(pixtral)
+
+
+def test_engine_gives_each_request_the_tokens_of_generate(loaded):
+    from tests.test_engine import check_engine_matches_generate
+    variant, model, processor, _ = loaded
+    check_engine_matches_generate(model, processor, pad=PAD)

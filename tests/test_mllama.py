@@ -370,3 +370,18 @@ def test_lora_sft_losses_equal_transformers_and_peft_for_3_steps(tiny, tmp_path)
 def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
     from tests.test_cli import check_train_generate_export
     check_train_generate_export(tiny[0], FAMILY, tmp_path, capsys)
+
+
+def test_engine_runs_text_requests_and_refuses_images_by_name(loaded):
+    """The cross-attention states are sized by the prompt's image tiles, which a slot cache cannot hold: text-only
+    requests get generate's tokens, a request with an image a NotImplementedError naming the family."""
+    from jaxvlm.engine import Engine
+    from tests.test_engine import check_engine_matches_generate, requests_of
+    model, processor, _ = loaded
+    pad = processor.tokenizer.pad_token_id
+    check_engine_matches_generate(model, processor, images_per_request=(None,) * 5, pad=pad)
+    single, _, _ = requests_of(processor)
+    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad)
+    engine.submit(max_new_tokens=4, **single[0])
+    with pytest.raises(NotImplementedError, match=type(model).__name__):
+        engine.run()

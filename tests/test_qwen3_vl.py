@@ -295,3 +295,9 @@ def test_train_and_generate_clis(tiny, tmp_path, capsys):
     assert generate.main(["--model", path, "--adapter", str(adapter), "--image", image, "--prompt",
                           "which digit is this", "--max-new-tokens", "4", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_engine_gives_each_request_the_tokens_of_generate(loaded):
+    from tests.test_engine import check_engine_matches_generate
+    model, processor, _ = loaded
+    check_engine_matches_generate(model, processor, pad=PAD)
