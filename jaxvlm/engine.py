@@ -241,3 +241,101 @@ class Engine:
         self.running[slot] = None
         self.key_mask[slot] = 0
         self.index[slot] = self.length
+
+
+# -- vLLM's call, as Unsloth's `model.fast_generate` hands it on ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """vLLM's sampling parameters that the engine implements, with vLLM's names and defaults: `temperature` 0 is
+    greedy, `top_k` -1 (or 0) is off, `max_tokens` the new tokens per request, `stop_token_ids` stop besides the
+    tokenizer's EOS, `seed` the draws' seed."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop_token_ids: tuple = ()
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What vLLM's `LLM.generate` returns per prompt: `outputs[0].text` is the answer."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list
+    outputs: list
+    finished: bool = True
+
+
+def _processor_outputs(processor, prompt) -> tuple[str | None, dict]:
+    """(the prompt's text, the processor's outputs) for one of vLLM's prompt forms: a string, a dict with "prompt"
+    and optionally "multi_modal_data" ({"image": an image or a list}), or processor outputs (with input_ids)."""
+    if isinstance(prompt, dict) and "input_ids" in prompt:
+        return None, prompt
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    if not isinstance(prompt, dict) or "prompt" not in prompt:
+        raise ValueError(f"fast_generate: a prompt is a string, a dict with 'prompt' (and 'multi_modal_data'), or "
+                         f"the processor's outputs with 'input_ids'; got {type(prompt).__name__}")
+    data = dict(prompt.get("multi_modal_data") or {})
+    unknown = set(data) - {"image"}
+    if unknown:
+        raise ValueError(f"fast_generate: multi_modal_data keys {sorted(unknown)} are not supported; expected 'image'")
+    images = data.get("image")
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    out = processor(text=[prompt["prompt"]], images=[list(images)] if images else None, return_tensors="np")
+    return prompt["prompt"], dict(out)
+
+
+def fast_generate(model, processor, prompts, sampling_params=None, *, lora_request=None, max_num_seqs: int = 64,
+                  max_length: int | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    """vLLM's `LLM.generate(prompts, sampling_params)` on the engine: every prompt (see `_processor_outputs`) as one
+    request, run with continuous batching over `max_num_seqs` slots; one `RequestOutput` per prompt, in order.
+    `sampling_params`: a `SamplingParams` or vLLM's (read by attribute name); None: vLLM's defaults. `lora_request`:
+    a model with another adapter (get_peft_model / load_adapter) of this model's base, or a PEFT adapter directory,
+    used for this call. `max_length`: the slot cache's tokens per request (default the model's max_seq_length)."""
+    from tqdm.auto import tqdm
+
+    p = sampling_params if sampling_params is not None else SamplingParams()
+    temperature = float(getattr(p, "temperature", 1.0))
+    top_k = int(getattr(p, "top_k", -1) or 0)
+    sampling = SamplingConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                              top_k=max(top_k, 0), top_p=float(getattr(p, "top_p", 1.0)),
+                              min_p=float(getattr(p, "min_p", 0.0)))
+    max_tokens = int(getattr(p, "max_tokens", 16) or 16)
+    seed = getattr(p, "seed", None)
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    if isinstance(lora_request, str):
+        lora_request = model.load_adapter(lora_request)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = [tokenizer.eos_token_id, *(getattr(p, "stop_token_ids", None) or ())]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    length = max_length or getattr(model, "max_seq_length", None) or 2048
+    engine = Engine(lora_request or model, max_num_seqs=max_num_seqs, max_length=length, sampling=sampling,
+                    eos_token_id=[e for e in eos if e is not None], pad_token_id=pad,
+                    seed=0 if seed is None else int(seed))
+    texts, requests = [], []
+    for prompt in prompts:
+        text, inputs = _processor_outputs(processor, prompt)
+        texts.append(text)
+        requests.append(engine.submit(max_new_tokens=max_tokens, **inputs))
+    with tqdm(total=len(requests), desc="fast_generate", unit="request", disable=not use_tqdm) as bar:
+        while engine.waiting or any(r is not None for r in engine.running):
+            engine.step()
+            bar.update(sum(r.finished for r in requests) - bar.n)
+    return [RequestOutput(str(r.request_id), text, r.prompt_token_ids.tolist(),
+                          [CompletionOutput(0, tokenizer.decode(r.token_ids, skip_special_tokens=True), r.token_ids,
+                                            r.finish_reason)])
+            for text, r in zip(texts, requests)]

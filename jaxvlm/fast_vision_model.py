@@ -98,6 +98,22 @@ class UserMethods:
         kwargs.setdefault("max_seq_length", getattr(self, "max_seq_length", None))
         return generate(self, **kwargs)
 
+    def fast_generate(self, prompts, sampling_params=None, lora_request=None, **kwargs):
+        """vLLM's `generate` (what Unsloth's `fast_generate` calls with `fast_inference=True`) on jaxvlm's batched
+        engine: continuous batching over a slot KV cache. See `jaxvlm.engine.fast_generate`."""
+        from jaxvlm.engine import fast_generate
+        processor = _PROCESSORS.get(self)
+        if processor is None:
+            raise ValueError("fast_generate: this model has no processor (load it with FastVisionModel."
+                             "from_pretrained), or call jaxvlm.engine.fast_generate(model, processor, ...)")
+        kwargs.setdefault("max_num_seqs", getattr(self, "max_num_seqs", 64))
+        return fast_generate(self, processor, prompts, sampling_params, lora_request=lora_request, **kwargs)
+
+    def load_lora(self, adapter_dir: str):
+        """Unsloth's `model.load_lora(path)` for `fast_generate(..., lora_request=...)`: this model with the PEFT
+        adapter in `adapter_dir` (see `load_adapter`)."""
+        return self.load_adapter(adapter_dir)
+
     def save_pretrained(self, save_directory: str, tokenizer=None, **kwargs) -> None:
         """Writes the LoRA adapter as a PEFT adapter directory (plus the processor, if given), as
         Unsloth's `model.save_pretrained` does after get_peft_model."""
@@ -144,6 +160,8 @@ class FastVisionModel:
         use_gradient_checkpointing="unsloth",
         revision: str | None = None,
         mesh=None,
+        fast_inference: bool = False,
+        max_num_seqs: int = 64,
         **kwargs,
     ):
         """Import an HF checkpoint (local dir or hub id). Returns `(model, processor)`.
@@ -155,6 +173,11 @@ class FastVisionModel:
         `mesh` ("fsdp=4,tensor=2", a dict of axis sizes or a jax Mesh; see `jaxvlm.sharding.make_mesh`) loads
         every param straight into its shards on that mesh, as `jaxvlm.sharding.shard_model` would place it, each
         device's share read from the files alone: for a model that does not fit one device. None: one device.
+
+        `fast_inference` (Unsloth's flag; there it loads vLLM): `model.fast_generate(prompts, sampling_params)` runs
+        on jaxvlm's batched engine (jaxvlm.engine) with `max_num_seqs` slots of `max_seq_length` tokens. The engine
+        needs no separate load, so `fast_generate` works without the flag too; vLLM's memory arguments
+        (gpu_memory_utilization, ...) are accepted and ignored.
         """
         if load_in_4bit and load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit cannot both be True")
@@ -179,6 +202,7 @@ class FastVisionModel:
         model.name_or_path = model_name
         model.model_dir = model_dir
         model.use_gradient_checkpointing = use_gradient_checkpointing
+        model.fast_inference, model.max_num_seqs = fast_inference, max_num_seqs
 
         from jaxvlm.processing import load_processor  # imports transformers' processors: only when loading
         processor = load_processor(model_dir, family)

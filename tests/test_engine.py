@@ -123,3 +123,48 @@ def test_bad_requests_are_refused_with_the_field_named(loaded):
     with pytest.raises(ValueError, match="input_ids"):
         engine.submit(max_new_tokens=4, input_ids=np.zeros((2, 3), np.int32))
     assert not engine.waiting
+
+
+def test_fast_generate_takes_vllms_prompts_sampling_params_and_lora_request(loaded, tmp_path):
+    """Unsloth's `model.fast_generate` (vLLM's call): a chat string with multi_modal_data, a plain string and processor
+    outputs; greedy at temperature 0 gives generate's tokens and the decoded text; seeds reproduce draws; a saved
+    adapter directory as lora_request gives the adapter's tokens."""
+    import jax
+    from flax import nnx
+
+    from jaxvlm import FastVisionModel
+    from jaxvlm.engine import SamplingParams
+    model, processor = loaded
+    image = random_image(56, 56, seed=0)
+    text = processor.apply_chat_template(chat(QUESTIONS[0], 1), tokenize=False, add_generation_prompt=True)
+    plain = processor.apply_chat_template(chat(QUESTIONS[2]), tokenize=False, add_generation_prompt=True)
+    single, _, _ = requests_of(processor)
+    prompts = [{"prompt": text, "multi_modal_data": {"image": image}}, plain, single[1]]
+    eos = processor.tokenizer.eos_token_id
+    want = []
+    for inputs in (single[0], single[2], single[1]):
+        out = model.generate(**inputs, max_new_tokens=7, eos_token_id=eos, pad_token_id=PAD)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        want.append(new[:new.index(eos) + 1] if eos in new else new)
+    got = model.fast_generate(prompts, SamplingParams(temperature=0, max_tokens=7), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert got[0].prompt == text and got[2].prompt is None
+    assert got[0].outputs[0].text == processor.tokenizer.decode(want[0], skip_special_tokens=True)
+
+    draws = [model.fast_generate(prompts[:2], SamplingParams(temperature=1.5, top_p=0.9, max_tokens=7, seed=s),
+                                 use_tqdm=False) for s in (1, 1, 2)]
+    tokens = [[o.outputs[0].token_ids for o in d] for d in draws]
+    assert tokens[0] == tokens[1] and tokens[0] != tokens[2]
+
+    peft = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1)
+    state = jax.tree.map_with_path(lambda p, a: a + 0.5 if "lora_B" in jax.tree_util.keystr(p) else a,
+                                   nnx.state(peft))
+    nnx.update(peft, state)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    out = peft.generate(**single[0], max_new_tokens=7, eos_token_id=eos, pad_token_id=PAD)
+    new = out[0, single[0]["input_ids"].shape[1]:].tolist()
+    got = model.fast_generate(prompts[:1], SamplingParams(temperature=0, max_tokens=7),
+                              lora_request=str(tmp_path / "adapter"), use_tqdm=False)
+    assert got[0].outputs[0].token_ids == (new[:new.index(eos) + 1] if eos in new else new) != want[0]
+    with pytest.raises(ValueError, match="multi_modal_data keys"):
+        model.fast_generate([{"prompt": text, "multi_modal_data": {"video": [image]}}], use_tqdm=False)
