@@ -245,6 +245,18 @@ def block_absmax(q: NF4) -> jax.Array:
     return _round_before_add(dequantize_blockwise(q.absmax, q.nested_absmax, q.nested_table)) + q.offset
 
 
+def nf4_values_by_select(nibbles: jax.Array) -> jax.Array:
+    """NF4_TABLE[nibbles], float32, for integer codes 0..15: a tree of 15 selects on the code's bits, no gather.
+
+    The table is not symmetric about 0 (7 negative values, 0, 8 positive ones), so its sign bit does not halve the tree.
+    """
+    level = [np.float32(v) for v in NF4_TABLE]
+    for bit in range(4):
+        on = (nibbles >> bit) & 1 == 1
+        level = [jnp.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
+    return level[0]
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     """The weight of q, [*q.shape], in `dtype` (default q.dtype), computed in float32 as bitsandbytes does.
