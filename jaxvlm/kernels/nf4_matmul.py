@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from jaxvlm.quant.nf4 import NF4, NF4_TABLE, block_absmax, dequantize_nf4
+from jaxvlm.quant.nf4 import NF4, block_absmax, dequantize_nf4, nf4_values_by_select
 
 MAX_ROWS = 16  # the kernel is for decode-shaped products; larger ones go through XLA
 
@@ -38,24 +38,14 @@ def supported(x: jax.Array, w: NF4) -> bool:
             and w.blocksize == 64 and rows <= MAX_ROWS)
 
 
-def _nf4_value(code: jax.Array) -> jax.Array:
-    """NF4_TABLE[code] for int32 codes 0..15, as a select tree on the code's bits (no gather)."""
-    t = [float(v) for v in NF4_TABLE]
-    bit = [(code >> i) & 1 for i in range(4)]
-    level = [jnp.where(bit[0] == 1, t[2 * i + 1], t[2 * i]) for i in range(8)]
-    for b in (1, 2, 3):
-        level = [jnp.where(bit[b] == 1, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    return level[0]
-
-
 def _kernel(xe_ref, xo_ref, codes_ref, absmax_ref, out_ref, *, n_blocks: int, unroll: int):
     m, bn = out_ref.shape
 
     def block(b, acc):
         codes = codes_ref[:, pl.ds(b * 32, 32)].astype(jnp.int32)  # [bn, 32]: one 64-block per row
         scale = absmax_ref[:, pl.ds(b, 1)]  # [bn, 1]
-        hi = _nf4_value(codes >> 4) * scale
-        lo = _nf4_value(codes & 0xF) * scale
+        hi = nf4_values_by_select(codes >> 4) * scale
+        lo = nf4_values_by_select(codes & 0xF) * scale
         xe = xe_ref[:, pl.ds(b * 32, 32)].astype(jnp.float32)  # [m, 32]
         xo = xo_ref[:, pl.ds(b * 32, 32)].astype(jnp.float32)
         prod = xe[:, None, :] * hi[None, :, :] + xo[:, None, :] * lo[None, :, :]  # [m, bn, 32]
