@@ -37,6 +37,7 @@ from jaxvlm.generate import SamplingConfig, _jit_model, _prefill, sample
 from jaxvlm.layers import unrolled_layers
 
 _PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: a few prefill programs, not one per length
+PREFILL_MAX = 16  # the most requests prefilled in one batch
 
 
 @dataclasses.dataclass
@@ -73,12 +74,17 @@ def _batch_axes(model, length: int):
     return jax.tree.map(lambda a, b: next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), one, two)
 
 
-def _insert(cache, row, slot, axes: tuple):
-    """`cache` with `row` (a one-row cache of the same layout) written at batch position `slot`; `axes`: each leaf's
-    batch axis, in leaf order."""
+def _insert(cache, rows, slots, axes: tuple):
+    """`cache` with row i of `rows` (a cache of the same layout, len(slots) rows) written at batch position
+    `slots[i]`; `axes`: each leaf's batch axis, in leaf order."""
     leaves, treedef = jax.tree.flatten(cache)
-    return treedef.unflatten([jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, a)
-                              for c, r, a in zip(leaves, jax.tree.leaves(row), axes)])
+    out = []
+    for c, r, a in zip(leaves, jax.tree.leaves(rows), axes):
+        for i in range(slots.shape[0]):
+            c = jax.lax.dynamic_update_slice_in_dim(c, jax.lax.slice_in_dim(r, i, i + 1, axis=a).astype(c.dtype),
+                                                    slots[i], a)
+        out.append(c)
+    return treedef.unflatten(out)
 
 
 _insert_jit = jax.jit(_insert, static_argnums=3, donate_argnums=0)
@@ -116,7 +122,7 @@ class Engine:
         if max_num_seqs < 1 or max_length < 2 or steps < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs}, max_length={max_length}, steps={steps}: expected "
                              f"max_num_seqs >= 1, max_length >= 2, steps >= 1")
-        self.model = model
+        self.set_model(model)
         self.slots, self.length, self.steps, self.sampling = max_num_seqs, max_length, steps, sampling
         self.eos = set(np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else [], np.int64)).tolist())
         self.pad = int(pad_token_id if pad_token_id is not None else min(self.eos, default=0))
@@ -134,14 +140,17 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
         self._rng = jax.random.key(seed)
+        # Calls of the device programs so far: prefills, the requests they held, decode calls.
+        self.stats = collections.Counter()
 
     def set_model(self, model) -> None:
         """Generate with `model` from now on: the same family and shapes (another LoRA adapter, or merged weights of
         the same dtype) reuse the compiled programs. Requests under way continue with the new weights."""
-        if jax.tree.structure(nnx.state(model)) != jax.tree.structure(nnx.state(self.model)):
+        graphdef, state = nnx.split(model)  # once, not per call of the jit'd programs
+        if hasattr(self, "model") and graphdef != self._graphdef:
             raise ValueError("set_model: the new model's parameters are not laid out as the engine's model's "
                              "(another family, another LoRA rank or targets?): build a new Engine for it")
-        self.model = model
+        self.model, self._graphdef, self._state = model, graphdef, state
 
     def submit(self, *, max_new_tokens: int = 128, **processor_outputs) -> Request:
         """Queues one request: what the processor returns for one prompt (input_ids `[1, n]` or `[n]`, its
@@ -185,15 +194,18 @@ class Engine:
             self.step()
 
     def step(self) -> None:
-        """Admits waiting requests into free slots (each prefilled), then one call of `steps` decode steps."""
-        for slot in range(self.slots):
-            if self.running[slot] is None and self.waiting:
-                self._admit(slot, self.waiting.popleft())
+        """Admits waiting requests into free slots (prefilled together where they can be), then one call of `steps`
+        decode steps."""
+        free = [slot for slot, r in enumerate(self.running) if r is None]
+        if free and self.waiting:
+            self._admit([(slot, self.waiting.popleft()) for slot in free[:len(self.waiting)]])
         if not any(r is not None for r in self.running):
             return
         self._rng, rng = jax.random.split(self._rng)
-        out, self.cache, _ = _decode_steps(self.model, self.cache, self.tokens, self.positions, self.index,
-                                           self.key_mask, rng, steps=self.steps, sampling=self.sampling)
+        self.stats["decode_calls"] += 1
+        out, self.cache, _ = _decode_steps.pure(self._graphdef, self._state, self.cache, self.tokens, self.positions,
+                                                self.index, self.key_mask, rng, steps=self.steps,
+                                                sampling=self.sampling)
         out = np.asarray(out)
         self.tokens = out[:, -1].copy()
         self.index = np.minimum(self.index + self.steps, self.length).astype(np.int32)
@@ -205,28 +217,72 @@ class Engine:
                         self._retire(slot)
                         break
 
-    def _admit(self, slot: int, request: Request) -> None:
-        inputs, request.inputs = request.inputs, None
-        bucket = inputs["input_ids"].shape[1]
+    def _admit(self, admitted: list) -> None:
+        """Prefills `admitted` [(slot, request)]: requests of one prompt bucket together, in groups of a power of two
+        up to PREFILL_MAX (a few batch sizes, so a few compiled programs); the first tokens read back once for all."""
+        by_bucket = collections.defaultdict(list)
+        for slot, request in admitted:
+            by_bucket[request.inputs["input_ids"].shape[1]].append((slot, request))
+        parts, firsts = [], []
+        for group in by_bucket.values():
+            while group:
+                size = min(PREFILL_MAX, 1 << (len(group).bit_length() - 1))
+                part, group = group[:size], group[size:]
+                inputs = self._batched([r.inputs for _, r in part])
+                for piece, piece_inputs in ([(part, inputs)] if inputs is not None else
+                                            [([one], one[1].inputs) for one in part]):
+                    firsts.append(self._prefill(piece, piece_inputs))
+                    parts += piece
+        for (slot, request), first in zip(parts, np.asarray(jnp.concatenate(firsts)).tolist()):
+            self.tokens[slot] = first
+            self.running[slot] = request
+            if self._emit(request, first):
+                self._retire(slot)
+
+    def _batched(self, inputs: list[dict]) -> dict | None:
+        """One batch of several requests' processor outputs: the prompt-axis arrays (one bucket wide) stacked, the
+        others (pixel rows, image grids and sizes: one row per image or patch) concatenated in order. None where that
+        does not make a batch (a family with per-sample arrays, shapes that do not concatenate)."""
+        if len(inputs) == 1:
+            return inputs[0]
+        if type(self.model).INFO.sample_arrays:
+            return None
+        out = {}
+        for name in set().union(*inputs):
+            values = [np.asarray(i[name]) for i in inputs if i.get(name) is not None]
+            if name in ("input_ids", "attention_mask", *self._token_axes) and len(values) != len(inputs):
+                return None
+            try:
+                out[name] = np.concatenate(values)
+            except ValueError:
+                return None
+        return out
+
+    def _prefill(self, part: list, inputs: dict) -> jax.Array:
+        """Prefills the requests of `part` [(slot, request)] from their batched processor outputs `inputs`, writes
+        their cache rows into their slots and the slots' host state; returns their first tokens (on the device)."""
+        for _, request in part:
+            request.inputs = None
+        k, bucket = inputs["input_ids"].shape
+        self.stats.update(prefills=1, prefilled_requests=k)
         prepared = self.model.prepare_inputs(**inputs)
-        key_mask = np.concatenate([inputs["attention_mask"], np.ones((1, self.length - bucket), np.int32)], axis=1)
-        empty = self.model.init_cache(1, self.length)
-        logits, row = _prefill(self.model, jax.tree.map(jnp.asarray, prepared), empty, jnp.asarray(key_mask),
-                               mesh=None)
-        if jax.tree.map(lambda a: a.shape, row) != jax.tree.map(lambda a: a.shape, self._one_row):
+        key_mask = np.concatenate([inputs["attention_mask"], np.ones((k, self.length - bucket), np.int32)], axis=1)
+        empty = self.model.init_cache(k, self.length)
+        logits, rows = _prefill.pure(self._graphdef, self._state, jax.tree.map(jnp.asarray, prepared), empty,
+                                     jnp.asarray(key_mask), mesh=None)
+        want = [tuple(k if i == a else n for i, n in enumerate(leaf.shape))
+                for leaf, a in zip(jax.tree.leaves(self._one_row), self._axes)]
+        if [leaf.shape for leaf in jax.tree.leaves(rows)] != want:
             raise NotImplementedError(f"{type(self.model).__name__}: its generation cache changes shape with the "
                                       f"prompt (e.g. cross-attention image states), which the engine's slot cache "
                                       f"cannot hold; use generate() for this request")
-        self.cache = _insert_jit(self.cache, row, slot, self._axes)
+        slots = [slot for slot, _ in part]
+        self.cache = _insert_jit(self.cache, rows, jnp.asarray(slots, jnp.int32), self._axes)
+        self.key_mask[slots] = key_mask
+        self.index[slots] = bucket
+        self.positions[slots] = self.model.next_positions(prepared)
         self._rng, key = jax.random.split(self._rng)
-        first = int(sample(logits, key, self.sampling)[0])
-        self.key_mask[slot] = key_mask[0]
-        self.index[slot] = bucket
-        self.positions[slot] = int(self.model.next_positions(prepared)[0])
-        self.tokens[slot] = first
-        self.running[slot] = request
-        if self._emit(request, first):
-            self._retire(slot)
+        return sample(logits, key, self.sampling)
 
     def _emit(self, request: Request, token: int) -> bool:
         """Hands `token` to the request; True when the request is then done."""

@@ -99,6 +99,7 @@ def _jit_model(**jit_kwargs):
         @functools.wraps(fn)
         def call(model, *args, **kwargs):
             return pure(*nnx.split(model), *args, **kwargs)
+        call.pure = pure  # for callers that hold the model split already: pure(graphdef, state, *args, **kwargs)
         return call
     return wrap
 
