@@ -53,7 +53,10 @@ def _on_device(value, dtype) -> jax.Array:
     it lies."""
     if isinstance(value, jax.Array):
         return value.astype(dtype)
-    return jax.device_put(np.asarray(value).astype(dtype))
+    value = np.asarray(value)
+    # An array of its own (a stack of layers) is cast in place when it has the dtype already; a view of the
+    # checkpoint's memory map is copied, so that no param (a CPU backend may alias host memory) reads the file.
+    return jax.device_put(value.astype(dtype, copy=not value.flags.owndata))
 
 
 def default_convert(key: str, value, spec) -> jax.Array:
@@ -151,7 +154,10 @@ def load_state(
             return _checked_either_layout(ckpt, disk_key, shape, ours)
         return _checked(ckpt, disk_key, shape, ours)
 
-    def read_whole(disk_keys: list[str], per_layer: bool, shape: tuple, key: str):
+    def read_whole(disk_keys: list[str], per_layer: bool, shape: tuple, key: str, plain: bool = False):
+        if plain:  # shapes checked (the plan): read into memory of its own, the layers stacked as they arrive
+            whole = ckpt.read(disk_keys)
+            return whole if per_layer else whole[0]
         if not per_layer:
             return read(disk_keys[0], shape, key)
         layers = [read(k, shape[1:], key) for k in disk_keys]
@@ -188,7 +194,7 @@ def load_state(
     loaded = []
     for path, var, key, spec, disk_keys, per_layer, plain in plan:
         if mesh is None:
-            value = read_whole(disk_keys, per_layer, spec.shape, key)
+            value = read_whole(disk_keys, per_layer, spec.shape, key, plain)
         elif plain:
             value = read_sharded(ckpt, disk_keys, per_layer, spec.shape, placement(key, spec))
         else:

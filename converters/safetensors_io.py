@@ -6,6 +6,7 @@ copies one block of a tensor (what one device of a mesh holds) out of the mapped
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import struct
@@ -24,6 +25,11 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
+
+
+# Threads that read tensors from files (Checkpoint.read): reads of a few tensors at once keep a disk or the page cache
+# busier than one.
+_READERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="jaxvlm-read")
 
 
 class CheckpointError(ValueError):
@@ -131,6 +137,32 @@ class Checkpoint:
             self._maps[e.path] = np.memmap(e.path, dtype=np.uint8, mode="r")
         raw = self._maps[e.path][e.start:e.end]
         return raw.view(_DTYPES[e.dtype]).reshape(e.shape)
+
+    def read(self, keys: list[str]) -> np.ndarray:
+        """The tensors `keys` (one shape and dtype) stacked on a new first axis, in host memory of their own: each
+        read from its file by plain reads, several at a time (the reads release the GIL), not by touching the mapped
+        pages one by one (measured on the CPU machine: 24 s of `np.stack` over the maps for a 2B checkpoint)."""
+        first = self.entries[keys[0]]
+        out = np.empty((len(keys), *first.shape), _DTYPES[first.dtype])
+        flat = out.reshape(len(keys), -1).view(np.uint8)
+        for key in keys:
+            e = self.entries[key]
+            if e.shape != first.shape or e.dtype != first.dtype:
+                raise CheckpointError(f"{e.path}: tensor {key!r} is {e.dtype} {e.shape}, expected {first.dtype} "
+                                      f"{first.shape} as {keys[0]!r} (the layers of one param)")
+
+        def one(i: int) -> None:
+            e = self.entries[keys[i]]
+            view, done = memoryview(flat[i]), 0
+            with open(e.path, "rb", buffering=0) as f:
+                f.seek(e.start)
+                while done < view.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise CheckpointError(f"{e.path}: ends inside tensor {keys[i]!r}")
+                    done += n
+        list(_READERS.map(one, range(len(keys))))
+        return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         """The block `index` of tensor `key` (one slice per leading axis, step 1; the axes after them whole),

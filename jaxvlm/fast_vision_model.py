@@ -7,6 +7,7 @@ families below never import generation, LoRA or export.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -188,6 +189,8 @@ class FastVisionModel:
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
         family, hf_config = read_config(model_dir)
+        # The processor (transformers' processing modules import in seconds) loads beside the weights.
+        processor_future = _LOADER.submit(_load_processor, model_dir, family)
         cls, info = user_class(family), family.INFO
         cfg = family.config_from_hf(hf_config)
         dtype = jnp.dtype(family.resolve_dtype(dtype))
@@ -204,8 +207,7 @@ class FastVisionModel:
         model.use_gradient_checkpointing = use_gradient_checkpointing
         model.fast_inference, model.max_num_seqs = fast_inference, max_num_seqs
 
-        from jaxvlm.processing import load_processor  # imports transformers' processors: only when loading
-        processor = load_processor(model_dir, family)
+        processor = processor_future.result()
         _PROCESSORS[model] = processor
         return model, processor
 
@@ -236,6 +238,14 @@ class FastVisionModel:
         model.training = False
         _set_padding_side(model, "left")
         return model
+
+
+_LOADER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvlm-processor")
+
+
+def _load_processor(model_dir: str, family):
+    from jaxvlm.processing import load_processor  # imports transformers' processors: only when loading
+    return load_processor(model_dir, family)
 
 
 def _check_quantization_config(hf_config, model_dir: str) -> bool:
