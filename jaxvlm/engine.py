@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.generate import SamplingConfig, _jit_model, _prefill, sample
+from jaxvlm.generate import SamplingConfig, _jit_model, _prefill, loop_model, sample
 from jaxvlm.layers import unrolled_layers
 
 _PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: a few prefill programs, not one per length
@@ -94,12 +94,11 @@ _insert_jit = jax.jit(_insert, static_argnums=3, donate_argnums=0)
 def _decode_steps(model, cache, tokens, positions, index, key_mask, rng, *, steps, sampling):
     """`steps` decode steps of every slot: feeds `tokens [slots]` at cache slots `index [slots]` and text positions
     `positions [slots]`, samples, feeds the samples, ... Returns (the sampled ids `[slots, steps]`, cache, rng)."""
-    graphdef, state = nnx.split(model)  # the weights closed over, the module rebuilt inside (see generate)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
+    rebuilt = loop_model(model)
 
     def body(carry, step):
         tokens, cache, rng = carry
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        model = rebuilt()
         with unrolled_layers():
             h, cache = model.decode(tokens, positions + step, cache, key_mask, index + step)
         rng, key = jax.random.split(rng)
@@ -133,6 +132,7 @@ class Engine:
         self._one_row = jax.eval_shape(lambda: model.init_cache(1, max_length))
         self.cache = jax.jit(lambda: model.init_cache(max_num_seqs, max_length))()
         self.key_mask = np.zeros((max_num_seqs, max_length), np.int32)
+        self._key_mask_on_device = None  # key_mask's device copy, sent again only after key_mask changed
         self.index = np.full(max_num_seqs, max_length, np.int32)  # an idle slot writes past the end: dropped
         self.positions = np.zeros(max_num_seqs, np.int32)
         self.tokens = np.full(max_num_seqs, self.pad, np.int32)
@@ -188,10 +188,12 @@ class Engine:
         self.run()
         return out
 
-    def run(self) -> None:
-        """Steps until no request waits or runs."""
+    def run(self, on_step=None) -> None:
+        """Steps until no request waits or runs; calls `on_step()` after each step (a progress bar's update)."""
         while self.waiting or any(r is not None for r in self.running):
             self.step()
+            if on_step is not None:
+                on_step()
 
     def step(self) -> None:
         """Admits waiting requests into free slots (prefilled together where they can be), then one call of `steps`
@@ -203,8 +205,10 @@ class Engine:
             return
         self._rng, rng = jax.random.split(self._rng)
         self.stats["decode_calls"] += 1
+        if self._key_mask_on_device is None:
+            self._key_mask_on_device = jnp.asarray(self.key_mask)
         out, self.cache, _ = _decode_steps.pure(self._graphdef, self._state, self.cache, self.tokens, self.positions,
-                                                self.index, self.key_mask, rng, steps=self.steps,
+                                                self.index, self._key_mask_on_device, rng, steps=self.steps,
                                                 sampling=self.sampling)
         out = np.asarray(out)
         self.tokens = out[:, -1].copy()
@@ -279,6 +283,7 @@ class Engine:
         slots = [slot for slot, _ in part]
         self.cache = _insert_jit(self.cache, rows, jnp.asarray(slots, jnp.int32), self._axes)
         self.key_mask[slots] = key_mask
+        self._key_mask_on_device = None
         self.index[slots] = bucket
         self.positions[slots] = self.model.next_positions(prepared)
         self._rng, key = jax.random.split(self._rng)
@@ -296,6 +301,7 @@ class Engine:
     def _retire(self, slot: int) -> None:
         self.running[slot] = None
         self.key_mask[slot] = 0
+        self._key_mask_on_device = None
         self.index[slot] = self.length
 
 
@@ -388,9 +394,7 @@ def fast_generate(model, processor, prompts, sampling_params=None, *, lora_reque
         texts.append(text)
         requests.append(engine.submit(max_new_tokens=max_tokens, **inputs))
     with tqdm(total=len(requests), desc="fast_generate", unit="request", disable=not use_tqdm) as bar:
-        while engine.waiting or any(r is not None for r in engine.running):
-            engine.step()
-            bar.update(sum(r.finished for r in requests) - bar.n)
+        engine.run(on_step=lambda: bar.update(sum(r.finished for r in requests) - bar.n))
     return [RequestOutput(str(r.request_id), text, r.prompt_token_ids.tolist(),
                           [CompletionOutput(0, tokenizer.decode(r.token_ids, skip_special_tokens=True), r.token_ids,
                                             r.finish_reason)])

@@ -104,6 +104,15 @@ def _jit_model(**jit_kwargs):
     return wrap
 
 
+def loop_model(model):
+    """A function that rebuilds `model` inside a lax loop body. NNX modules (and their Variables) may not cross into a
+    loop body: the weights' arrays are closed over (loop invariants, read in place) and the module rebuilt around them.
+    (Carried through the loop state, every weight was copied: twice the weights' memory.)"""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return lambda: nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
 @_jit_model(static_argnames=("mesh",))
 def _prefill(model, inputs, cache, key_mask, mesh):
     h, cache = model.prefill(inputs, cache, key_mask)
@@ -125,11 +134,7 @@ _decode_step = _jit_model(static_argnames=("prompt_len", "mesh"), donate_argnums
 def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prompt_len, max_new_tokens,
                  sampling, mesh):
     batch = first.shape[0]
-    # NNX modules (and their Variables) may not cross into a lax.while_loop body: the weights' arrays are closed over
-    # (loop invariants, read in place) and the module rebuilt inside around them. (Carried through the loop state,
-    # every weight was copied: twice the weights' memory.)
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
+    rebuilt = loop_model(model)
 
     def cond(state):
         step, _, done, *_ = state
@@ -139,8 +144,7 @@ def _decode_loop(model, cache, first, key_mask, next_pos, rng, eos, pad, *, prom
         step, token, done, out, cache, rng = state
         out = out.at[:, step].set(jnp.where(done, pad, token))
         done = done | jnp.isin(token, eos)
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-        logits, cache = _decode_logits(model, cache, token, step, key_mask, next_pos, prompt_len, mesh)
+        logits, cache = _decode_logits(rebuilt(), cache, token, step, key_mask, next_pos, prompt_len, mesh)
         rng, key = jax.random.split(rng)
         return step + 1, sample(logits, key, sampling), done, out, cache, rng
 

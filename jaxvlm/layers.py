@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxvlm.kernels import flash_attention, grouped_matmul, nf4_matmul
-from jaxvlm.quant.nf4 import NF4, nf4_rows_product
+from jaxvlm.quant.nf4 import NF4
 
 
 def dense_weight(w, dtype) -> jax.Array:
@@ -50,16 +50,6 @@ nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
 ROWS_PRODUCT_MAX = 1
 
-# How that one-row product forms an NF4 weight's values (`nf4_rows_product`), an experiment of issue 19: with NF4 the
-# decode step reads a third of bf16's bytes yet ran slower (499 vs 638 tokens/s, H200), the fused reduction being
-# bound by the dequantization's arithmetic. "table" (the default): as dequantize_nf4, a gather from the 16 NF4 values
-# and a multiply by the (double-quantized) block absmax per element. "select": the values by a select tree on the code's
-# bits, no gather. "blocksum": a sum per 64-block of x times the table values, times the block's absmax once per block
-# (a second reduction over the blocks). "blocksum-select": both. Not yet measured on a GPU
-# (scripts/bench_decode_variants: nf4select, nf4blocksum, nf4blockselect). Read at trace time.
-nf4_rows = os.environ.get("JAXVLM_NF4_ROWS", "table")
-
-
 def _rows_product(x: jax.Array) -> bool:
     on = rows_product == "on" or (rows_product == "auto" and jax.default_backend() == "gpu")
     return on and int(np.prod(x.shape[:-1])) <= ROWS_PRODUCT_MAX
@@ -69,8 +59,7 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
-    One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`; an NF4 weight's
-    values formed as `nf4_rows` says). With JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the
+    One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the
     Pallas kernel on a GPU.
     """
     if hasattr(w, "linear"):
@@ -78,8 +67,6 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     elif (isinstance(w, NF4) and nf4_kernel == "on" and jax.default_backend() == "gpu"
           and nf4_matmul.supported(x, w)):
         y = nf4_matmul.nf4_matmul(x, w)
-    elif isinstance(w, NF4) and nf4_rows != "table" and w.stack_ndim == 0 and _rows_product(x):
-        y = nf4_rows_product(x.astype(jnp.float32), w, nf4_rows).astype(x.dtype)
     elif _rows_product(x):
         w = dense_weight(w, jnp.float32)
         y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)

@@ -8,12 +8,8 @@ layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_
 variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
 token by kernel kind (bench_train's CUPTI summary).
 
-NF4's one-row product (JAXVLM_NF4_ROWS, jaxvlm.quant.nf4.nf4_rows_product; with --weights nf4; not yet run on a GPU):
-nf4select (the NF4 values by a select tree on the code's bits, no gather), nf4blocksum (a sum per 64-block, times the
-block's absmax once per block), nf4blockselect (both). base is "table": a gather and an absmax multiply per element.
-
-    PYTHONPATH=. python -m scripts.bench_decode_variants --variants base nf4select nf4blocksum nf4blockselect \
-        --weights nf4 16bit
+The NF4 one-row variants of 2026-11-30 (nf4select, nf4blocksum, nf4blockselect: JAXVLM_NF4_ROWS) lost to the table
+lookup and were removed; their numbers are in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -29,9 +25,7 @@ ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL",
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice
        # fusion takes library calls, not Triton GEMMs)
-       "cublas": ("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),
-       "nf4select": ("JAXVLM_NF4_ROWS", "select"), "nf4blocksum": ("JAXVLM_NF4_ROWS", "blocksum"),
-       "nf4blockselect": ("JAXVLM_NF4_ROWS", "blocksum-select")}
+       "cublas": ("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")}
 
 
 def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: bool) -> dict:

@@ -282,36 +282,6 @@ def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     return _dequantize(q, dtype, nf4_values_by_table)
 
 
-NF4_ROWS_FORMULATIONS = ("table", "select", "blocksum", "blocksum-select")
-
-
-def nf4_rows_product(x: jax.Array, q: NF4, formulation: str) -> jax.Array:
-    """x @ W.T as a float32 multiply + sum over `in`, W the weight of q: x float32 [..., in], q one [out, in] weight
-    (codes [n / 2]); returns float32 [..., out]. For a few rows of x (layers.linear's one-row product).
-
-    formulation (NF4_ROWS_FORMULATIONS), how the reduction forms W's values (issue 19: a one-row product over an NF4
-    weight was bound by the dequantization's arithmetic, not by reading the codes):
-      "table": sum(x * W), W as dequantize_nf4 forms it (a gather from the 16 values, times the absmax per element).
-      "select": the same with the values by a select tree on each code's bits (nf4_values_by_select), no gather.
-      "blocksum": per 64-block first sum(x_i * NF4_TABLE[c_i]), then times the block's absmax once, then the sum over
-        the blocks: the absmax (and its double-quantized decoding) per block, not per element. The codes are read as
-        [out, in / 64, 32] bytes, the high nibble meeting x's even elements and the low one the odd: no interleaving.
-        Needs `in % 64 == 0` (each block inside one row); otherwise "table".
-      "blocksum-select": "blocksum" with the select tree; "select" where `in % 64 != 0`.
-    """
-    if formulation not in NF4_ROWS_FORMULATIONS:
-        raise ValueError(f"nf4_rows_product: formulation {formulation!r}, expected one of {NF4_ROWS_FORMULATIONS}")
-    values = nf4_values_by_select if formulation.endswith("select") else nf4_values_by_table
-    blocks = formulation.startswith("blocksum") and len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
-    if not blocks:
-        return jnp.sum(x[..., None, :] * _dequantize(q, jnp.float32, values), axis=-1)
-    out, n_blocks, half = q.shape[0], q.shape[1] // q.blocksize, q.blocksize // 2
-    codes = q.codes.reshape(out, n_blocks, half)  # [out, blocks, 32]: byte j holds elements 2j and 2j + 1
-    x = x.reshape(*x.shape[:-1], 1, n_blocks, half, 2)  # [..., 1, blocks, 32, (even, odd)]
-    partial = jnp.sum(x[..., 0] * values(codes >> 4) + x[..., 1] * values(codes & 0xF), axis=-1)  # [..., out, blocks]
-    return jnp.sum(partial * block_absmax(q).reshape(out, n_blocks), axis=-1)
-
-
 # bitsandbytes' serialized tensors of one weight, keyed by the suffix after the weight's own key.
 _CODES, _ABSMAX, _QUANT_MAP = "", ".absmax", ".quant_map"
 _NESTED_ABSMAX, _NESTED_QUANT_MAP = ".nested_absmax", ".nested_quant_map"
