@@ -103,8 +103,8 @@ LAYERS = [
     ("model families", ("jaxvlm.models",)),
     ("param-tree transforms", ("jaxvlm.lora", "jaxvlm.targets", "jaxvlm.quantize", "jaxvlm.sharding")),
     ("converters", ("jaxvlm.converters",)),
-    ("user API, trainer and tools", ("jaxvlm.fast_vision_model", "jaxvlm.generate", "jaxvlm.engine",
-                                     "jaxvlm.export", "jaxvlm.processing", "jaxvlm.video", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
+    ("user API, trainer and tools", ("jaxvlm.fast_vision_model", "jaxvlm.generate", "jaxvlm.engine", "jaxvlm.export",
+                                     "jaxvlm.processing", "jaxvlm.video", "jaxvlm.tiny", "jaxvlm.train", "jaxvlm.cli")),
 ]
 
 
