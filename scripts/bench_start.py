@@ -32,6 +32,7 @@ def first_step(path: str, weights: str, batch: int, text: int, tiny: bool) -> di
     import jax
 
     from jaxvlm import FastVisionModel
+    stages = stamp_stages()
     from scripts.bench_common import workload_image
     from scripts.bench_train import synthetic_trainer
     model, _ = FastVisionModel.from_pretrained(path, load_in_4bit=weights == "nf4", load_in_16bit=weights == "bf16")
@@ -46,9 +47,30 @@ def first_step(path: str, weights: str, batch: int, text: int, tiny: bool) -> di
     tr = trainer(1)
     tr.log_history = Stamped()
     out = tr.train()
-    return dict(import_s=round(t_import - T0, 2), loaded_s=round(t_loaded - T0, 2), model_s=round(t_model - T0, 2),
-                first_step_s=round(tr.log_history.first - T0, 2), train_returned_s=round(time.time() - T0, 2),
-                loss=round(out.training_loss, 4), seq=seq, device=jax.devices()[0].device_kind)
+    return dict(import_s=round(t_import - T0, 2), **stages, loaded_s=round(t_loaded - T0, 2),
+                model_s=round(t_model - T0, 2), first_step_s=round(tr.log_history.first - T0, 2),
+                train_returned_s=round(time.time() - T0, 2), loss=round(out.training_loss, 4), seq=seq,
+                torch_imported="torch" in sys.modules and sys.modules["torch"] is not None,
+                device=jax.devices()[0].device_kind)
+
+
+def stamp_stages() -> dict:
+    """from_pretrained's stages stamped as they end (seconds from the process's start, into the dict returned):
+    config_s (config.json read through transformers' AutoConfig: transformers' import), weights_s (every param on the
+    device), processor_s (the processor, loaded on a thread beside the weights)."""
+    import jaxvlm.fast_vision_model as fvm
+    stages = {}
+
+    def stamped(name, fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            stages[name] = round(time.time() - T0, 2)
+            return out
+        return call
+    fvm.read_config = stamped("config_s", fvm.read_config)
+    fvm.load_state = stamped("weights_s", fvm.load_state)
+    fvm._load_processor = stamped("processor_s", fvm._load_processor)
+    return stages
 
 
 class Stamped(list):
@@ -74,9 +96,17 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="the tiny Qwen2-VL on the CPU (checks the script)")
     ap.add_argument("--cache", help="the compilation cache directory (default: a new one per weights kind); it must "
                                     "be empty for the first run to be cold")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="start as on a machine without PyTorch (jaxvlm does not need it; transformers imports it "
+                         "where installed): the processes see no torch package")
+    ap.add_argument("--pycache", help="a directory for Python's bytecode (PYTHONPYCACHEPREFIX) shared by the runs: "
+                                      "the warm run finds the modules compiled, as a pip-installed package has them "
+                                      "where site-packages cannot be written")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (internal) weights kind: one start in this process
     args = ap.parse_args()
     if args.one:
+        if args.no_torch:
+            sys.modules["torch"] = None  # importlib.util.find_spec("torch") is then None: transformers sees no torch
         print(json.dumps(first_step(args.dir, args.one, args.batch, args.text, args.tiny)), flush=True)
         return
     if not os.path.exists(os.path.join(args.dir, "config.json")):
@@ -93,13 +123,17 @@ def main():
         for run in ("cold", "warm"):
             env = dict(os.environ, JAXVLM_COMPILATION_CACHE=cache)
             env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a directory given to JAX would win over ours
+            if args.pycache:
+                env["PYTHONPYCACHEPREFIX"] = args.pycache
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "scripts.bench_start", "--one", weights, "--dir", args.dir,
                                 "--batch", str(args.batch), "--text", str(args.text),
-                                *(["--tiny"] if args.tiny else [])], env=env,
+                                *(["--tiny"] if args.tiny else []), *(["--no-torch"] if args.no_torch else [])],
+                               env=env,
                                capture_output=True, text=True)
             line = dict(bench="start", run=run, geometry="tiny" if args.tiny else "qwen2-vl-2b", weights=weights,
-                        batch=args.batch, process_s=round(time.time() - t0, 2))
+                        batch=args.batch, no_torch=args.no_torch, pycache=bool(args.pycache),
+                        process_s=round(time.time() - t0, 2))
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 line["error"] = f"exit {r.returncode}"
