@@ -107,7 +107,21 @@ def main():
     if args.one:
         if args.no_torch:
             sys.modules["torch"] = None  # importlib.util.find_spec("torch") is then None: transformers sees no torch
-        print(json.dumps(first_step(args.dir, args.one, args.batch, args.text, args.tiny)), flush=True)
+        profile = os.environ.get("BENCH_START_PROFILE")  # (a file) the process's time by function, cProfile's text
+        if profile:
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            line = prof.runcall(first_step, args.dir, args.one, args.batch, args.text, args.tiny)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(100)
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+            with open(profile, "w") as f:
+                f.write(text.getvalue())
+        else:
+            line = first_step(args.dir, args.one, args.batch, args.text, args.tiny)
+        print(json.dumps(line), flush=True)
         return
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         if args.tiny:
