@@ -188,6 +188,7 @@ class FastVisionModel:
         mesh = None if mesh is None else as_mesh(mesh)
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
+        _LOADER.submit(jax.devices)  # the backend starts (CUDA's context: 0.6 s on an H200) while transformers imports
         family, hf_config = read_config(model_dir)
         # The processor (transformers' processing modules import in seconds) loads beside the weights.
         processor_future = _LOADER.submit(_load_processor, model_dir, family)

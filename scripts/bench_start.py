@@ -139,6 +139,7 @@ def main():
             env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a directory given to JAX would win over ours
             if args.pycache:
                 env["PYTHONPYCACHEPREFIX"] = args.pycache
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "scripts.bench_start", "--one", weights, "--dir", args.dir,
                                 "--batch", str(args.batch), "--text", str(args.text),

@@ -19,8 +19,9 @@ def count(name, **kw):
     if name == "/jax/compilation_cache/cache_misses": events["misses"] += 1
 jax.monitoring.register_event_listener(count)
 import jaxvlm
-if len(sys.argv) < 3:  # only where the cache is
-    print(json.dumps({"dir": jax.config.jax_compilation_cache_dir})); sys.exit()
+if len(sys.argv) < 3:  # only where the cache is, and which programs it keeps
+    print(json.dumps({"dir": jax.config.jax_compilation_cache_dir,
+                      "min_secs": jax.config.jax_persistent_cache_min_compile_time_secs})); sys.exit()
 from jaxvlm import FastVisionModel
 from jaxvlm.train import VisionDataCollator
 from jaxvlm.train.trainer import SFTConfig, SFTTrainer
@@ -41,13 +42,15 @@ def run(env, *args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_a_second_run_loads_its_programs_from_the_cache(tmp_path):
+def test_a_second_run_loads_its_programs_from_the_cache(tmp_path, monkeypatch):
     from jaxvlm.tiny import save_random_model
     model_dir = str(tmp_path / "model")
     save_random_model(model_dir, "qwen2_vl")
     cache = tmp_path / "cache"
-    # Every program cached however fast it compiled (JAX's default keeps those over 1 s).
-    env = {"JAXVLM_COMPILATION_CACHE": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # Every program cached however fast it compiled (JAX's default keeps those over 1 s; jaxvlm's keeps all).
+    env = {"JAXVLM_COMPILATION_CACHE": str(cache)}
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)  # conftest's, for the rest
+    assert run(env) == {"dir": str(cache), "min_secs": 0.0}
     first = run(env, model_dir, tmp_path / "a")
     assert first["dir"] == str(cache) and first["misses"] > 0 and first["hits"] == 0, first
     entries = set(os.listdir(cache))
@@ -58,6 +61,8 @@ def test_a_second_run_loads_its_programs_from_the_cache(tmp_path):
 
     # Off, the user's own directory, and one that cannot be written (a warning, no cache, no failure).
     assert run({"JAXVLM_COMPILATION_CACHE": "0"})["dir"] is None
+    assert run({"JAXVLM_COMPILATION_CACHE": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}) == {
+        "dir": str(cache), "min_secs": 2.0}  # the user's threshold wins
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert run({"JAXVLM_COMPILATION_CACHE": str(blocked / "cache")})["dir"] is None

@@ -135,3 +135,31 @@ def test_hub_id_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="offline"):
         load("unsloth/Qwen2-VL-2B-Instruct")
+
+
+def test_importer_budget_holds_at_most_its_limit_but_lets_a_larger_param_through_alone():
+    """Params load on threads: the bytes read and not yet on the device stay under the budget's limit, and a param
+    larger than the limit still loads (alone)."""
+    import threading
+    import time
+
+    from jaxvlm.converters.hf_import import _Budget
+    budget, holders, seen, lock = _Budget(10), [], [], threading.Lock()
+
+    def load(n):
+        with budget.holding(n):
+            with lock:
+                holders.append(n)
+                seen.append(list(holders))
+            time.sleep(0.02)
+            with lock:
+                holders.remove(n)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in (4, 4, 4, 25, 3, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads) and len(seen) == 6
+    assert all(sum(h) <= 10 or h == [25] for h in seen), seen
+    assert any(len(h) > 1 for h in seen)  # the small ones did load side by side
