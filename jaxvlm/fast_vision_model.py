@@ -188,10 +188,12 @@ class FastVisionModel:
         mesh = None if mesh is None else as_mesh(mesh)
 
         model_dir = resolve_model_dir(model_name, token=token, revision=revision)
-        _LOADER.submit(jax.devices)  # the backend starts (CUDA's context: 0.6 s on an H200) while transformers imports
+        # Beside the main thread's config and weights: the backend's start (CUDA's context: 0.6 s on an H200) and the
+        # processor (transformers' processing modules import in seconds; with torch installed, torch's import too).
+        # transformers is imported by this thread first: its lazy module is not safe to import from two threads at once.
+        _LOADER.submit(jax.devices)
         family, hf_config = read_config(model_dir)
-        # The processor (transformers' processing modules import in seconds) loads beside the weights.
-        processor_future = _LOADER.submit(_load_processor, model_dir, family)
+        processor = _LOADER.submit(_load_processor, model_dir, family)
         cls, info = user_class(family), family.INFO
         cfg = family.config_from_hf(hf_config)
         dtype = jnp.dtype(family.resolve_dtype(dtype))
@@ -208,7 +210,7 @@ class FastVisionModel:
         model.use_gradient_checkpointing = use_gradient_checkpointing
         model.fast_inference, model.max_num_seqs = fast_inference, max_num_seqs
 
-        processor = processor_future.result()
+        processor = processor.result()
         _PROCESSORS[model] = processor
         return model, processor
 
@@ -241,7 +243,7 @@ class FastVisionModel:
         return model
 
 
-_LOADER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxvlm-processor")
+_LOADER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxvlm-loader")
 
 
 def _load_processor(model_dir: str, family):
