@@ -182,9 +182,8 @@ def main(argv=None):
                         failed.append(line)
                 if "kernel" in results:
                     us, config = min(results["kernel"], key=lambda r: r[0])
-                    best.append(dict(base, variant="best_kernel", config=config, us=round(us, 2),
-                                     vs_xla_rows=round(results["xla_rows"][0][0] / us, 2) if "xla_rows" in results else None,
-                                     vs_xla_dot=round(results["xla_dot"][0][0] / us, 2) if "xla_dot" in results else None))
+                    speedup = {f"vs_{v}": round(results[v][0][0] / us, 2) for v in ("xla_rows", "xla_dot") if v in results}
+                    best.append(dict(base, variant="best_kernel", config=config, us=round(us, 2), **speedup))
                 if interpret and failed:  # the check: every variant runs and agrees with the reference
                     raise SystemExit(f"--cpu-check failed: {failed}")
     for line in best:
