@@ -92,21 +92,72 @@ def test_attention_implementation_choice(monkeypatch):
         layers._use_cudnn(q, q)
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 64, 128), (3, 96, 320), (8, 48, 64 * 7)])
-def test_nf4_matmul_kernel_matches_xla_reference(rows, n, k):
-    """The Pallas NF4 kernel (interpret mode) against XLA's dequantize-then-multiply, fp32."""
-    from jaxvlm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference, supported
+def _nf4_stack(rng, layers, n, k, double_quantized=True):
+    """A stack of `layers` NF4 weights [n, k] (leaves with a leading layer axis) and its layers."""
     from jaxvlm.quant import quantize_nf4
-    rng = np.random.default_rng(rows * n)
-    w = quantize_nf4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
+    ws = [quantize_nf4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), compress_statistics=double_quantized)
+          for _ in range(layers)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *ws), ws
+
+
+def _nf4_close(got, want):
+    """The kernel's tolerance: float32 sums in another order, relative to the product's scale."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("rows,n,k,double_quantized,config", [
+    (1, 64, 128, True, {}),
+    (3, 96, 320, True, dict(block_n=32, block_k=1, split_k=5)),
+    (8, 256, 448, True, dict(block_n=64, block_k=1, split_k=7)),
+    (1, 256, 1536, True, dict(block_n=16, block_k=4, split_k=3)),
+    (8, 96, 1536, False, dict(block_n=32, block_k=8, split_k=1)),
+    (3, 64, 448, False, {}),
+])
+def test_nf4_matmul_kernel_matches_xla_reference(rows, n, k, double_quantized, config):
+    """The Pallas NF4 kernel (interpret mode) against XLA's dequantize-then-multiply, float32: one weight, and
+    layer 1 of a stack of three read in place."""
+    from jaxvlm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference, supported
+    rng = np.random.default_rng(rows * n + k)
+    stack, ws = _nf4_stack(rng, 3, n, k, double_quantized)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
-    assert supported(x, w)
-    want = nf4_matmul_reference(x, w)
-    got = nf4_matmul(x, w, block_n=32, unroll=4, interpret=True)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+    assert supported(x, ws[0]) and supported(x, stack, 1)
+    want = nf4_matmul_reference(x, ws[1])
+    _nf4_close(nf4_matmul(x, ws[1], interpret=True, **config), want)
+    _nf4_close(nf4_matmul(x, stack, 1, interpret=True, **config), want)
+    _nf4_close(nf4_matmul_reference(x, stack, 1), want)
     x3 = x.reshape(rows, 1, k)  # a decode step's [batch, 1, K]
-    np.testing.assert_allclose(nf4_matmul(x3, w, interpret=True), want.reshape(rows, 1, n),
-                               rtol=1e-5, atol=1e-4 * float(jnp.abs(want).max()))
+    _nf4_close(nf4_matmul(x3, stack, 1, interpret=True, **config), want.reshape(rows, 1, n))
+
+
+@pytest.mark.parametrize("double_quantized", [True, False])
+def test_nf4_matmul_kernel_is_exact_per_element(double_quantized):
+    """One-hot rows of x pick single columns of W: the kernel's value times absmax (its double-quantized absmax
+    decoded in the kernel) is dequantize_nf4's, bit for bit. Blocks past the first 256-group check the nested
+    absmax's index."""
+    from jaxvlm.kernels.nf4_matmul import nf4_matmul
+    from jaxvlm.quant import dequantize_nf4
+    rng = np.random.default_rng(5)
+    stack, ws = _nf4_stack(rng, 2, 64, 1536, double_quantized)
+    cols = np.array([0, 1, 62, 63, 64, 777, 1500, 1535])
+    x = jnp.asarray(np.eye(1536, dtype=np.float32)[cols])
+    got = nf4_matmul(x, stack, 1, interpret=True, block_n=16, block_k=2, split_k=4)
+    np.testing.assert_array_equal(got, dequantize_nf4(ws[1], jnp.float32)[:, cols].T)
+
+
+def test_nf4_matmul_kernel_check_catches_swapped_nibbles(monkeypatch):
+    """The comparison's tolerance is tight enough to see a wrong decode: HI and LO tables swapped fail it."""
+    from jaxvlm.kernels import nf4_matmul as module
+    rng = np.random.default_rng(9)
+    stack, ws = _nf4_stack(rng, 2, 32, 192, True)
+    x = jnp.asarray(rng.standard_normal((2, 192)), jnp.float32)
+    want = module.nf4_matmul_reference(x, ws[1])
+    monkeypatch.setattr(module, "HI_TABLE", module.LO_TABLE)
+    monkeypatch.setattr(module, "LO_TABLE", module.HI_TABLE)
+    try:
+        with pytest.raises(AssertionError):
+            _nf4_close(module.nf4_matmul(x, stack, 1, interpret=True, block_n=16, block_k=1, split_k=3), want)
+    finally:
+        jax.clear_caches()  # the traced kernel holds the swapped tables
 
 
 def test_nf4_matmul_kernel_refuses_unsupported_products():
@@ -117,7 +168,12 @@ def test_nf4_matmul_kernel_refuses_unsupported_products():
     with pytest.raises(ValueError, match="not a supported product"):
         nf4_matmul(jnp.ones((1, 100)), w, interpret=True)
     w = quantize_nf4(jnp.ones((32, 128), jnp.float32))
-    assert not supported(jnp.ones((17, 128)), w)  # more rows than a decode step: XLA's path
+    assert not supported(jnp.ones((9, 128)), w)  # more rows than a decode step: XLA's path
+    assert not supported(jnp.ones((1, 128)), w, 0)  # a layer of an unstacked weight
+    stack = jax.tree.map(lambda a: jnp.stack([a, a]), w)
+    assert not supported(jnp.ones((1, 128)), stack) and not supported(jnp.ones((1, 128)), stack, 2)
+    with pytest.raises(ValueError, match="do not tile"):
+        nf4_matmul(jnp.ones((1, 128)), w, block_k=4, interpret=True)  # 2 blocks of 64 along K
 
 
 def test_gather_rows_transpose_is_the_scatter_add():
