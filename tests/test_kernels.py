@@ -107,10 +107,10 @@ def _nf4_close(got, want):
 
 @pytest.mark.parametrize("rows,n,k,double_quantized,config", [
     (1, 64, 128, True, {}),
-    (3, 96, 320, True, dict(block_n=32, block_k=1, split_k=5)),
+    (3, 96, 320, True, dict(block_n=32, block_k=1, split_k=5, table="nibble")),
     (8, 256, 448, True, dict(block_n=64, block_k=1, split_k=7)),
     (1, 256, 1536, True, dict(block_n=16, block_k=4, split_k=3)),
-    (8, 96, 1536, False, dict(block_n=32, block_k=8, split_k=1)),
+    (8, 96, 1536, False, dict(block_n=32, block_k=8, split_k=1, table="nibble")),
     (3, 64, 448, False, {}),
 ])
 def test_nf4_matmul_kernel_matches_xla_reference(rows, n, k, double_quantized, config):

@@ -96,7 +96,7 @@ def _round(x: jax.Array, zero: jax.Array) -> jax.Array:
 
 
 def _kernel(xe_ref, xo_ref, hi_ref, lo_ref, codes_ref, *refs, rows: int, block_n: int, block_k: int,
-            steps: int, n_blocks: int, layer: int, double_quantized: bool):
+            steps: int, n_blocks: int, layer: int, double_quantized: bool, nibbles: bool):
     """One program: outputs [j * block_n, +block_n) over 64-blocks [s * steps * block_k, +steps * block_k).
 
     xe_ref, xo_ref: f32 [rows, K/64, 32]; hi_ref, lo_ref: f32 [256]; codes_ref: u8 [block_n, K/64, 32] (the
@@ -118,8 +118,10 @@ def _kernel(xe_ref, xo_ref, hi_ref, lo_ref, codes_ref, *refs, rows: int, block_n
     def step(i, accs):
         b0 = (s * steps + i) * block_k
         codes = codes_ref[:, pl.ds(b0, block_k), :].astype(jnp.int32)  # [bn, bk, 32]
-        hi = hi_ref[codes]
-        lo = lo_ref[codes]
+        if nibbles:  # the 16 values (64 bytes: one cache line for a warp's gather)
+            hi, lo = hi_ref[codes >> 4], lo_ref[codes & 15]
+        else:  # the byte-pair tables (1 KiB each)
+            hi, lo = hi_ref[codes], lo_ref[codes]
         if double_quantized:
             code8 = absmax_ref[layer, pl.ds(j * block_n, block_n), pl.ds(b0, block_k)].astype(jnp.int32)
             group = (n_idx * n_blocks + b0 + blk) // NESTED_BLOCKSIZE  # [bn, bk]: the block's 256-group
@@ -146,17 +148,20 @@ def _compiler_params(num_warps, num_stages):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "block_n", "block_k", "split_k", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "table", "interpret"))
 def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int | None = None,
                block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+               num_stages: int | None = None, table: str = "byte", interpret: bool = False) -> jax.Array:
     """x [..., K] @ dequantize(w).T -> [..., N] in x's dtype, by the Pallas kernel (see `supported`).
 
     w: one NF4 weight [N, K] (layer None), or a stack of them (leaves with a leading layer axis) and `layer`,
     the static index of the one to use, read in place. block_n (outputs per program, a power of 2 dividing N),
     block_k (64-blocks per loop step, a power of 2), split_k (programs along K; block_k * split_k must divide
-    K / 64), num_warps, num_stages: default to `default_config`'s pick for the shape.
+    K / 64), num_warps, num_stages: default to `default_config`'s pick for the shape. table: "byte" (gathers from
+    the byte-pair tables) or "nibble" (each code's nibble shifted out, gathers from the 16 values).
     """
+    if table not in ("byte", "nibble"):
+        raise ValueError(f"nf4_matmul: table {table!r}, expected 'byte' or 'nibble'")
     if not supported(x, w, layer):
         raise ValueError(f"nf4_matmul: x {x.shape} and weight {w.shape} (stacked: {w.stack_ndim}, layer {layer}) "
                          f"are not a supported product")
@@ -183,14 +188,15 @@ def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int |
     codes = stacked.codes.reshape(n_layers, n, nb, 32)
     absmax = stacked.absmax.reshape(n_layers, n, nb)
     whole = lambda a: pl.BlockSpec(a.shape, lambda j, s: (0,) * a.ndim)  # noqa: E731
-    args = [xe, xo, jnp.asarray(HI_TABLE), jnp.asarray(LO_TABLE), codes, absmax]
+    tables = (NF4_TABLE, NF4_TABLE) if table == "nibble" else (HI_TABLE, LO_TABLE)
+    args = [xe, xo, *map(jnp.asarray, tables), codes, absmax]
     if w.double_quantized:
         args += [stacked.nested_absmax, stacked.nested_table, stacked.offset.reshape(n_layers, 1),
                  jnp.zeros((1,), jnp.int32)]
     in_specs = [whole(a) for a in args]
     in_specs[4] = pl.BlockSpec((None, block_n, nb, 32), lambda j, s: (lyr, j, 0, 0))
     kernel = functools.partial(_kernel, rows=rows, block_n=block_n, block_k=block_k, steps=steps, n_blocks=nb,
-                               layer=lyr, double_quantized=w.double_quantized)
+                               layer=lyr, double_quantized=w.double_quantized, nibbles=table == "nibble")
     extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
     partial = pl.pallas_call(
         kernel,
