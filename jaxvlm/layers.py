@@ -34,8 +34,8 @@ def dense_weight(w, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
-# The Pallas NF4 decode kernel: "on" (on a GPU, for the products it supports) or "off". Read at trace
-# time. Off by default: on an H100 it was slower than XLA's dequantize + matmul for most decode shapes
+# The Pallas NF4 decode kernel: "on" (on a GPU, for the products it supports), "interpret" (Pallas' interpreter on
+# any backend: the tests) or "off". Read at trace time. Off by default: on an H100 it was slower than XLA's dequantize + matmul for most decode shapes
 # (docs/BENCHMARKS.md, "NF4 decode kernel").
 nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 
@@ -49,6 +49,10 @@ nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 # per row and loses (2,128 -> 1,135), hence one row (docs/BENCHMARKS.md, "Decode"). Read at trace time.
 rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
 ROWS_PRODUCT_MAX = 1
+
+def _nf4_kernel() -> bool:
+    return nf4_kernel == "interpret" or (nf4_kernel == "on" and jax.default_backend() == "gpu")
+
 
 def _rows_product(x: jax.Array) -> bool:
     on = rows_product == "on" or (rows_product == "auto" and jax.default_backend() == "gpu")
@@ -64,9 +68,8 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """
     if hasattr(w, "linear"):
         y = w.linear(x)
-    elif (isinstance(w, NF4) and nf4_kernel == "on" and jax.default_backend() == "gpu"
-          and nf4_matmul.supported(x, w)):
-        y = nf4_matmul.nf4_matmul(x, w)
+    elif isinstance(w, NF4) and _nf4_kernel() and nf4_matmul.supported(x, *_in_place(w)):
+        y = nf4_matmul.nf4_matmul(x, *_in_place(w), interpret=nf4_kernel == "interpret")
     elif _rows_product(x):
         w = dense_weight(w, jnp.float32)
         y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
@@ -556,14 +559,46 @@ def checkpoint_policy(name: str):
     raise ValueError(f"remat policy {name!r}: expected one of {REMAT_POLICIES}")
 
 
-_unroll = {"on": False}
+# "layers": while unrolled, each layer's NF4 weight (a static slice of the stacked one) by the id of its codes ->
+# (those codes, the stacked NF4, the layer), so that the NF4 kernel reads the layer in place: a slice that feeds a
+# custom call is copied out first (twice the codes' traffic). The codes are held, so that no id is reused meanwhile.
+_unroll = {"on": False, "layers": None}
 
 
 def unrolled_layers():
     """While a program traces inside it, `scan_blocks` unrolls its loop over the layers (generation's decode step:
     the layers' weights become static slices, and XLA schedules the step's few hundred small kernels as one
     sequence; 2B geometry, batch 1: 591 -> 643 decode tokens/s in bf16, 464 -> 506 in NF4)."""
-    return _setting(_unroll, on=True)
+    return _setting(_unroll, on=True, layers={})
+
+
+def _in_place(w: NF4) -> tuple[NF4, int | None]:
+    """(the stacked NF4, the layer) that `w` was sliced from by an unrolled `scan_blocks`; else (w, None)."""
+    entry = (_unroll["layers"] or {}).get(id(w.codes))
+    if entry is None or entry[0] is not w.codes:
+        return w, None
+    return entry[1], entry[2]
+
+
+def _unrolled_scan(stack: nnx.Module, carry, fn, per_layer: tuple):
+    """scan_blocks' loop unrolled in Python: layer i's module holds static slices of the stacked params (each NF4
+    weight's slice noted in `_unroll["layers"]`)."""
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+
+    def layer(value, i):
+        if isinstance(value, NF4):
+            sliced = jax.tree.map(lambda a: a[i], value)
+            _unroll["layers"][id(sliced.codes)] = (sliced.codes, value, i)
+            return sliced
+        return value[i]
+
+    ys = []
+    for i in range(n):
+        block = nnx.merge(graphdef, jax.tree.map(lambda v: layer(v, i), state, is_leaf=lambda v: isinstance(v, NF4)))
+        carry, y = fn(block, carry, *(jax.tree.map(lambda a: a[i], p) for p in per_layer))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = None):
@@ -579,6 +614,8 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
 
     # With dropout, each layer folds its index into the step's key, so layers draw different masks.
     key = _dropout["key"]
+    if _unroll["on"] and key is None and remat is None:
+        return _unrolled_scan(stack, carry, fn, per_layer)
     index = () if key is None else (jnp.arange(jax.tree.leaves(nnx.state(stack))[0].shape[0]),)
 
     @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0),

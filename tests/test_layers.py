@@ -74,3 +74,44 @@ def test_a_one_row_product_is_a_sum_that_equals_the_dot(kind, monkeypatch):
     got = layers.linear(one_row, w, bias)
     assert "dot_general" not in ops(one_row) and "dot_general" in ops(two_rows)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_unrolled_layers_hand_the_nf4_kernel_each_layer_of_the_stack_in_place(monkeypatch):
+    """Inside unrolled_layers (generation's decode step) scan_blocks unrolls in Python and the NF4 kernel is given the
+    stacked weight and the layer (read in place, no slice copied out); the result equals the scanned XLA product."""
+    from flax import nnx
+
+    from jaxvlm import layers
+    from jaxvlm.kernels import nf4_matmul
+    from jaxvlm.quant.nf4 import quantize_nf4
+    k = jax.random.split(jax.random.key(2), 2)
+    stack = nnx.eval_shape(lambda: layers.Linear(128, 128, bias=True, dtype=jnp.float32, stack=(3,)))
+    weight = jax.vmap(quantize_nf4)(jax.random.normal(k[0], (3, 128, 128), jnp.float32) * 0.1)
+    stack.weight.set_value(weight)
+    stack.bias.set_value(jnp.arange(3 * 128, dtype=jnp.float32).reshape(3, 128) / 100)
+    x = jax.random.normal(k[1], (1, 1, 128), jnp.float32)
+
+    def run(unrolled):
+        def body(block, c):
+            y = block(c)
+            return y, y[0, 0, 0]
+        if unrolled:
+            with layers.unrolled_layers():
+                return layers.scan_blocks(stack, x, body)
+        return layers.scan_blocks(stack, x, body)
+
+    calls = []
+    kernel = nf4_matmul.nf4_matmul
+
+    def spy(x, w, layer=None, **kw):
+        calls.append((w.codes.ndim, layer))
+        return kernel(x, w, layer, **kw)
+    monkeypatch.setattr(nf4_matmul, "nf4_matmul", spy)
+    monkeypatch.setattr(layers, "rows_product", "off")
+    want = run(False)
+    monkeypatch.setattr(layers, "nf4_kernel", "interpret")
+    got = run(True)
+    assert calls == [(2, 0), (2, 1), (2, 2)]  # the whole stack's codes, one layer each
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    assert layers._unroll["layers"] is None  # the noted slices let go after the trace

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ from jax.experimental import pallas as pl
 from jaxvlm.quant.nf4 import NF4, NF4_TABLE, NESTED_BLOCKSIZE, dequantize_nf4
 
 MAX_ROWS = 8  # the kernel is for decode-shaped products; larger ones go through XLA
+# The value tables the kernel gathers from when the call names none ("byte" or "nibble", see nf4_matmul).
+TABLE = os.environ.get("JAXVLM_NF4_KERNEL_TABLE", "byte")
 
 # The byte-pair tables: HI[b] the value of b's high nibble (the even element), LO[b] of its low one.
 HI_TABLE = NF4_TABLE[np.arange(256) >> 4]
@@ -151,7 +154,7 @@ def _compiler_params(num_warps, num_stages):
                                              "table", "interpret"))
 def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int | None = None,
                block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, table: str = "byte", interpret: bool = False) -> jax.Array:
+               num_stages: int | None = None, table: str | None = None, interpret: bool = False) -> jax.Array:
     """x [..., K] @ dequantize(w).T -> [..., N] in x's dtype, by the Pallas kernel (see `supported`).
 
     w: one NF4 weight [N, K] (layer None), or a stack of them (leaves with a leading layer axis) and `layer`,
@@ -160,6 +163,7 @@ def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int |
     K / 64), num_warps, num_stages: default to `default_config`'s pick for the shape. table: "byte" (gathers from
     the byte-pair tables) or "nibble" (each code's nibble shifted out, gathers from the 16 values).
     """
+    table = table or TABLE
     if table not in ("byte", "nibble"):
         raise ValueError(f"nf4_matmul: table {table!r}, expected 'byte' or 'nibble'")
     if not supported(x, w, layer):
