@@ -34,9 +34,10 @@ def dense_weight(w, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
-# The Pallas NF4 decode kernel: "on" (on a GPU, for the products it supports), "interpret" (Pallas' interpreter on
-# any backend: the tests) or "off". Read at trace time. Off by default: on an H100 it was slower than XLA's dequantize + matmul for most decode shapes
-# (docs/BENCHMARKS.md, "NF4 decode kernel").
+# The Pallas NF4 decode kernel (jaxvlm.kernels.nf4_matmul): "on" (on a GPU, for the products it supports; inside
+# unrolled_layers each layer's weight read in place from the stack), "interpret" (Pallas' interpreter on any backend:
+# the tests) or "off". Read at trace time. Off by default: its second design decodes at par with XLA's fused
+# reduction (H200, 2B geometry, batch 1: 500.1 vs 491.8 tokens/s; docs/BENCHMARKS.md, "NF4 decode kernel").
 nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 
 

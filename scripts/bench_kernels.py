@@ -147,8 +147,7 @@ def main(argv=None):
     parser.add_argument("--cpu-check", action="store_true", help="tiny shapes, the kernel in interpret mode")
     parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--rows", default="1,8")
-    parser.add_argument("--max-configs", type=int, default=8, help="kernel configs per (shape, rows) and table")
-    parser.add_argument("--tables", default="byte", help="the kernel's value tables to try: byte, nibble or both")
+    parser.add_argument("--max-configs", type=int, default=8, help="kernel configs per (shape, rows)")
     args = parser.parse_args(argv)
     interpret = args.cpu_check
     shapes = CPU_SHAPES if interpret else {m: SHAPES[m] for m in args.models.split(",")}
@@ -167,8 +166,7 @@ def main(argv=None):
                 ref = jax.jit(xla_dot)
                 results, failed = {}, []
                 variants = [("xla_dot", None, xla_dot), ("xla_rows", None, xla_rows)]
-                variants += [("kernel", dict(c, table=t), kernel(dict(c, table=t), interpret))
-                             for t in args.tables.split(",") for c in configs(rows, n, k, args.max_configs)]
+                variants += [("kernel", c, kernel(c, interpret)) for c in configs(rows, n, k, args.max_configs)]
                 for variant, config, product in variants:
                     line = dict(base, variant=variant, **({"config": config} if config else {}))
                     try:

@@ -107,10 +107,10 @@ def _nf4_close(got, want):
 
 @pytest.mark.parametrize("rows,n,k,double_quantized,config", [
     (1, 64, 128, True, {}),
-    (3, 96, 320, True, dict(block_n=32, block_k=1, split_k=5, table="nibble")),
+    (3, 96, 320, True, dict(block_n=32, block_k=1, split_k=5)),
     (8, 256, 448, True, dict(block_n=64, block_k=1, split_k=7)),
     (1, 256, 1536, True, dict(block_n=16, block_k=4, split_k=3)),
-    (8, 96, 1536, False, dict(block_n=32, block_k=8, split_k=1, table="nibble")),
+    (8, 96, 1536, False, dict(block_n=32, block_k=8, split_k=1)),
     (3, 64, 448, False, {}),
 ])
 def test_nf4_matmul_kernel_matches_xla_reference(rows, n, k, double_quantized, config):
@@ -144,20 +144,19 @@ def test_nf4_matmul_kernel_is_exact_per_element(double_quantized):
     np.testing.assert_array_equal(got, dequantize_nf4(ws[1], jnp.float32)[:, cols].T)
 
 
-def test_nf4_matmul_kernel_check_catches_swapped_nibbles(monkeypatch):
-    """The comparison's tolerance is tight enough to see a wrong decode: HI and LO tables swapped fail it."""
+def test_nf4_matmul_kernel_check_catches_swapped_values(monkeypatch):
+    """The comparison's tolerance is tight enough to see a wrong decode: two neighbouring NF4 values swapped fail it."""
     from jaxvlm.kernels import nf4_matmul as module
     rng = np.random.default_rng(9)
     stack, ws = _nf4_stack(rng, 2, 32, 192, True)
     x = jnp.asarray(rng.standard_normal((2, 192)), jnp.float32)
     want = module.nf4_matmul_reference(x, ws[1])
-    monkeypatch.setattr(module, "HI_TABLE", module.LO_TABLE)
-    monkeypatch.setattr(module, "LO_TABLE", module.HI_TABLE)
+    monkeypatch.setattr(module, "VALUES", module.VALUES[[*range(9), 10, 9, *range(11, 16)]])
     try:
         with pytest.raises(AssertionError):
             _nf4_close(module.nf4_matmul(x, stack, 1, interpret=True, block_n=16, block_k=1, split_k=3), want)
     finally:
-        jax.clear_caches()  # the traced kernel holds the swapped tables
+        jax.clear_caches()  # the traced kernel holds the swapped values
 
 
 def test_nf4_matmul_kernel_refuses_unsupported_products():

@@ -5,10 +5,10 @@ lookup in the 16 NF4 values and a multiply by the block's (double-quantized) abs
 element too. Measured on an H200 (Qwen2-VL-2B, batch-1 decode), that is bound by the arithmetic, not by
 reading the codes. This kernel reads the packed codes once and spends per weight:
 
-- Byte-pair lookup: a code byte holds two codes (the even element in the high nibble). Two 256-entry
-  float32 tables, `HI[b] = NF4_TABLE[b >> 4]` and `LO[b] = NF4_TABLE[b & 15]`, are kernel inputs; the
-  kernel gathers `hi = HI[codes]`, `lo = LO[codes]` (Triton: a load through a tensor of pointers into a 1 KiB
-  table that stays in L1). One load per weight, no select tree, no shifts.
+- The values by gathers from the 16 NF4 values (a kernel input, 64 bytes: the lanes of a warp read one cache line):
+  `VALUES[code >> 4]` for a byte's even element, `VALUES[code & 15]` for its odd one; no select tree. (Byte-pair
+  tables of 256 entries, one gather per weight with no shifts, measured slower: 430.7 vs 500.1 decode tokens/s, a
+  warp's gathers there spread over 8 cache lines.)
 - The absmax once per 64-block: per block and row of x, `sum(x_even * hi + x_odd * lo)` over the block's 32
   bytes, times the block's absmax. A double-quantized absmax is decoded in the kernel, per block, exactly as
   `block_absmax` does (table8[code] * nested_absmax[block // 256], rounded, + offset): the float32 absmax
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +37,9 @@ from jax.experimental import pallas as pl
 from jaxvlm.quant.nf4 import NF4, NF4_TABLE, NESTED_BLOCKSIZE, dequantize_nf4
 
 MAX_ROWS = 8  # the kernel is for decode-shaped products; larger ones go through XLA
-# The value tables the kernel gathers from when the call names none ("byte" or "nibble", see nf4_matmul).
-TABLE = os.environ.get("JAXVLM_NF4_KERNEL_TABLE", "byte")
 
-# The byte-pair tables: HI[b] the value of b's high nibble (the even element), LO[b] of its low one.
-HI_TABLE = NF4_TABLE[np.arange(256) >> 4]
-LO_TABLE = NF4_TABLE[np.arange(256) & 15]
+
+VALUES = NF4_TABLE  # what a code's nibble stands for
 
 _SMS = 132  # an H100/H200's SMs; the heuristic aims for a couple of programs per SM
 
@@ -98,11 +94,11 @@ def _round(x: jax.Array, zero: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.int32) | zero, jnp.float32)
 
 
-def _kernel(xe_ref, xo_ref, hi_ref, lo_ref, codes_ref, *refs, rows: int, block_n: int, block_k: int,
-            steps: int, n_blocks: int, layer: int, double_quantized: bool, nibbles: bool):
+def _kernel(xe_ref, xo_ref, values_ref, codes_ref, *refs, rows: int, block_n: int, block_k: int,
+            steps: int, n_blocks: int, layer: int, double_quantized: bool):
     """One program: outputs [j * block_n, +block_n) over 64-blocks [s * steps * block_k, +steps * block_k).
 
-    xe_ref, xo_ref: f32 [rows, K/64, 32]; hi_ref, lo_ref: f32 [256]; codes_ref: u8 [block_n, K/64, 32] (the
+    xe_ref, xo_ref: f32 [rows, K/64, 32]; values_ref: f32 [16]; codes_ref: u8 [block_n, K/64, 32] (the
     layer's tile); statistics: absmax u8 (double quantized) or f32 [L, N, K/64] whole, then when double
     quantized nested_absmax f32 [L, G], nested_table f32 [L, 256], offset f32 [L, 1], zero i32 [1]; out_ref:
     f32 [rows, block_n] of partial sums.
@@ -121,10 +117,7 @@ def _kernel(xe_ref, xo_ref, hi_ref, lo_ref, codes_ref, *refs, rows: int, block_n
     def step(i, accs):
         b0 = (s * steps + i) * block_k
         codes = codes_ref[:, pl.ds(b0, block_k), :].astype(jnp.int32)  # [bn, bk, 32]
-        if nibbles:  # the 16 values (64 bytes: one cache line for a warp's gather)
-            hi, lo = hi_ref[codes >> 4], lo_ref[codes & 15]
-        else:  # the byte-pair tables (1 KiB each)
-            hi, lo = hi_ref[codes], lo_ref[codes]
+        hi, lo = values_ref[codes >> 4], values_ref[codes & 15]
         if double_quantized:
             code8 = absmax_ref[layer, pl.ds(j * block_n, block_n), pl.ds(b0, block_k)].astype(jnp.int32)
             group = (n_idx * n_blocks + b0 + blk) // NESTED_BLOCKSIZE  # [bn, bk]: the block's 256-group
@@ -151,21 +144,17 @@ def _compiler_params(num_warps, num_stages):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "block_n", "block_k", "split_k", "num_warps", "num_stages",
-                                             "table", "interpret"))
+                                             "interpret"))
 def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int | None = None,
                block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, table: str | None = None, interpret: bool = False) -> jax.Array:
+               num_stages: int | None = None, interpret: bool = False) -> jax.Array:
     """x [..., K] @ dequantize(w).T -> [..., N] in x's dtype, by the Pallas kernel (see `supported`).
 
     w: one NF4 weight [N, K] (layer None), or a stack of them (leaves with a leading layer axis) and `layer`,
     the static index of the one to use, read in place. block_n (outputs per program, a power of 2 dividing N),
     block_k (64-blocks per loop step, a power of 2), split_k (programs along K; block_k * split_k must divide
-    K / 64), num_warps, num_stages: default to `default_config`'s pick for the shape. table: "byte" (gathers from
-    the byte-pair tables) or "nibble" (each code's nibble shifted out, gathers from the 16 values).
+    K / 64), num_warps, num_stages: default to `default_config`'s pick for the shape.
     """
-    table = table or TABLE
-    if table not in ("byte", "nibble"):
-        raise ValueError(f"nf4_matmul: table {table!r}, expected 'byte' or 'nibble'")
     if not supported(x, w, layer):
         raise ValueError(f"nf4_matmul: x {x.shape} and weight {w.shape} (stacked: {w.stack_ndim}, layer {layer}) "
                          f"are not a supported product")
@@ -192,15 +181,14 @@ def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int |
     codes = stacked.codes.reshape(n_layers, n, nb, 32)
     absmax = stacked.absmax.reshape(n_layers, n, nb)
     whole = lambda a: pl.BlockSpec(a.shape, lambda j, s: (0,) * a.ndim)  # noqa: E731
-    tables = (NF4_TABLE, NF4_TABLE) if table == "nibble" else (HI_TABLE, LO_TABLE)
-    args = [xe, xo, *map(jnp.asarray, tables), codes, absmax]
+    args = [xe, xo, jnp.asarray(VALUES), codes, absmax]
     if w.double_quantized:
         args += [stacked.nested_absmax, stacked.nested_table, stacked.offset.reshape(n_layers, 1),
                  jnp.zeros((1,), jnp.int32)]
     in_specs = [whole(a) for a in args]
-    in_specs[4] = pl.BlockSpec((None, block_n, nb, 32), lambda j, s: (lyr, j, 0, 0))
+    in_specs[3] = pl.BlockSpec((None, block_n, nb, 32), lambda j, s: (lyr, j, 0, 0))
     kernel = functools.partial(_kernel, rows=rows, block_n=block_n, block_k=block_k, steps=steps, n_blocks=nb,
-                               layer=lyr, double_quantized=w.double_quantized, nibbles=table == "nibble")
+                               layer=lyr, double_quantized=w.double_quantized)
     extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
     partial = pl.pallas_call(
         kernel,

@@ -245,41 +245,20 @@ def block_absmax(q: NF4) -> jax.Array:
     return _round_before_add(dequantize_blockwise(q.absmax, q.nested_absmax, q.nested_table)) + q.offset
 
 
-def nf4_values_by_table(nibbles: jax.Array) -> jax.Array:
-    """NF4_TABLE[nibbles], float32, for integer codes 0..15: a gather from the 16 values."""
-    return jnp.asarray(NF4_TABLE)[nibbles]
-
-
-def nf4_values_by_select(nibbles: jax.Array) -> jax.Array:
-    """NF4_TABLE[nibbles], float32, for integer codes 0..15: a tree of 15 selects on the code's bits, no gather.
-
-    The table is not symmetric about 0 (7 negative values, 0, 8 positive ones), so its sign bit does not halve the tree.
-    """
-    level = [np.float32(v) for v in NF4_TABLE]
-    for bit in range(4):
-        on = (nibbles >> bit) & 1 == 1
-        level = [jnp.where(on, hi, lo) for lo, hi in zip(level[0::2], level[1::2])]
-    return level[0]
-
-
-def _dequantize(q: NF4, dtype, values) -> jax.Array:
-    if q.codes.ndim != 1:
-        raise ValueError(f"dequantize_nf4: codes have shape {q.codes.shape}, expected one weight's "
-                         f"[{-(-int(np.prod(q.shape)) // 2)}]; use jax.vmap for a stack of layers")
-    absmax = block_absmax(q)
-    n = int(np.prod(q.shape))
-    nibbles = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
-    values = _pad_to_blocks(values(nibbles), q.blocksize) * absmax[:, None]
-    return values.reshape(-1)[:n].reshape(q.shape).astype(q.dtype if dtype is None else dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     """The weight of q, [*q.shape], in `dtype` (default q.dtype), computed in float32 as bitsandbytes does.
 
     q holds one weight; dequantize a stack with `jax.vmap(dequantize_nf4)` or one layer per scan step.
     """
-    return _dequantize(q, dtype, nf4_values_by_table)
+    if q.codes.ndim != 1:
+        raise ValueError(f"dequantize_nf4: codes have shape {q.codes.shape}, expected one weight's "
+                         f"[{-(-int(np.prod(q.shape)) // 2)}]; use jax.vmap for a stack of layers")
+    absmax = block_absmax(q)
+    n = int(np.prod(q.shape))
+    nibbles = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    values = _pad_to_blocks(jnp.asarray(NF4_TABLE)[nibbles], q.blocksize) * absmax[:, None]
+    return values.reshape(-1)[:n].reshape(q.shape).astype(q.dtype if dtype is None else dtype)
 
 
 # bitsandbytes' serialized tensors of one weight, keyed by the suffix after the weight's own key.
