@@ -140,3 +140,20 @@ def test_train_cli_mesh(multidevice, tmp_path):
         assert "trained 2 steps" in result.stdout
         losses.append([r["loss"] for r in json.loads((out / "log_history.json").read_text())])
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_shard_model_keeps_the_users_settings():
+    """shard_model's model keeps what from_pretrained set on the model (fast_generate's slots among them)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxvlm.tiny import _family, tiny_config
+    family = _family("qwen2_vl")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: family(family.config_from_hf(tiny_config("qwen2_vl")),
+                                                              jnp.float32)))
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    model.max_seq_length, model.fast_inference, model.max_num_seqs, model.name_or_path = 512, True, 3, "tiny"
+    placed = sharding.shard_model(model, sharding.make_mesh("data=1"))
+    assert (placed.max_seq_length, placed.fast_inference, placed.max_num_seqs, placed.name_or_path) == (
+        512, True, 3, "tiny")
