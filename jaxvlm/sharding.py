@@ -198,12 +198,7 @@ def shard_model(model, mesh: Mesh):
     graphdef, state = nnx.split(model)
     shardings = tree_shardings(state, mesh, model.stacks(), model.sharding_rules())
     state = jax.tree.map(place, state, shardings)
-    placed = nnx.merge(graphdef, state)
-    for attr in ("max_seq_length", "name_or_path", "model_dir", "use_gradient_checkpointing", "training",
-                 "fast_inference", "max_num_seqs"):
-        if hasattr(model, attr):
-            setattr(placed, attr, getattr(model, attr))
-    return placed
+    return nnx.merge(graphdef, state)  # the module's plain attributes (the user's settings) ride in graphdef
 
 
 def optimizer_shardings(tx, params: list, mesh: Mesh):

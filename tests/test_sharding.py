@@ -143,7 +143,8 @@ def test_train_cli_mesh(multidevice, tmp_path):
 
 
 def test_shard_model_keeps_the_users_settings():
-    """shard_model's model keeps what from_pretrained set on the model (fast_generate's slots among them)."""
+    """shard_model's model keeps what from_pretrained set on the model (fast_generate's slots among them): plain
+    attributes ride in the module's graphdef, no list of them to keep up."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -154,6 +155,7 @@ def test_shard_model_keeps_the_users_settings():
                                                               jnp.float32)))
     model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
     model.max_seq_length, model.fast_inference, model.max_num_seqs, model.name_or_path = 512, True, 3, "tiny"
+    model.training, model.use_gradient_checkpointing = True, "unsloth"
     placed = sharding.shard_model(model, sharding.make_mesh("data=1"))
-    assert (placed.max_seq_length, placed.fast_inference, placed.max_num_seqs, placed.name_or_path) == (
-        512, True, 3, "tiny")
+    assert (placed.max_seq_length, placed.fast_inference, placed.max_num_seqs, placed.name_or_path, placed.training,
+            placed.use_gradient_checkpointing) == (512, True, 3, "tiny", True, "unsloth")
