@@ -115,3 +115,42 @@ def test_unrolled_layers_hand_the_nf4_kernel_each_layer_of_the_stack_in_place(mo
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
     assert layers._unroll["layers"] is None  # the noted slices let go after the trace
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_unrolled_layers_hand_the_rows_kernel_each_dense_layer_in_place(rows, monkeypatch):
+    """The dense counterpart (JAXVLM_ROWS_KERNEL): inside unrolled_layers the rows kernel gets the stacked weight and
+    the layer; the result equals the scanned XLA products (one row: the float32 reduction; three: the dot)."""
+    from flax import nnx
+
+    from jaxvlm import layers
+    from jaxvlm.kernels import rows_matmul
+    k = jax.random.split(jax.random.key(3), 3)
+    stack = nnx.eval_shape(lambda: layers.Linear(128, 128, bias=True, dtype=jnp.float32, stack=(3,)))
+    stack.weight.set_value(jax.random.normal(k[0], (3, 128, 128), jnp.float32) * 0.1)
+    stack.bias.set_value(jax.random.normal(k[1], (3, 128), jnp.float32))
+    x = jax.random.normal(k[2], (rows, 1, 128), jnp.float32)
+
+    def run(unrolled):
+        def body(block, c):
+            y = block(c)
+            return y, y[0, 0, 0]
+        if unrolled:
+            with layers.unrolled_layers():
+                return layers.scan_blocks(stack, x, body)
+        return layers.scan_blocks(stack, x, body)
+
+    calls = []
+    kernel = rows_matmul.rows_matmul
+
+    def spy(x, w, layer=None, **kw):
+        calls.append((w.ndim, layer))
+        return kernel(x, w, layer, **kw)
+    monkeypatch.setattr(rows_matmul, "rows_matmul", spy)
+    monkeypatch.setattr(layers, "rows_product", "on")
+    want = run(False)
+    monkeypatch.setattr(layers, "rows_kernel", "interpret")
+    got = run(True)
+    assert calls == [(3, 0), (3, 1), (3, 2)]
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
