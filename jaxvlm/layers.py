@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import flash_attention, grouped_matmul, nf4_matmul, rows_matmul
+from jaxvlm.kernels import flash_attention, grouped_matmul, nf4_matmul
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -51,18 +51,8 @@ nf4_kernel = os.environ.get("JAXVLM_NF4_KERNEL", "off")
 rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
 ROWS_PRODUCT_MAX = 1
 
-# The Pallas kernel for a few rows of x times a dense weight (jaxvlm.kernels.rows_matmul), inside unrolled_layers
-# only (each layer's weight read in place from the stack: XLA's GEMM copies the layer out, its reduction reads it at
-# ~1.9 TB/s): "on" (a GPU), "interpret" (the tests) or "off". An experiment of issue 19; read at trace time.
-rows_kernel = os.environ.get("JAXVLM_ROWS_KERNEL", "off")
-
-
-def _kernel_on(setting: str) -> bool:
-    return setting == "interpret" or (setting == "on" and jax.default_backend() == "gpu")
-
-
 def _nf4_kernel() -> bool:
-    return _kernel_on(nf4_kernel)
+    return nf4_kernel == "interpret" or (nf4_kernel == "on" and jax.default_backend() == "gpu")
 
 
 def _rows_product(x: jax.Array) -> bool:
@@ -81,9 +71,6 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
         y = w.linear(x)
     elif isinstance(w, NF4) and _nf4_kernel() and nf4_matmul.supported(x, *_in_place(w)):
         y = nf4_matmul.nf4_matmul(x, *_in_place(w), interpret=nf4_kernel == "interpret")
-    elif (isinstance(w, jax.Array) and _kernel_on(rows_kernel) and _in_place(w)[1] is not None
-          and rows_matmul.supported(x, *_in_place(w))):
-        y = rows_matmul.rows_matmul(x, *_in_place(w), interpret=rows_kernel == "interpret")
     elif _rows_product(x):
         w = dense_weight(w, jnp.float32)
         y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
@@ -573,9 +560,9 @@ def checkpoint_policy(name: str):
     raise ValueError(f"remat policy {name!r}: expected one of {REMAT_POLICIES}")
 
 
-# "layers": while unrolled, each layer's param (a static slice of the stacked one) by the id of its array (an NF4's
-# codes) -> (that array, the stack, the layer), so that a kernel reads the layer in place: a slice that feeds a
-# custom call is copied out first (twice the weight's traffic). The arrays are held, so that no id is reused meanwhile.
+# "layers": while unrolled, each layer's NF4 weight (a static slice of the stacked one) by the id of its codes ->
+# (those codes, the stacked NF4, the layer), so that the NF4 kernel reads the layer in place: a slice that feeds a
+# custom call is copied out first (twice the codes' traffic). The codes are held, so that no id is reused meanwhile.
 _unroll = {"on": False, "layers": None}
 
 
@@ -586,27 +573,26 @@ def unrolled_layers():
     return _setting(_unroll, on=True, layers={})
 
 
-def _in_place(w):
-    """(the stack, the layer) that the weight `w` (NF4 or array) was sliced from by an unrolled `scan_blocks`; else
-    (w, None)."""
-    key = w.codes if isinstance(w, NF4) else w
-    entry = (_unroll["layers"] or {}).get(id(key))
-    if entry is None or entry[0] is not key:
+def _in_place(w: NF4) -> tuple[NF4, int | None]:
+    """(the stacked NF4, the layer) that `w` was sliced from by an unrolled `scan_blocks`; else (w, None)."""
+    entry = (_unroll["layers"] or {}).get(id(w.codes))
+    if entry is None or entry[0] is not w.codes:
         return w, None
     return entry[1], entry[2]
 
 
 def _unrolled_scan(stack: nnx.Module, carry, fn, per_layer: tuple):
-    """scan_blocks' loop unrolled in Python: layer i's module holds static slices of the stacked params (each one
-    noted in `_unroll["layers"]`)."""
+    """scan_blocks' loop unrolled in Python: layer i's module holds static slices of the stacked params (each NF4
+    weight's slice noted in `_unroll["layers"]`)."""
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
 
     def layer(value, i):
-        sliced = jax.tree.map(lambda a: a[i], value)
-        key = sliced.codes if isinstance(value, NF4) else sliced
-        _unroll["layers"][id(key)] = (key, value, i)
-        return sliced
+        if isinstance(value, NF4):
+            sliced = jax.tree.map(lambda a: a[i], value)
+            _unroll["layers"][id(sliced.codes)] = (sliced.codes, value, i)
+            return sliced
+        return value[i]
 
     ys = []
     for i in range(n):

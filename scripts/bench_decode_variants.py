@@ -4,10 +4,9 @@
 
 Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
 layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
-(JAXVLM_NF4_KERNEL=on), rowskernel (JAXVLM_ROWS_KERNEL=on: the dense few-row Pallas kernel), cublas
-(--xla_gpu_enable_triton_gemm=false), combinations joined by "+". Each variant and weights kind in its own process:
-one JSON line with bench_generate's speeds and the GPU time per new token by kernel kind (bench_train's CUPTI
-summary).
+(JAXVLM_NF4_KERNEL=on), cublas (--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
+variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
+token by kernel kind (bench_train's CUPTI summary).
 
 The NF4 one-row variants of 2026-11-30 (nf4select, nf4blocksum, nf4blockselect: JAXVLM_NF4_ROWS) lost to the table
 lookup and were removed; their numbers are in docs/BENCHMARKS.md.
@@ -23,7 +22,6 @@ import sys
 
 # What a variant sets in its process's environment (scan is set inside it, base is today's program).
 ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
-       "rowskernel": ("JAXVLM_ROWS_KERNEL", "on"),
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice
        # fusion takes library calls, not Triton GEMMs)

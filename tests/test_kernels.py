@@ -237,25 +237,3 @@ def test_grouped_matmul_vjp_wiring_with_the_kernel_interface():
     np.testing.assert_allclose(jax.grad(loss(kernel))(x, w), ref[1][0], rtol=1e-5, atol=1e-5)  # w frozen
     assert weight_calls == [(11, gm.WIDTH)], "the frozen weight's gradient should not be formed"
     assert not gm.use_kernel(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # no Hopper GPU here: XLA's op
-
-
-@pytest.mark.parametrize("rows,n,k,config", [
-    (1, 64, 128, {}),
-    (3, 96, 320, dict(block_n=32, block_k=64, split_k=5)),
-    (8, 256, 1536, dict(block_n=64, block_k=128, split_k=3)),
-])
-def test_rows_matmul_kernel_matches_xla_reference(rows, n, k, config):
-    """The dense few-row kernel (interpret mode) against XLA's float32 products: one weight, and layer 1 of a stack
-    of three read in place; bfloat16 weights too."""
-    from jaxvlm.kernels.rows_matmul import rows_matmul, rows_matmul_reference, supported
-    rng = np.random.default_rng(rows + n + k)
-    stack = jnp.asarray(rng.standard_normal((3, n, k)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((rows, 1, k)), jnp.float32)
-    assert supported(x, stack[1]) and supported(x, stack, 1) and not supported(x, stack)
-    want = rows_matmul_reference(x, stack, 1)
-    _nf4_close(rows_matmul(x, stack[1], interpret=True, **config), want)
-    _nf4_close(rows_matmul(x, stack, 1, interpret=True, **config), want)
-    half = stack.astype(jnp.bfloat16)
-    _nf4_close(rows_matmul(x, half, 1, interpret=True, **config), rows_matmul_reference(x, half, 1))
-    with pytest.raises(ValueError, match="not a supported product"):
-        rows_matmul(jnp.ones((9, k)), stack, 1, interpret=True)
