@@ -22,7 +22,6 @@ import sys
 
 # What a variant sets in its process's environment (scan is set inside it, base is today's program).
 ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
-       "persm8": ("JAXVLM_NF4_KERNEL_PER_SM", "8"), "persm16": ("JAXVLM_NF4_KERNEL_PER_SM", "16"),
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice
        # fusion takes library calls, not Triton GEMMs)

@@ -99,7 +99,7 @@ def configs(rows: int, n: int, k: int, limit: int) -> list[dict]:
     for block_n in (32, 64, 16):
         if n % block_n:
             continue
-        for per_sm in (2, 8, 16, 32, 4):
+        for per_sm in (2, 1, 4):
             want = -(-per_sm * nk._SMS // (n // block_n))
             splits = [d for d in range(1, nb + 1) if nb % d == 0 and nb // d >= 2] or [1]
             split_k = next((d for d in splits if d >= want), splits[-1])

@@ -27,7 +27,7 @@ holds its elements 2j and 2j+1), absmax [N, K/64]. x [rows, K] is split into its
 from __future__ import annotations
 
 import functools
-import os
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,7 @@ MAX_ROWS = 8  # the kernel is for decode-shaped products; larger ones go through
 
 VALUES = NF4_TABLE  # what a code's nibble stands for
 
-_SMS = 132  # an H100/H200's SMs
-# Programs per SM the default tiling aims for (K split until there are as many); an experiment's knob.
-PER_SM = int(os.environ.get("JAXVLM_NF4_KERNEL_PER_SM", "2"))
+_SMS = 132  # an H100/H200's SMs; the heuristic aims for a couple of programs per SM
 
 
 def _layer_weight(w: NF4, layer: int | None) -> NF4:
@@ -75,11 +73,11 @@ def _divisors(n: int) -> list[int]:
 
 def default_config(rows: int, n: int, k: int) -> dict:
     """block_n, block_k (64-blocks per loop step) and split_k for a [rows, k] @ [n, k].T product: tiles of
-    32 outputs (16 where N has too few), and K split until there are about PER_SM programs per SM."""
+    32 outputs (16 where N has too few), and K split until there are about two programs per SM."""
     nb = k // 64
     block_n = 32 if n % 32 == 0 else 16
     tiles = n // block_n
-    want = -(-PER_SM * _SMS // tiles)
+    want = -(-2 * _SMS // tiles)
     # Splits that leave at least two 64-blocks each; the smallest one reaching `want`, else the largest.
     splits = [d for d in _divisors(nb) if nb // d >= 2] or [1]
     split_k = next((d for d in splits if d >= want), splits[-1])
