@@ -27,7 +27,6 @@ holds its elements 2j and 2j+1), absmax [N, K/64]. x [rows, K] is split into its
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
