@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -210,16 +211,16 @@ def load_state(
             jax.block_until_ready(value)  # its host memory free before the budget is given back
         return path, var.replace(value)
 
-    # Params load on LOADERS threads: a host-to-device copy from memory never sent before runs at about 2.6 GB/s
-    # alone and 25 GB/s with others beside it (H200 machine; scripts/bench_read.py). At most IN_FLIGHT bytes are read
-    # and not yet on the device (a larger param loads alone).
+    # Params load on LOADERS threads (8, or one per core): a host-to-device copy from memory never sent before runs at
+    # about 2.6 GB/s alone and 25 GB/s with others beside it (H200 machine; scripts/bench_read.py). At most IN_FLIGHT
+    # bytes are read and not yet on the device (a larger param loads alone).
     budget = _Budget(IN_FLIGHT)
     with concurrent.futures.ThreadPoolExecutor(LOADERS, thread_name_prefix="jaxvlm-load") as pool:
         loaded = [f.result() for f in [pool.submit(load, *item) for item in plan]]
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-LOADERS = 8
+LOADERS = min(8, os.cpu_count() or 1)
 IN_FLIGHT = 4 << 30
 
 
