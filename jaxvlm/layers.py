@@ -64,13 +64,14 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ bias) for `x: [..., in]` and `w: [out, in]` (HF layout), in x's dtype.
 
     `w` may be a plain array or a typed weight (NF4, LoRA); the type decides how the product is formed.
-    One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the
-    Pallas kernel on a GPU.
+    One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With
+    JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the Pallas kernel on a GPU.
     """
+    stack = _in_place(w) if isinstance(w, NF4) and _nf4_kernel() else None
     if hasattr(w, "linear"):
         y = w.linear(x)
-    elif isinstance(w, NF4) and _nf4_kernel() and nf4_matmul.supported(x, *_in_place(w)):
-        y = nf4_matmul.nf4_matmul(x, *_in_place(w), interpret=nf4_kernel == "interpret")
+    elif stack is not None and nf4_matmul.supported(x, *stack):
+        y = nf4_matmul.nf4_matmul(x, *stack, interpret=nf4_kernel == "interpret")
     elif _rows_product(x):
         w = dense_weight(w, jnp.float32)
         y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)

@@ -92,23 +92,17 @@ def looped(product, n_loop):
 
 
 def configs(rows: int, n: int, k: int, limit: int) -> list[dict]:
-    """The default config first, then tilings of 16/32/64 outputs with K split for ~1, 2 or 4 programs per SM,
-    block_k the largest of 1..8 (4 for 8 rows) that divides a split, 4 or 8 warps; at most `limit`."""
-    nb = k // 64
+    """The default config first, then `default_config`'s tilings of 32/64/16 outputs with K split for ~2, 1 or 4
+    programs per SM, 4 or 8 warps (8 only for tiles of 4096 bytes or more); at most `limit`."""
     found = [nk.default_config(rows, n, k)]
     for block_n in (32, 64, 16):
         if n % block_n:
             continue
         for per_sm in (2, 1, 4):
-            want = -(-per_sm * nk._SMS // (n // block_n))
-            splits = [d for d in range(1, nb + 1) if nb % d == 0 and nb // d >= 2] or [1]
-            split_k = next((d for d in splits if d >= want), splits[-1])
-            per_split = nb // split_k
-            block_k = max(c for c in (1, 2, 4, 8) if per_split % c == 0 and (rows <= 4 or c <= 4))
             for num_warps in (4, 8):
-                if num_warps == 8 and block_n * block_k * 32 < 4096:
+                c = nk.default_config(rows, n, k, block_n, per_sm, num_warps)
+                if num_warps == 8 and block_n * c["block_k"] * 32 < 4096:
                     continue
-                c = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=2)
                 if c not in found:
                     found.append(c)
     return found[:limit]

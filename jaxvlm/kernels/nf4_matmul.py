@@ -70,13 +70,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def default_config(rows: int, n: int, k: int) -> dict:
+def default_config(rows: int, n: int, k: int, block_n: int | None = None, per_sm: int = 2, num_warps: int = 4) -> dict:
     """block_n, block_k (64-blocks per loop step) and split_k for a [rows, k] @ [n, k].T product: tiles of
-    32 outputs (16 where N has too few), and K split until there are about two programs per SM."""
+    `block_n` outputs (default 32, 16 where N has too few), and K split until there are about `per_sm` programs per
+    SM."""
     nb = k // 64
-    block_n = 32 if n % 32 == 0 else 16
+    block_n = block_n or (32 if n % 32 == 0 else 16)
     tiles = n // block_n
-    want = -(-2 * _SMS // tiles)
+    want = -(-per_sm * _SMS // tiles)
     # Splits that leave at least two 64-blocks each; the smallest one reaching `want`, else the largest.
     splits = [d for d in _divisors(nb) if nb // d >= 2] or [1]
     split_k = next((d for d in splits if d >= want), splits[-1])
@@ -84,7 +85,7 @@ def default_config(rows: int, n: int, k: int) -> dict:
     block_k = max(c for c in (1, 2, 4, 8) if per_split % c == 0)
     if rows > 4:
         block_k = min(block_k, 4)
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=2)
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=2)
 
 
 def _round(x: jax.Array, zero: jax.Array) -> jax.Array:
