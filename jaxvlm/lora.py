@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.kernels.lora_matmul import concat_linear
+from jaxvlm.kernels import lora_matmul
 from jaxvlm.layers import Experts, Linear, dense_weight, grouped_linear, linear, next_dropout_key
 from jaxvlm.paths import layer_key, path_key, stacked_prefix
 from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
 from jaxvlm.targets import get_peft_regex, moe_target_parameters, select_modules, select_parameters
+
+
+SKINNY_MIN_ROWS = 64
 
 
 @jax.tree_util.register_dataclass
@@ -60,17 +63,20 @@ class LoRA:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             xd = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
-        xa = linear(xd, self.lora_A.astype(x.dtype)) * scale  # [..., r]: scaled here, B's product stays plain
+        rows = math.prod(x.shape[:-1])
+        # Many rows (training, prefill) with JAXVLM_LORA_KERNEL on: the adapter's skinny products by the Pallas kernels.
+        skinny = lora_matmul.kernels_on() and rows >= SKINNY_MIN_ROWS
+        a = self.lora_A.astype(x.dtype)
+        xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
         b = self.lora_B.astype(x.dtype)
         # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
         # copying the narrow input into the concatenation costs less than a second pass over the wide
         # output. Square or narrowing (q/o, k/v, proj, fc2, down), or few rows (a decode step, where
         # copying the weight into [w | b] would cost more than the product): two products and an add
         # (docs/BENCHMARKS.md, "LoRA product").
-        rows = math.prod(x.shape[:-1])
         if x.shape[-1] < b.shape[0] and rows >= x.shape[-1]:
-            return concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
-        return linear(x, self.base) + linear(xa, b)
+            return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
+        return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
     def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x [m, in] (rows sorted by expert) -> [m, out] for one layer's experts: base, plus each expert's

@@ -1,0 +1,61 @@
+"""The LoRA skinny-product kernels (jaxvlm.kernels.lora_matmul) in Pallas' interpreter against XLA's dots, and a
+LoRA Linear's value and gradients with them against the XLA path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm.kernels import lora_matmul
+from jaxvlm.lora import LoRA
+
+
+def _rand(key, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(key), shape, dtype)
+
+
+@pytest.mark.parametrize("m, k, r", [(200, 96, 16), (64, 48, 8), (130, 32, 40)])
+def test_narrow_equals_the_dot(m, k, r):
+    # Ragged rows (200, 130: not a multiple of the 64-row block) and ranks padded to the kernel's width (8, 40).
+    x, a = _rand(0, (2, m // 2, k)), _rand(1, (r, k))
+    ours = lora_matmul.narrow(x, a, block_m=64, block_k=16, interpret=True)
+    assert ours.shape == (2, m // 2, r)
+    np.testing.assert_allclose(ours, jnp.einsum("bmk,rk->bmr", x, a), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, p, r, splits", [(200, 96, 16, None), (70, 32, 8, 3), (129, 48, 40, 2)])
+def test_tall_equals_the_dot(m, p, r, splits):
+    u, v = _rand(2, (m, p)), _rand(3, (m, r))
+    ours = lora_matmul.tall(u, v, block_m=32, block_p=16, splits=splits, interpret=True)
+    assert ours.shape == (p, r) and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, u.T @ v, rtol=1e-5, atol=1e-4)
+
+
+def test_unsupported_shapes_are_refused():
+    with pytest.raises(ValueError, match="narrow"):
+        lora_matmul.narrow(jnp.zeros((8, 20)), jnp.zeros((4, 20)), interpret=True)
+    with pytest.raises(ValueError, match="tall"):
+        lora_matmul.tall(jnp.zeros((8, 16)), jnp.zeros((7, 4)), interpret=True)
+
+
+@pytest.mark.parametrize("in_f, out_f", [(32, 96), (96, 32)])  # widening (concat_linear), narrowing (lora_out)
+def test_lora_linear_with_the_kernels_equals_xla(monkeypatch, in_f, out_f):
+    x = _rand(4, (3, 70, in_f))
+    w, a, b = _rand(5, (out_f, in_f)), _rand(6, (16, in_f)), _rand(7, (out_f, 16))
+    g = _rand(8, (3, 70, out_f))
+
+    def loss(x, a, b):
+        return jnp.sum(LoRA(base=w, lora_A=a, lora_B=b, scale=2.0).linear(x) * g)
+
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "off")
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b)
+    calls = []
+    for name in ("narrow", "tall"):
+        fn = getattr(lora_matmul, name)
+        monkeypatch.setattr(lora_matmul, name, lambda *args, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*args, **kw))
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "interpret")
+    ours = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b)
+    # Forward: x A^T by narrow; backward: dA and dB by tall (and dxa by narrow where B's product is its own).
+    assert calls.count("narrow") == (1 if in_f < out_f else 2) and calls.count("tall") == 2, calls
+    np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
+    for o, e in zip(ours[1], want[1]):
+        np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-3)
