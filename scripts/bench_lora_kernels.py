@@ -23,6 +23,7 @@ import numpy as np
 from jaxvlm.kernels import lora_matmul as lk
 
 NARROW = [(4112, 1536), (4112, 8960), (8192, 1280), (8192, 5120)]
+QUICK = dict(narrow=[(4112, 1536), (8192, 5120)], tall=[(4112, 8960), (8192, 1280)])
 TALL = [(4112, 1536), (4112, 8960), (4112, 256), (8192, 1280), (8192, 3840), (8192, 5120)]
 LOOP = 20
 
@@ -55,9 +56,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cpu-check", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="two shapes of each product")
     args = ap.parse_args(argv)
     interpret = args.cpu_check
     narrow_shapes, tall_shapes = ([(200, 64)], [(200, 64)]) if interpret else (NARROW, TALL)
+    if args.quick:
+        narrow_shapes, tall_shapes = QUICK["narrow"], QUICK["tall"]
     dtype = jnp.float32 if interpret else jnp.bfloat16
     r = args.rank
     device = jax.devices()[0].device_kind
@@ -65,9 +69,11 @@ def main(argv=None):
         x = jax.random.normal(jax.random.key(0), (m, k), dtype)
         a = jax.random.normal(jax.random.key(1), (r, k), dtype)
         ref = xla_narrow(x, a).astype(jnp.float32)
-        variants = [("xla", {}, xla_narrow)]
-        for bm, nw, ns in itertools.product((32, 64, 128), (4, 8), (3,)):
-            cfg = dict(block_m=bm, num_warps=nw, num_stages=ns)
+        variants = [("xla", {}, xla_narrow), ("kernel", {}, lambda x, a: lk.narrow(x, a, interpret=interpret))]
+        for bm, bk, sp, nw in itertools.product((32, 64, 128), (128, 256), (1, 2, 4), (4, 8)):
+            if k % (bk * sp) or (sp > 1 and (k // (bk * sp)) < 1):
+                continue
+            cfg = dict(block_m=bm, block_k=bk, splits=sp, num_warps=nw)
             variants.append(("kernel", cfg, lambda x, a, cfg=cfg: lk.narrow(x, a, interpret=interpret, **cfg)))
         for name, cfg, fn in variants[:3] if interpret else variants:
             err = float(jnp.linalg.norm(fn(x, a).astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
@@ -79,12 +85,13 @@ def main(argv=None):
         u = jax.random.normal(jax.random.key(2), (m, p), dtype)
         v = jax.random.normal(jax.random.key(3), (m, r), dtype)
         ref = xla_tall(u, v)
-        variants = [("xla", {}, xla_tall)]
-        for bm, nw, sp in itertools.product((64, 128), (4, 8), (1, 2)):
-            bp = 128 if p % 128 == 0 else 64
+        variants = [("xla", {}, xla_tall), ("kernel", {}, lambda u, v: lk.tall(u, v, interpret=interpret))]
+        for bm, bp, sp, nw in itertools.product((64, 128, 256), (64, 128), (1, 2, 4), (4, 8)):
+            if p % bp:
+                continue
             m_blocks = -(-m // bm)
-            splits = max(1, min(m_blocks, int(sp * -(-2 * lk._SMS // (p // bp)))))
-            cfg = dict(block_m=bm, num_warps=nw, splits=splits, block_p=bp)
+            splits = max(1, min(m_blocks, sp * -(-2 * lk._SMS // (p // bp))))
+            cfg = dict(block_m=bm, block_p=bp, splits=splits, num_warps=nw)
             variants.append(("kernel", cfg, lambda u, v, cfg=cfg: lk.tall(u, v, interpret=interpret, **cfg)))
         for name, cfg, fn in variants[:3] if interpret else variants:
             err = float(jnp.linalg.norm(fn(u, v) - ref) / jnp.linalg.norm(ref))

@@ -13,11 +13,11 @@ def _rand(key, shape, dtype=jnp.float32):
     return jax.random.normal(jax.random.key(key), shape, dtype)
 
 
-@pytest.mark.parametrize("m, k, r", [(200, 96, 16), (64, 48, 8), (130, 32, 40)])
-def test_narrow_equals_the_dot(m, k, r):
+@pytest.mark.parametrize("m, k, r, splits", [(200, 96, 16, 3), (64, 48, 8, 1), (130, 32, 40, 2)])
+def test_narrow_equals_the_dot(m, k, r, splits):
     # Ragged rows (200, 130: not a multiple of the 64-row block) and ranks padded to the kernel's width (8, 40).
     x, a = _rand(0, (2, m // 2, k)), _rand(1, (r, k))
-    ours = lora_matmul.narrow(x, a, block_m=64, block_k=16, interpret=True)
+    ours = lora_matmul.narrow(x, a, block_m=64, block_k=16, splits=splits, interpret=True)
     assert ours.shape == (2, m // 2, r)
     np.testing.assert_allclose(ours, jnp.einsum("bmk,rk->bmr", x, a), rtol=1e-5, atol=1e-5)
 

@@ -257,3 +257,32 @@ def test_a_training_step_uses_no_deprecated_optax_function(tiny, tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [str(w.message) for w in caught if "optax" in str(w.message)]
+
+
+def test_prefetch_makes_the_next_micro_batch_on_a_thread_while_this_one_is_used():
+    import threading
+
+    from jaxvlm.train.trainer import _Prefetch
+    started = {}
+    release, began_1 = threading.Event(), threading.Event()
+
+    def make(i):
+        started[i] = threading.current_thread().name
+        if i == 1:
+            began_1.set()
+            release.wait(5)  # micro-batch 1 is still being made while the caller works on 0
+        if i == 3:
+            raise ValueError("record 3 is broken")
+        return i * 10
+
+    fetch = _Prefetch(make, end=4)
+    try:
+        assert fetch(0) == 0
+        assert began_1.wait(5) and started[1].startswith("jaxvlm-prefetch")  # started before it was asked for
+        release.set()
+        assert fetch(1) == 10 and fetch(2) == 20
+        assert set(fetch.ahead) == {3}  # started ahead; nothing past `end` will be
+        with pytest.raises(ValueError, match="record 3"):  # the worker's error reaches the caller
+            fetch(3)
+    finally:
+        fetch.close()

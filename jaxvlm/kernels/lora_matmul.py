@@ -89,25 +89,35 @@ def narrow_supported(x: jax.Array, a: jax.Array) -> bool:
 
 
 def _narrow_kernel(x_ref, a_ref, o_ref, *, m: int, block_m: int, block_k: int, steps: int):
-    i = pl.program_id(0)
+    i, s = pl.program_id(0), pl.program_id(1)
     rows = i * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
     inside = rows < m
 
-    def step(k, acc):
-        xb = plt.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(k * block_k, block_k)],
+    def step(t, acc):
+        k0 = (s * steps + t) * block_k
+        xb = plt.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(k0, block_k)],
                       mask=jnp.broadcast_to(inside, (block_m, block_k)), other=0)
-        ab = a_ref[:, pl.ds(k * block_k, block_k)]
+        ab = a_ref[:, pl.ds(k0, block_k)]
         return acc + plt.dot(xb, ab, trans_b=True)
 
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, a_ref.shape[0]), jnp.float32))
-    plt.store(o_ref.at[pl.ds(i * block_m, block_m), :], acc.astype(o_ref.dtype),
-              mask=jnp.broadcast_to(inside, acc.shape))
+    plt.store(o_ref.at[pl.ds(i * block_m, block_m), :], acc, mask=jnp.broadcast_to(inside, acc.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "num_warps", "num_stages", "interpret"))
-def narrow(x: jax.Array, a: jax.Array, *, block_m: int = 64, block_k: int | None = None, num_warps: int = 4,
-           num_stages: int = 3, interpret: bool = False) -> jax.Array:
-    """x [..., K] @ a[r, K]^T -> [..., r] in x's dtype (float32 sums), reading x once (see the module's doc)."""
+def _narrow_config(m: int, k: int) -> dict:
+    """block_m, block_k and splits (ranges of K) for a [m, k] x: K split until there are about 4 programs per SM."""
+    block_m, block_k = 64, _block(k, (256, 128, 64, 32, 16))
+    chunks = k // block_k
+    want = -(-4 * _SMS // -(-m // block_m))
+    splits = max([d for d in range(1, chunks + 1) if chunks % d == 0 and d <= want])
+    return dict(block_m=block_m, block_k=block_k, splits=splits)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "num_warps", "num_stages", "interpret"))
+def narrow(x: jax.Array, a: jax.Array, *, block_m: int | None = None, block_k: int | None = None,
+           splits: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """x [..., K] @ a[r, K]^T -> [..., r] in x's dtype (float32 sums), reading x once: programs over (blocks of
+    block_m rows, `splits` ranges of K), their partial sums added by XLA (see the module's doc)."""
     if not narrow_supported(x, a):
         raise ValueError(f"narrow: x {x.shape} @ a {a.shape}.T is not a supported product (K a multiple of 16, "
                          f"r <= 128)")
@@ -116,20 +126,24 @@ def narrow(x: jax.Array, a: jax.Array, *, block_m: int = 64, block_k: int | None
     m = x2.shape[0]
     rp = _rank_pad(r)
     ap = jnp.pad(a.astype(x.dtype), ((0, rp - r), (0, 0)))
-    block_k = block_k or _block(k)
-    whole = lambda s: pl.BlockSpec(s, lambda i: (0,) * len(s))  # noqa: E731
+    cfg = _narrow_config(m, k)
+    block_m, block_k = block_m or cfg["block_m"], block_k or cfg["block_k"]
+    splits = splits or (cfg["splits"] if block_k == cfg["block_k"] else 1)
+    if k % (block_k * splits):
+        raise ValueError(f"narrow: block_k {block_k} x splits {splits} does not divide K {k}")
+    whole = lambda s: pl.BlockSpec(s, lambda i, j: (0,) * len(s))  # noqa: E731
     extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
-    out = pl.pallas_call(
-        functools.partial(_narrow_kernel, m=m, block_m=block_m, block_k=block_k, steps=k // block_k),
-        out_shape=jax.ShapeDtypeStruct((m, rp), x.dtype),
-        grid=(pl.cdiv(m, block_m),),
+    partial = pl.pallas_call(
+        functools.partial(_narrow_kernel, m=m, block_m=block_m, block_k=block_k, steps=k // (block_k * splits)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, rp), jnp.float32),
+        grid=(pl.cdiv(m, block_m), splits),
         in_specs=[whole(x2.shape), whole(ap.shape)],
-        out_specs=whole((m, rp)),
+        out_specs=pl.BlockSpec((None, m, rp), lambda i, j: (j, 0, 0)),
         interpret=interpret,
         name="lora_narrow",
         **extra,
     )(x2, ap)
-    return out[:, :r].reshape(*lead, r)
+    return jnp.sum(partial[:, :, :r], axis=0).astype(x.dtype).reshape(*lead, r)
 
 
 def tall_supported(u: jax.Array, v: jax.Array) -> bool:

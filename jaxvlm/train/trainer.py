@@ -12,6 +12,7 @@ batches of 2 equals one batch of 8.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -258,6 +259,16 @@ class SFTTrainer:
         ids = self._epoch_order(epoch)[k * size:(k + 1) * size].tolist()
         return self.collator([self.dataset[i] for i in ids], indices=ids), ids
 
+    def _placed_inputs(self, index: int) -> tuple[dict, list[int], tuple[int, int, int]]:
+        """Micro-batch `index` as the step takes it (on the device, or laid out on the mesh), its record ids, and its
+        (trained, attended) token counts, with the records the collator had skipped up to it (on_overflow="skip")."""
+        batch, ids = self.micro_batch(index)
+        inputs = self.model_inputs(batch)
+        counts = (_trained_tokens(batch), int(np.asarray(batch["attention_mask"]).sum()),
+                  getattr(self.collator, "skipped", 0))
+        inputs = jax.device_put(inputs) if self.mesh is None else shard_batch(inputs, len(ids), self.mesh)
+        return inputs, ids, counts
+
     def model_inputs(self, batch: dict) -> dict:
         arrays = {k: v for k, v in batch.items() if k != "labels"}
         inputs = self.model.prepare_inputs(**arrays)
@@ -406,58 +417,61 @@ class SFTTrainer:
                                    vmapped=per_shard)
         pending = None
         trained_so_far = step  # a resumed run trained before
-        while step < total:
-            grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
-            record_ids, n_trained = [], 0
-            for micro in range(a.gradient_accumulation_steps):
-                index = step * a.gradient_accumulation_steps + micro
-                if per_shard:
-                    batches, ids = self.shard_batches(index, shards)
-                    inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
-                    # Counted over every host's shards (each holds its own).
-                    counts = _agree(np.array([sum(_trained_tokens(b) for b in batches.values()),
-                                              sum(int(np.asarray(b["attention_mask"]).sum())
-                                                  for b in batches.values())]), np.sum)
-                else:
-                    batch, ids = self.micro_batch(index)
-                    inputs = self.model_inputs(batch)
-                    counts = (_trained_tokens(batch), int(np.asarray(batch["attention_mask"]).sum()))
-                    if self.mesh is not None:
-                        inputs = shard_batch(inputs, len(ids), self.mesh)
-                record_ids += ids
-                n_trained += int(counts[0])
-                self._log_compile(inputs)
-                key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
-                with layout():  # read while grad_step traces
-                    ls, nt, g = grad_step(trainable, frozen, inputs, key)
-                grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-                loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
-                n_seq_tokens += int(counts[1])
-            trained_so_far += n_trained
-            seen = (step + 1) * a.gradient_accumulation_steps * self.global_batch_size
-            if not trained_so_far and seen >= len(self.dataset):
-                skipped = getattr(self.collator, "skipped", 0)
-                why = (f" ({skipped} records skipped by on_overflow=skip: their image tokens do not fit "
-                       f"max_seq_length)" if skipped else "")
-                raise DataError(f"a whole pass over the {len(self.dataset)} records of train_dataset left no token "
-                                f"to train on{why}: raise max_seq_length, shrink the images (resize=), or check "
-                                f"response_part")
-            if not n_trained:
-                # A warning, not an error: with small steps a few records whose responses max_seq_length cut
-                # off can fill a step by chance, and the run is still sound; when every step warns, it is not.
-                warnings.warn(f"step {step + 1}: records {record_ids} have no trained token (every label is "
-                              f"-100), so the step has no loss (logged as nan) and only AdamW's momentum and weight "
-                              f"decay move the weights; check that their responses fit max_seq_length and, with "
-                              f"train_on_responses_only, that response_part occurs in them", UserWarning,
-                              stacklevel=2)
-            trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
-            step += 1
-            tokens_seen += n_seq_tokens
-            if pending is not None:
-                finish(pending)
-            pending = (step, loss, grad_norm, n_seq_tokens)
-            if a.save_steps and step % a.save_steps == 0 and step < total:
-                save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
+        # Each micro-batch's inputs are made and sent to the device on a thread one micro-batch ahead, so that
+        # collating (the processor's image work) and the host-to-device copy overlap the device's step.
+        prefetch = _Prefetch(self._placed_inputs, total * a.gradient_accumulation_steps)
+        try:
+            while step < total:
+                grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
+                record_ids, n_trained = [], 0
+                for micro in range(a.gradient_accumulation_steps):
+                    index = step * a.gradient_accumulation_steps + micro
+                    if per_shard:
+                        batches, ids = self.shard_batches(index, shards)
+                        inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
+                        # Counted over every host's shards (each holds its own).
+                        counts = _agree(np.array([sum(_trained_tokens(b) for b in batches.values()),
+                                                  sum(int(np.asarray(b["attention_mask"]).sum())
+                                                      for b in batches.values())]), np.sum)
+                        skipped = getattr(self.collator, "skipped", 0)
+                    else:
+                        inputs, ids, counts = prefetch(index)
+                        skipped = counts[2]  # the collator may have gone on to the micro-batch prefetched next
+                    record_ids += ids
+                    n_trained += int(counts[0])
+                    self._log_compile(inputs)
+                    key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
+                    with layout():  # read while grad_step traces
+                        ls, nt, g = grad_step(trainable, frozen, inputs, key)
+                    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+                    loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
+                    n_seq_tokens += int(counts[1])
+                trained_so_far += n_trained
+                seen = (step + 1) * a.gradient_accumulation_steps * self.global_batch_size
+                if not trained_so_far and seen >= len(self.dataset):
+                    why = (f" ({skipped} records skipped by on_overflow=skip: their image tokens do not fit "
+                           f"max_seq_length)" if skipped else "")
+                    raise DataError(f"a whole pass over the {len(self.dataset)} records of train_dataset left no token "
+                                    f"to train on{why}: raise max_seq_length, shrink the images (resize=), or check "
+                                    f"response_part")
+                if not n_trained:
+                    # A warning, not an error: with small steps a few records whose responses max_seq_length cut
+                    # off can fill a step by chance, and the run is still sound; when every step warns, it is not.
+                    warnings.warn(f"step {step + 1}: records {record_ids} have no trained token (every label is "
+                                  f"-100), so the step has no loss (logged as nan) and only AdamW's momentum and weight "
+                                  f"decay move the weights; check that their responses fit max_seq_length and, with "
+                                  f"train_on_responses_only, that response_part occurs in them", UserWarning,
+                                  stacklevel=2)
+                trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
+                step += 1
+                tokens_seen += n_seq_tokens
+                if pending is not None:
+                    finish(pending)
+                pending = (step, loss, grad_norm, n_seq_tokens)
+                if a.save_steps and step % a.save_steps == 0 and step < total:
+                    save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
+        finally:
+            prefetch.close()
         if pending is not None:
             finish(pending)
         progress.close()
@@ -481,6 +495,26 @@ class SFTTrainer:
             logger.info("compiling the training step for a new batch shape (%d so far): input_ids %s, "
                         "pixel_values %s", len(self._compiled_shapes), np.shape(inputs["input_ids"]),
                         np.shape(inputs.get("pixel_values")))
+
+
+class _Prefetch:
+    """`make(index)` for index 0, 1, ... < `end`, each started on a worker thread when the one before it is asked
+    for: asking for `index` returns its result (made now if it was not started) and starts index + 1."""
+
+    def __init__(self, make: Callable, end: int):
+        self.make, self.end = make, end
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxvlm-prefetch")
+        self.ahead: dict[int, concurrent.futures.Future] = {}
+
+    def __call__(self, index: int):
+        current = self.ahead.pop(index, None) or self.pool.submit(self.make, index)
+        for stale in self.ahead.values():  # asked out of order (not the trainer's way): drop what was started
+            stale.cancel()
+        self.ahead = {index + 1: self.pool.submit(self.make, index + 1)} if index + 1 < self.end else {}
+        return current.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _trained_tokens(batch: dict) -> int:
