@@ -59,3 +59,11 @@ def test_lora_linear_with_the_kernels_equals_xla(monkeypatch, in_f, out_f):
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
     for o, e in zip(ours[1], want[1]):
         np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_keeps_xla_off_a_gpu(monkeypatch):
+    # "auto" (the default) picks the kernels only in a one-GPU process; the CPU (CI) runs XLA's dots.
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "auto")
+    assert lora_matmul.kernels_on() == (jax.default_backend() == "gpu" and jax.device_count() == 1)
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "off")
+    assert not lora_matmul.kernels_on()
