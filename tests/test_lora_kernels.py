@@ -51,7 +51,8 @@ def test_lora_linear_with_the_kernels_equals_xla(monkeypatch, in_f, out_f):
     calls = []
     for name in ("narrow", "tall"):
         fn = getattr(lora_matmul, name)
-        monkeypatch.setattr(lora_matmul, name, lambda *args, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*args, **kw))
+        monkeypatch.setattr(lora_matmul, name,
+                            lambda *args, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*args, **kw))
     monkeypatch.setattr(lora_matmul, "lora_kernel", "interpret")
     ours = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b)
     # Forward: x A^T by narrow; backward: dA and dB by tall (and dxa by narrow where B's product is its own).

@@ -80,12 +80,6 @@ def _rank_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def _compiler_params(num_warps, num_stages):
-    from jax.experimental.pallas import triton as plgpu
-    params = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return params(num_warps=num_warps, num_stages=num_stages)
-
-
 def _block(n: int, sizes=(128, 64, 32, 16)) -> int | None:
     return next((s for s in sizes if n % s == 0), None)
 
@@ -140,7 +134,7 @@ def narrow(x: jax.Array, a: jax.Array, *, block_m: int | None = None, block_k: i
     if k % (block_k * splits):
         raise ValueError(f"narrow: block_k {block_k} x splits {splits} does not divide K {k}")
     whole = lambda s: pl.BlockSpec(s, lambda i, j: (0,) * len(s))  # noqa: E731
-    extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
+    extra = {} if interpret else dict(compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     partial = pl.pallas_call(
         functools.partial(_narrow_kernel, m=m, block_m=block_m, block_k=block_k, steps=k // (block_k * splits)),
         out_shape=jax.ShapeDtypeStruct((splits, m, rp), jnp.float32),
@@ -194,7 +188,7 @@ def tall(u: jax.Array, v: jax.Array, *, block_m: int = 64, block_p: int | None =
     splits = splits or max(1, min(m_blocks, -(-2 * _SMS // tiles)))
     steps = -(-m_blocks // splits)
     whole = lambda s: pl.BlockSpec(s, lambda j, i: (0,) * len(s))  # noqa: E731
-    extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
+    extra = {} if interpret else dict(compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     partial = pl.pallas_call(
         functools.partial(_tall_kernel, m=m, block_m=block_m, block_p=block_p, steps=steps),
         out_shape=jax.ShapeDtypeStruct((splits, p, rp), jnp.float32),

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxvlm.quant.nf4 import NF4, NF4_TABLE, NESTED_BLOCKSIZE, dequantize_nf4
 
@@ -137,12 +138,6 @@ def _kernel(xe_ref, xo_ref, values_ref, codes_ref, *refs, rows: int, block_n: in
         out_ref[r, :] = jnp.sum(accs[r], axis=1)
 
 
-def _compiler_params(num_warps, num_stages):
-    from jax.experimental.pallas import triton as plgpu
-    params = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return params(num_warps=num_warps, num_stages=num_stages)
-
-
 @functools.partial(jax.jit, static_argnames=("layer", "block_n", "block_k", "split_k", "num_warps", "num_stages",
                                              "interpret"))
 def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int | None = None,
@@ -189,7 +184,7 @@ def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int |
     in_specs[3] = pl.BlockSpec((None, block_n, nb, 32), lambda j, s: (lyr, j, 0, 0))
     kernel = functools.partial(_kernel, rows=rows, block_n=block_n, block_k=block_k, steps=steps, n_blocks=nb,
                                layer=lyr, double_quantized=w.double_quantized)
-    extra = {} if interpret else dict(compiler_params=_compiler_params(num_warps, num_stages))
+    extra = {} if interpret else dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     partial = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((split_k, rows, n), jnp.float32),
