@@ -459,8 +459,8 @@ class SFTTrainer:
                     # off can fill a step by chance, and the run is still sound; when every step warns, it is not.
                     warnings.warn(f"step {step + 1}: records {record_ids} have no trained token (every label is "
                                   f"-100), so the step has no loss (logged as nan) and only AdamW's momentum and "
-                                  f"weight decay move the weights; check that their responses fit max_seq_length and, with "
-                                  f"train_on_responses_only, that response_part occurs in them", UserWarning,
+                                  f"weight decay move the weights; check that their responses fit max_seq_length "
+                                  f"and, with train_on_responses_only, that response_part occurs in them", UserWarning,
                                   stacklevel=2)
                 trainable, opt_state, loss, grad_norm = apply_step(trainable, opt_state, grads, loss_sum, n_tokens)
                 step += 1
