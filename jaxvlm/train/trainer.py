@@ -259,14 +259,15 @@ class SFTTrainer:
         ids = self._epoch_order(epoch)[k * size:(k + 1) * size].tolist()
         return self.collator([self.dataset[i] for i in ids], indices=ids), ids
 
-    def _placed_inputs(self, index: int) -> tuple[dict, list[int], tuple[int, int, int]]:
-        """Micro-batch `index` as the step takes it (on the device, or laid out on the mesh), its record ids, and its
-        (trained, attended) token counts, with the records the collator had skipped up to it (on_overflow="skip")."""
+    def _placed_inputs(self, index: int, where=None) -> tuple[dict, list[int], tuple[int, int, int]]:
+        """Micro-batch `index` as the step takes it (on the device `where`, a sharding or device, default JAX's; or
+        laid out on the mesh), its record ids, and its (trained, attended) token counts, with the records the collator
+        had skipped up to it (on_overflow="skip")."""
         batch, ids = self.micro_batch(index)
         inputs = self.model_inputs(batch)
         counts = (_trained_tokens(batch), int(np.asarray(batch["attention_mask"]).sum()),
                   getattr(self.collator, "skipped", 0))
-        inputs = jax.device_put(inputs) if self.mesh is None else shard_batch(inputs, len(ids), self.mesh)
+        inputs = jax.device_put(inputs, where) if self.mesh is None else shard_batch(inputs, len(ids), self.mesh)
         return inputs, ids, counts
 
     def model_inputs(self, batch: dict) -> dict:
@@ -419,7 +420,9 @@ class SFTTrainer:
         trained_so_far = step  # a resumed run trained before
         # Each micro-batch's inputs are made and sent to the device on a thread one micro-batch ahead, so that
         # collating (the processor's image work) and the host-to-device copy overlap the device's step.
-        prefetch = _Prefetch(self._placed_inputs, total * a.gradient_accumulation_steps)
+        # One device: where the adapters are (a worker thread does not see the caller's jax.default_device).
+        where = None if self.mesh is not None else jax.tree.leaves(trainable)[0].sharding
+        prefetch = _Prefetch(functools.partial(self._placed_inputs, where=where), total * a.gradient_accumulation_steps)
         try:
             while step < total:
                 grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
