@@ -12,11 +12,13 @@ from tests.conftest import REPO
 # A few NF4 + LoRA training steps of a tiny model; prints the cache directory in use and JAX's cache events.
 SCRIPT = r"""
 import json, sys
+import threading
 import jax, jax.monitoring
-events = {"hits": 0, "misses": 0}
-def count(name, **kw):
-    if name == "/jax/compilation_cache/cache_hits": events["hits"] += 1
-    if name == "/jax/compilation_cache/cache_misses": events["misses"] += 1
+events, lock = {"hits": 0, "misses": 0}, threading.Lock()
+def count(name, **kw):  # the importer's loader threads compile too: counted under a lock
+    with lock:
+        if name == "/jax/compilation_cache/cache_hits": events["hits"] += 1
+        if name == "/jax/compilation_cache/cache_misses": events["misses"] += 1
 jax.monitoring.register_event_listener(count)
 import jaxvlm
 if len(sys.argv) < 3:  # only where the cache is, and which programs it keeps
@@ -56,8 +58,12 @@ def test_a_second_run_loads_its_programs_from_the_cache(tmp_path, monkeypatch):
     entries = set(os.listdir(cache))
     assert entries
     second = run(env, model_dir, tmp_path / "b")
-    assert second["misses"] == 0 and second["hits"] == first["misses"], (first, second)
-    assert set(os.listdir(cache)) == entries  # nothing compiled anew
+    # Every program looked up is found, every cached one is looked up, and nothing is compiled anew. (Not hits ==
+    # first misses: two loader threads that need the same program at once may both look it up, in either run.)
+    programs = len([e for e in entries if not e.endswith(("-atime", ".lockfile"))])  # JAX's LRU cache: 2 files each
+    assert second["misses"] == 0 and second["hits"] >= programs and first["misses"] >= programs, (
+        first, second, programs)
+    assert set(os.listdir(cache)) == entries
 
     # Off, the user's own directory, and one that cannot be written (a warning, no cache, no failure).
     assert run({"JAXVLM_COMPILATION_CACHE": "0"})["dir"] is None
