@@ -133,7 +133,8 @@ def test_lora_gradients_match_peft(base):
         s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
         return s / n
     fused = []  # the widening Linears (qkv, fc1, up_proj) take the one-matmul path; the others two products
-    with unittest.mock.patch("jaxvlm.kernels.lora_matmul.concat_linear", lambda *a: fused.append(a[2].shape) or concat_linear(*a)):
+    with unittest.mock.patch("jaxvlm.kernels.lora_matmul.concat_linear",
+                             lambda *a: fused.append(a[2].shape) or concat_linear(*a)):
         grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
     assert len({shape[-2:] for shape in fused}) == 3, fused
 
