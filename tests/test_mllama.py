@@ -376,10 +376,11 @@ def test_engine_runs_text_requests_and_refuses_images_by_name(loaded):
     """The cross-attention states are sized by the prompt's image tiles, which a slot cache cannot hold: text-only
     requests get generate's tokens, a request with an image a NotImplementedError naming the family."""
     from jaxvlm.engine import Engine
-    from tests.test_engine import check_engine_matches_generate, requests_of
+    from tests.test_engine import check_decode_writes_the_cache_in_place, check_engine_matches_generate, requests_of
     model, processor, _ = loaded
     pad = processor.tokenizer.pad_token_id
     check_engine_matches_generate(model, processor, images_per_request=(None,) * 5, pad=pad)
+    check_decode_writes_the_cache_in_place(model)
     single, _, _ = requests_of(processor)
     engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad)
     engine.submit(max_new_tokens=4, **single[0])

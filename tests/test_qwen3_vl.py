@@ -298,6 +298,7 @@ def test_train_and_generate_clis(tiny, tmp_path, capsys):
 
 
 def test_engine_gives_each_request_the_tokens_of_generate(loaded):
-    from tests.test_engine import check_engine_matches_generate
+    from tests.test_engine import check_decode_writes_the_cache_in_place, check_engine_matches_generate
     model, processor, _ = loaded
     check_engine_matches_generate(model, processor, pad=PAD)
+    check_decode_writes_the_cache_in_place(model)

@@ -201,12 +201,12 @@ class LlamaTextModel(TextModel):
         full = (keys <= queries)[:, None] & key_ok[:, None, None, :]
         windowed = full if window is None else full & (keys > queries - window)[:, None]
 
-        def layer_step(layer, x, *rest):
-            *flag, kv = rest
+        def layer_step(layer, carry, i, *flag):  # the cache a carry, written in place (see qwen_text.TextModel)
             mask = jnp.where(flag[0], windowed, full) if flag else windowed if sliding[0] else full
-            return layer(x, cos, sin, mask, kv, index)
+            return layer(*carry[:1], cos, sin, mask, carry[1], index, i), None
 
-        h, kv = scan_blocks(self.layers, h, layer_step, *per_layer, (cache.k, cache.v))
+        (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step, jnp.arange(self.cfg.num_layers),
+                                 *per_layer)
         return self.norm(h), KVCache(*kv)
 
     def init_cache(self, batch: int, length: int, dtype) -> KVCache:

@@ -86,8 +86,8 @@ class SelfAttentionDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -203,8 +203,8 @@ class MllamaTextModel(nnx.Module):
             if caches is None:
                 return layer(x, cos, sin, self_mask)[0], None
             ks, vs, kc, vc = caches
-            x, (k, v) = layer(x, cos, sin, self_mask, (ks[i], vs[i]), index)
-            return x, (ks.at[i].set(k), vs.at[i].set(v), kc, vc)
+            x, (ks, vs) = layer(x, cos, sin, self_mask, (ks, vs), index, i)  # entry i written in place
+            return x, (ks, vs, kc, vc)
 
         def cross_layer(x, i, caches):
             layer = nnx.merge(cross_graph, row(cross_state, i))

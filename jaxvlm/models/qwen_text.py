@@ -83,10 +83,12 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack) if cfg.qk_norm else None
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)`, each
-        `[batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written at slot `index` (an int, or
-        int32 `[batch]`: each row's slot; see `layers.write_step`) and attention reads the whole cache (`mask` then spans the cache). Returns (out, kv)."""
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=None):
+        """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)` of every layer, each
+        `[layers, batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written in place at entry
+        `layer`, slot `index` (an int, or int32 `[batch]`: each row's slot; see `layers.write_step`) and attention
+        reads that layer's whole cache (`mask` then spans the cache); `layer` None: `kv` is this layer's own cache,
+        `[batch, cache_len, kv_heads, head_dim]` each. Returns (out, kv)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
@@ -95,8 +97,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
-            kv = (write_step(kv[0], k, index), write_step(kv[1], v, index))
-            k, v = kv
+            lead = () if layer is None else (layer,)
+            kv = (write_step(kv[0], k, index, lead), write_step(kv[1], v, index, lead))
+            k, v = kv if layer is None else (kv[0][layer], kv[1][layer])
         return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
 
 
@@ -108,8 +111,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, layer=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -171,12 +174,14 @@ class TextModel(nnx.Module):
         else:
             mask = (jnp.arange(keys) <= query_slots(t, index)[..., None])[:, None] & key_ok
 
-            def layer_step(layer, x, *rest):
-                *i, kv = rest
-                x, kv = layer(x, cos, sin, mask, kv, index)
-                return (add_deepstack(x, i[0], deepstack) if i else x), kv
+            # The cache rides along as a carry, each layer writing its entry in place (as per-layer slices, the
+            # updated slices were stacked into a new cache every step: a copy of the whole cache).
+            def layer_step(layer, carry, i):
+                x, kv = layer(*carry[:1], cos, sin, mask, carry[1], index, i)
+                return (add_deepstack(x, i, deepstack), kv), None
 
-            h, kv = scan_blocks(self.layers, h, layer_step, *per_layer, (cache.k, cache.v))
+            (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step,
+                                     jnp.arange(self.cfg.num_layers))
             cache = KVCache(*kv)
         return self.norm(h), cache
 
