@@ -321,7 +321,7 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
     out = dict(bench="train", impl="jaxvlm", geometry=geometry, weights=weights, remat=remat, attn=attn,
                loss_chunk=loss_chunk, batch=batch, seq=seq, device=jax.devices()[0].device_kind,
                step_s=round(step_s, 4), tokens_per_s=round(batch * dp * seq / step_s / n_dev),
-               peak_gib=round(peak / 2**30, 2),
+               peak_gib=round(peak / 2**30, 2), peak_bytes=int(peak),
                mfu=round(flops / step_s / n_dev / H100_BF16_FLOPS, 3), run_s=round(wall, 1), trainable=trainable,
                lora_experts=lora_experts if hasattr(cfg.text, "num_experts") else None,
                **({"mesh": dict(mesh.shape), "devices": n_dev} if mesh is not None else {}))
