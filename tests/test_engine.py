@@ -2,7 +2,8 @@
 slots than requests (slots refilled mid-run), prompts of different lengths with and without images, EOS mid-way,
 decode calls that end mid-request; streams, adapters swapped between calls, bad input.
 
-`check_engine_matches_generate` and `check_decode_writes_the_cache_in_place` are run by the family modules too (tests/test_gemma3.py, test_llava.py, ...)."""
+`check_engine_matches_generate` and `check_decode_writes_the_cache_in_place` are run by the family modules too
+(tests/test_gemma3.py, test_llava.py, ...)."""
 import numpy as np
 import pytest
 

@@ -202,8 +202,9 @@ class LlamaTextModel(TextModel):
         windowed = full if window is None else full & (keys > queries - window)[:, None]
 
         def layer_step(layer, carry, i, *flag):  # the cache a carry, written in place (see qwen_text.TextModel)
+            x, kv = carry
             mask = jnp.where(flag[0], windowed, full) if flag else windowed if sliding[0] else full
-            return layer(*carry[:1], cos, sin, mask, carry[1], index, i), None
+            return layer(x, cos, sin, mask, kv, index, i), None
 
         (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step, jnp.arange(self.cfg.num_layers),
                                  *per_layer)

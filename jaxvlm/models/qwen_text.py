@@ -87,8 +87,7 @@ class Attention(nnx.Module):
         """Self-attention over `x [batch, seq, hidden]`; with a cache `kv = (k, v)` of every layer, each
         `[layers, batch, cache_len, kv_heads, head_dim]`, this step's keys/values are written in place at entry
         `layer`, slot `index` (an int, or int32 `[batch]`: each row's slot; see `layers.write_step`) and attention
-        reads that layer's whole cache (`mask` then spans the cache); `layer` None: `kv` is this layer's own cache,
-        `[batch, cache_len, kv_heads, head_dim]` each. Returns (out, kv)."""
+        reads that layer's whole cache (`mask` then spans the cache). Returns (out, kv)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
@@ -97,9 +96,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
-            lead = () if layer is None else (layer,)
-            kv = (write_step(kv[0], k, index, lead), write_step(kv[1], v, index, lead))
-            k, v = kv if layer is None else (kv[0][layer], kv[1][layer])
+            kv = (write_step(kv[0], k, index, (layer,)), write_step(kv[1], v, index, (layer,)))
+            k, v = kv[0][layer], kv[1][layer]
         return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
 
 
@@ -177,7 +175,8 @@ class TextModel(nnx.Module):
             # The cache rides along as a carry, each layer writing its entry in place (as per-layer slices, the
             # updated slices were stacked into a new cache every step: a copy of the whole cache).
             def layer_step(layer, carry, i):
-                x, kv = layer(*carry[:1], cos, sin, mask, carry[1], index, i)
+                x, kv = carry
+                x, kv = layer(x, cos, sin, mask, kv, index, i)
                 return (add_deepstack(x, i, deepstack), kv), None
 
             (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step,
