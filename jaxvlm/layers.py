@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import flash_attention, grouped_matmul, nf4_matmul
+from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, nf4_matmul
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -454,6 +454,33 @@ def write_step(cache: jax.Array, new: jax.Array, index, lead: tuple = ()) -> jax
     if new.shape[1] != 1:
         raise ValueError(f"a step of {new.shape[1]} tokens with a slot per row: only one token per row is supported")
     return cache.at[(*lead, jnp.arange(new.shape[0]), index)].set(new[:, 0], mode="drop")
+
+
+# A decode step's attention over the stacked cache (`cached_attention`) by the Pallas kernel
+# jaxvlm.kernels.decode_attention (the cache writes and the attention in one kernel per layer): "auto" (on a process
+# with one GPU: a Pallas call has no sharding rule, so under a device mesh XLA's path), "interpret" (Pallas'
+# interpreter on any backend: the tests) or "off". Read at trace time.
+decode_attention_kernel = os.environ.get("JAXVLM_DECODE_ATTENTION", "auto")
+
+
+def _decode_attention_kernel(q, cache, layer) -> bool:
+    mode = decode_attention_kernel
+    on = mode == "interpret" or (mode == "auto" and jax.default_backend() == "gpu" and jax.device_count() == 1)
+    return on and _layout["mesh"] is None and decode_attention.supported(q, cache, layer)
+
+
+def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None):
+    """A cached step's attention: `k, v [batch, t, kv_heads, head_dim]` written into the stacked cache `kv = (k, v)`
+    (each `[layers, batch, slots, kv_heads, head_dim]`) at entry `layer`, slots `index`.. (see `write_step`), and `q
+    [batch, t, heads, head_dim]` attending that entry's slots under `mask` (broadcastable to [batch, heads, t, slots]).
+    Returns (out [batch, t, heads, head_dim], kv). A one-token step with a static layer goes through the Pallas kernel
+    where `decode_attention_kernel` allows it (the writes and the attention in one kernel)."""
+    if q.shape[1] == 1 and jnp.ndim(mask) == 4 and mask.shape[1] == 1 and _decode_attention_kernel(q, kv[0], layer):
+        out, kc, vc = decode_attention.decode_attention(q, k, v, kv[0], kv[1], int(layer), index, mask, scale=scale,
+                                                        interpret=decode_attention_kernel == "interpret")
+        return out, (kc, vc)
+    kv = (write_step(kv[0], k, index, (layer,)), write_step(kv[1], v, index, (layer,)))
+    return attention(q, kv[0][layer], kv[1][layer], mask, scale=scale), kv
 
 
 def pad_to_even(q, k, v):

@@ -59,6 +59,28 @@ def tiny(request, tmp_path_factory):
     return request.param, str(path), save_tiny_model(path, request.param)
 
 
+@pytest.fixture
+def decode_kernel_calls(monkeypatch):
+    """The decode-attention kernel on (Pallas' interpreter) for one test; yields the list of the layers it was called
+    for. The setting is read at trace time, so the jit caches are cleared on the way in (a program traced with the
+    kernel off would be reused) and on the way out (and one traced with it on)."""
+    import jax
+
+    from jaxvlm import layers
+    from jaxvlm.kernels import decode_attention
+    calls = []
+    kernel = decode_attention.decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[5])  # the layer
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(layers, "decode_attention_kernel", "interpret")
+    monkeypatch.setattr(decode_attention, "decode_attention", counted)
+    jax.clear_caches()
+    yield calls
+    jax.clear_caches()
+
+
 def random_image(width, height, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -192,3 +192,11 @@ def test_fast_generate_takes_vllms_prompts_sampling_params_and_lora_request(load
     assert got[0].outputs[0].token_ids == (new[:new.index(eos) + 1] if eos in new else new) != want[0]
     with pytest.raises(ValueError, match="multi_modal_data keys"):
         model.fast_generate([{"prompt": text, "multi_modal_data": {"video": [image]}}], use_tqdm=False)
+
+
+def test_engine_with_the_decode_attention_kernel(loaded, decode_kernel_calls):
+    """The engine's steps (a slot per row) through the decode-attention kernel (interpret mode) give generate's tokens
+    (generate's own steps through the kernel too), and write the cache in place."""
+    check_engine_matches_generate(*loaded)
+    check_decode_writes_the_cache_in_place(loaded[0])
+    assert sorted(set(decode_kernel_calls)) == list(range(loaded[0].config.text.num_layers))

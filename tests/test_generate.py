@@ -125,3 +125,13 @@ def test_batch_one_decoding_by_sums_gives_transformers_tokens(setup, monkeypatch
     one.update(pixel_values=batch["pixel_values"][patches:], image_grid_thw=batch["image_grid_thw"][1:])
     ours = model.generate(**one, max_new_tokens=16, eos_token_id=-1, pad_token_id=PAD)
     np.testing.assert_array_equal(ours, hf_generate(hf_model, one, max_new_tokens=16, min_new_tokens=16))
+
+
+def test_decode_attention_kernel_gives_transformers_tokens(setup, decode_kernel_calls):
+    """Generation whose decode steps write the cache and attend by the Pallas kernel (every layer, in interpret mode)
+    gives transformers' greedy tokens for the left-padded batch with images."""
+    model, processor, hf_model, batch = setup
+    calls = decode_kernel_calls
+    ours = model.generate(**batch, max_new_tokens=12, eos_token_id=-1, pad_token_id=PAD)
+    assert sorted(set(calls)) == list(range(model.config.text.num_layers))
+    np.testing.assert_array_equal(ours, hf_generate(hf_model, batch, max_new_tokens=12, min_new_tokens=12))

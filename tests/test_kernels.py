@@ -262,3 +262,69 @@ def test_grouped_matmul_vjp_wiring_with_the_kernel_interface():
     np.testing.assert_allclose(jax.grad(loss(kernel))(x, w), ref[1][0], rtol=1e-5, atol=1e-5)  # w frozen
     assert weight_calls == [(11, gm.WIDTH)], "the frozen weight's gradient should not be formed"
     assert not gm.use_kernel(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # no Hopper GPU here: XLA's op
+
+
+def _decode_step(rng, batch, heads, kv_heads, d, slots, layers_, index, dtype=jnp.float32, holes=True):
+    """A decode step's operands: q, k, v, a stacked cache (None layers: unstacked) and the mask the text models
+    build (slots up to each row's own, minus padding holes)."""
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+    lead = () if layers_ is None else (layers_,)
+    q, k, v = normal(batch, 1, heads, d), normal(batch, 1, kv_heads, d), normal(batch, 1, kv_heads, d)
+    kc, vc = normal(*lead, batch, slots, kv_heads, d), normal(*lead, batch, slots, kv_heads, d)
+    key_ok = rng.random((batch, slots)) > (0.3 if holes else 0.0)
+    key_ok[np.arange(batch), np.broadcast_to(np.asarray(index) % slots, (batch,))] = True  # the slot written
+    mask = (np.arange(slots)[None] <= np.reshape(index, (-1, 1))) & key_ok
+    return q, k, v, kc, vc, jnp.asarray(mask[:, None, None, :])
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, d, slots, layer, index, splits", [
+    (2, 6, 2, 16, 128, 1, [5, 100], None),  # per-row slots (the engine's), a stacked cache
+    (2, 4, 4, 32, 64, 0, 37, None),  # one slot for all rows (generate's), no grouping
+    (1, 7, 1, 16, 512, 2, 300, None),  # batch 1: the default splits the slots (partial sums combined by XLA)
+    (3, 6, 2, 16, 256, None, [0, 255, 17], 4),  # an unstacked cache, the first and last slots, forced splits
+])
+def test_decode_attention_kernel_matches_xla(batch, heads, kv_heads, d, slots, layer, index, splits):
+    """The decode kernel (interpret mode) writes the step's key and value exactly where write_step does, leaves the
+    rest of the cache (other layers, rows, slots) untouched, and attends as XLA's attention does."""
+    from jaxvlm.kernels import decode_attention as da
+    rng = np.random.default_rng(slots + batch)
+    index = np.asarray(index, np.int32)
+    q, k, v, kc, vc, mask = _decode_step(rng, batch, heads, kv_heads, d, slots, None if layer is None else 3, index)
+    ref = da.decode_attention_reference(q, k, v, kc, vc, layer, jnp.asarray(index), mask)
+    got = da.decode_attention(q, k, v, kc, vc, layer, jnp.asarray(index), mask, splits=splits, interpret=True)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[2], ref[2])
+    written = np.asarray(got[1] != kc)
+    assert written.any() and written.sum() <= batch * kv_heads * d  # one slot per row, nothing else
+
+
+def test_decode_attention_kernel_bf16_and_a_slot_past_the_end():
+    """bf16 operands (the cache's dtype kept), and a row whose slot lies past the cache (the engine's finished rows):
+    nothing is written for it, as write_step drops it."""
+    from jaxvlm.kernels import decode_attention as da
+    rng = np.random.default_rng(7)
+    index = np.asarray([64, 9], np.int32)
+    q, k, v, kc, vc, mask = _decode_step(rng, 2, 4, 2, 16, 64, 2, index, jnp.bfloat16)
+    ref = da.decode_attention_reference(q, k, v, kc, vc, 1, jnp.asarray(index), mask)
+    got = da.decode_attention(q, k, v, kc, vc, 1, jnp.asarray(index), mask, interpret=True)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(got[1][:, 0], kc[:, 0])  # row 0's slot 64 is past the end: its row unchanged
+    np.testing.assert_allclose(np.asarray(got[0][1], np.float32), np.asarray(ref[0][1], np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
+def test_decode_attention_kernel_takes_only_what_it_supports():
+    from jaxvlm.kernels import decode_attention as da
+    q, cache = jnp.zeros((2, 1, 6, 16)), jnp.zeros((3, 2, 64, 2, 16))
+    assert da.supported(q, cache, 1) and da.supported(q, cache, np.int64(2))
+    assert not da.supported(q, cache, jnp.int32(1))  # a traced layer (the layer scan): XLA's path
+    assert not da.supported(jnp.zeros((2, 2, 6, 16)), cache, 1)  # two queries per row
+    assert not da.supported(jnp.zeros((2, 1, 6, 20)), jnp.zeros((3, 2, 64, 2, 20)), 1)  # head_dim not a power of 2
+    assert not da.supported(q, jnp.zeros((3, 2, 40, 2, 16)), 1)  # slots not a multiple of 16
+    assert not da.supported(jnp.zeros((2, 1, 5, 16)), cache, 1)  # heads not a multiple of the kv heads
+    with pytest.raises(ValueError, match="not a supported step"):
+        two = jnp.zeros((2, 2, 6, 16))
+        da.decode_attention(two, two[:, :, :2], two[:, :, :2], cache, cache, 1, 0, jnp.ones((2, 1, 1, 64), bool))

@@ -162,6 +162,15 @@ def test_greedy_equals_transformers_for_a_left_padded_batch(loaded):
     assert_greedy_matches(model, hf, mixed_batch(processor, "left"), new_tokens=16, eos=EOS, pad=PAD)
 
 
+@pytest.mark.parametrize("tiny", ["llava"], indirect=True)  # the Llama text model of every variant: one of them
+def test_greedy_through_the_decode_attention_kernel_equals_transformers(loaded, decode_kernel_calls):
+    """The decode steps through the Pallas decode-attention kernel (interpret mode; Llama's head_dim 16) give
+    transformers' tokens. (Mistral 3's head_dim 20 is not a power of 2: its steps stay on XLA's path.)"""
+    variant, model, processor, hf = loaded
+    assert_greedy_matches(model, hf, mixed_batch(processor, "left"), new_tokens=16, eos=EOS, pad=PAD)
+    assert sorted(set(decode_kernel_calls)) == list(range(model.config.text.num_layers))
+
+
 @pytest.mark.parametrize("tiny", ["mistral3"], indirect=True)  # sampling is family-independent: one variant
 def test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce(loaded):
     variant, model, processor, hf = loaded

@@ -206,7 +206,7 @@ class LlamaTextModel(TextModel):
             mask = jnp.where(flag[0], windowed, full) if flag else windowed if sliding[0] else full
             return layer(x, cos, sin, mask, kv, index, i), None
 
-        (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step, jnp.arange(self.cfg.num_layers),
+        (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step, np.arange(self.cfg.num_layers),
                                  *per_layer)
         return self.norm(h), KVCache(*kv)
 

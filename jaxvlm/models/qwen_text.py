@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, linear, query_slots,
-                           scan_blocks, write_step)
+from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, cached_attention, linear,
+                           query_slots, scan_blocks)
 
 
 # The Qwen chat tokens shared by the Qwen VLM families: those standing for images and videos (the loss
@@ -95,10 +95,11 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
-            kv = (write_step(kv[0], k, index, (layer,)), write_step(kv[1], v, index, (layer,)))
-            k, v = kv[0][layer], kv[1][layer]
-        return self.o_proj(attention(q, k, v, mask, causal=kv is None).reshape(b, t, -1)), kv
+        if kv is None:
+            out = attention(q, k, v, mask, causal=True)
+        else:
+            out, kv = cached_attention(q, k, v, kv, index, layer, mask)
+        return self.o_proj(out.reshape(b, t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -179,8 +180,8 @@ class TextModel(nnx.Module):
                 x, kv = layer(x, cos, sin, mask, kv, index, i)
                 return (add_deepstack(x, i, deepstack), kv), None
 
-            (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step,
-                                     jnp.arange(self.cfg.num_layers))
+            # (np.arange: unrolled, each layer's index is a static int, which the decode kernel needs.)
+            (h, kv), _ = scan_blocks(self.layers, (h, (cache.k, cache.v)), layer_step, np.arange(self.cfg.num_layers))
             cache = KVCache(*kv)
         return self.norm(h), cache
 
