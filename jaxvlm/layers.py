@@ -479,8 +479,16 @@ def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None
         out, kc, vc = decode_attention.decode_attention(q, k, v, kv[0], kv[1], int(layer), index, mask, scale=scale,
                                                         interpret=decode_attention_kernel == "interpret")
         return out, (kc, vc)
-    kv = (write_step(kv[0], k, index, (layer,)), write_step(kv[1], v, index, (layer,)))
-    return attention(q, kv[0][layer], kv[1][layer], mask, scale=scale), kv
+    return cached_attention_xla(q, k, v, kv, index, layer, mask, scale)
+
+
+def cached_attention_xla(q, k, v, kv, index, layer, mask, scale: float | None = None):
+    """`cached_attention` by XLA: the writes (`write_step`) and `attention` over entry `layer` of the caches (`layer`
+    None: caches without the layer axis). The decode kernel's reference."""
+    lead = () if layer is None else (layer,)
+    kv = (write_step(kv[0], k, index, lead), write_step(kv[1], v, index, lead))
+    keys, values = kv if layer is None else (kv[0][layer], kv[1][layer])
+    return attention(q, keys, values, mask, scale=scale), kv
 
 
 def pad_to_even(q, k, v):

@@ -1,4 +1,5 @@
-"""The decode-attention kernel (jaxvlm.kernels.decode_attention) against XLA's writes + attention, on the GPU.
+"""The decode-attention kernel (jaxvlm.kernels.decode_attention) against XLA's writes + attention
+(jaxvlm.layers.cached_attention_xla), on the GPU.
 
     PYTHONPATH=. python -m scripts.bench_decode_attention              # decode shapes of the 2B/7B geometries
     PYTHONPATH=. python -m scripts.bench_decode_attention --cpu-check  # tiny shapes, the kernel in interpret mode
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.kernels import decode_attention as da
+from jaxvlm.layers import cached_attention_xla
 
 LAYERS = 28
 # (name, batch, heads, kv_heads, head_dim, slots, slot written)
@@ -44,7 +46,7 @@ def step_fn(kernel, layers, **config):
             if kernel:
                 out, kc, vc = da.decode_attention(q, k, v, kc, vc, layer, index, mask, **config)
             else:
-                out, kc, vc = da.decode_attention_reference(q, k, v, kc, vc, layer, index, mask)
+                out, (kc, vc) = cached_attention_xla(q, k, v, (kc, vc), index, layer, mask)
             q = q + out[..., :1] * 1e-3  # chained, so no layer is hoisted or dropped
         return q, kc, vc
     return jax.jit(step, donate_argnums=(3, 4))
@@ -59,7 +61,8 @@ def main():
     shapes, layers, dtype = (TINY, 2, jnp.float32) if interpret else (SHAPES, LAYERS, jnp.bfloat16)
     for name, batch, heads, kv_heads, d, slots, slot in shapes:
         ops = operands(batch, heads, kv_heads, d, slots, slot, layers, dtype)
-        ref = da.decode_attention_reference(*ops[:5], 1, *ops[5:])
+        out, (kr, vr) = cached_attention_xla(*ops[:3], tuple(ops[3:5]), ops[5], 1, ops[6])
+        ref = (out, kr, vr)
         got = da.decode_attention(*ops[:5], 1, *ops[5:], interpret=interpret)
         err = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
         cache_err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))

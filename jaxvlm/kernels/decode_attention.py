@@ -14,7 +14,8 @@ Operands: q [batch, 1, heads, head_dim] (rotated), k, v [batch, 1, kv_heads, hea
 and written in place, `index` (an int, a scalar or int32 [batch]: each row's slot; a slot outside the cache is not
 written), `mask` (bool, broadcastable to [batch, 1, 1, slots]: the keys each row attends, the written slot included).
 Ranges of slots ("splits", when one range per (row, kv head) leaves most SMs idle) write float32 partial sums with
-their softmax's maximum and total, which XLA combines.
+their softmax's maximum and total, which XLA combines. The XLA path it replaces, and its reference in the tests:
+`jaxvlm.layers.cached_attention_xla`.
 """
 from __future__ import annotations
 
@@ -44,16 +45,6 @@ def supported(q: jax.Array, k_cache: jax.Array, layer) -> bool:
     slots, kv_heads, d = k_cache.shape[-3:]
     return (d >= 16 and d & (d - 1) == 0 and slots % 16 == 0 and q.shape[-1] == d and q.shape[2] % kv_heads == 0
             and q.shape[0] == k_cache.shape[-4])
-
-
-def decode_attention_reference(q, k, v, k_cache, v_cache, layer, index, mask, scale=None):
-    """The XLA path: the writes (jaxvlm.layers.write_step's) and softmax attention over the layer's cache.
-    Returns (out [batch, 1, heads, head_dim], k_cache, v_cache)."""
-    from jaxvlm.layers import attention, write_step
-    lead = () if layer is None else (layer,)
-    k_cache, v_cache = write_step(k_cache, k, index, lead), write_step(v_cache, v, index, lead)
-    kl, vl = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
-    return attention(q, kl, vl, mask, scale=scale), k_cache, v_cache
 
 
 def default_config(batch: int, kv_heads: int, slots: int) -> dict:
