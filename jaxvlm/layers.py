@@ -609,6 +609,11 @@ def unrolled_layers():
     return _setting(_unroll, on=True, layers={})
 
 
+def unrolling() -> bool:
+    """Whether a program tracing now is inside `unrolled_layers` (a family with its own layer loop unrolls it too)."""
+    return _unroll["on"] and _dropout["key"] is None
+
+
 def _in_place(w: NF4) -> tuple[NF4, int | None]:
     """(the stacked NF4, the layer) that `w` was sliced from by an unrolled `scan_blocks`; else (w, None)."""
     entry = (_unroll["layers"] or {}).get(id(w.codes))

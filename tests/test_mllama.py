@@ -386,3 +386,14 @@ def test_engine_runs_text_requests_and_refuses_images_by_name(loaded):
     engine.submit(max_new_tokens=4, **single[0])
     with pytest.raises(NotImplementedError, match=type(model).__name__):
         engine.run()
+
+
+def test_greedy_through_the_decode_attention_kernel_equals_transformers(loaded, decode_kernel_calls):
+    """Generation's step runs the layers unrolled in their order (cross and self), each self-attention layer's decode
+    through the Pallas decode-attention kernel (interpret mode): transformers' tokens, every self layer through it."""
+    from tests.test_qwen2_vl_parity import assert_greedy_matches
+    model, processor, hf = loaded
+    batch = _batch(processor, "left")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
+    assert sorted(set(decode_kernel_calls)) == list(range(len(model.config.text.self_attention_layers)))

@@ -27,7 +27,8 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.layers import Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy, query_slots
+from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy, query_slots,
+                           unrolling)
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.llama_text import rope_cos_sin, rope_inv_freq  # noqa: F401 (rope_inv_freq re-exported)
 from jaxvlm.models.qwen_text import Attention  # Llama-style grouped-query attention with a cache
@@ -228,9 +229,18 @@ class MllamaTextModel(nnx.Module):
 
         if self.remat is not None and cache is None:
             body = jax.checkpoint(body, policy=checkpoint_policy(self.remat), prevent_cse=False)
-        rows = (jnp.asarray(order), jnp.asarray(is_cross)) if with_vision else (jnp.asarray(order[~is_cross]),)
         caches = None if cache is None else (cache.k_self, cache.v_self, cache.k_cross, cache.v_cross)
-        (h, caches), _ = jax.lax.scan(body, (h, caches), rows)
+        if unrolling() and self.remat is None:
+            # Generation's step (see layers.unrolled_layers): the layers in order, each one's kind and stack row static
+            # (no per-layer cond; a self-attention layer's decode can take the Pallas kernel, layers.cached_attention).
+            for i, cross in zip(order, is_cross):
+                if cross and with_vision:
+                    h, caches = cross_layer(h, i, caches)
+                elif not cross:
+                    h, caches = self_layer(h, i, caches)
+        else:
+            rows = (jnp.asarray(order), jnp.asarray(is_cross)) if with_vision else (jnp.asarray(order[~is_cross]),)
+            (h, caches), _ = jax.lax.scan(body, (h, caches), rows)
         if cache is not None:
             cache = dataclasses.replace(cache, k_self=caches[0], v_self=caches[1], k_cross=caches[2], v_cross=caches[3])
         return self.norm(h), cache
