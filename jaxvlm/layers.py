@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, nf4_matmul
+from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_matmul
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -52,7 +52,7 @@ rows_product = os.environ.get("JAXVLM_ROWS_PRODUCT", "auto")
 ROWS_PRODUCT_MAX = 1
 
 def _nf4_kernel() -> bool:
-    return nf4_kernel == "interpret" or (nf4_kernel == "on" and jax.default_backend() == "gpu")
+    return kernel_on(nf4_kernel)
 
 
 def _rows_product(x: jax.Array) -> bool:
@@ -457,16 +457,10 @@ def write_step(cache: jax.Array, new: jax.Array, index, lead: tuple = ()) -> jax
 
 
 # A decode step's attention over the stacked cache (`cached_attention`) by the Pallas kernel
-# jaxvlm.kernels.decode_attention (the cache writes and the attention in one kernel per layer): "auto" (on a process
-# with one GPU: a Pallas call has no sharding rule, so under a device mesh XLA's path), "interpret" (Pallas'
-# interpreter on any backend: the tests) or "off". Read at trace time.
+# jaxvlm.kernels.decode_attention (the cache writes and the attention in one kernel per layer): "auto" (the default),
+# "on", "interpret" or "off", as `kernels.kernel_on` reads them; never under `activation_layout`'s mesh. Read at
+# trace time.
 decode_attention_kernel = os.environ.get("JAXVLM_DECODE_ATTENTION", "auto")
-
-
-def _decode_attention_kernel(q, cache, layer) -> bool:
-    mode = decode_attention_kernel
-    on = mode == "interpret" or (mode == "auto" and jax.default_backend() == "gpu" and jax.device_count() == 1)
-    return on and _layout["mesh"] is None and decode_attention.supported(q, cache, layer)
 
 
 def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None):
@@ -475,7 +469,8 @@ def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None
     [batch, t, heads, head_dim]` attending that entry's slots under `mask` (broadcastable to [batch, heads, t, slots]).
     Returns (out [batch, t, heads, head_dim], kv). A one-token step with a static layer goes through the Pallas kernel
     where `decode_attention_kernel` allows it (the writes and the attention in one kernel)."""
-    if q.shape[1] == 1 and jnp.ndim(mask) == 4 and mask.shape[1] == 1 and _decode_attention_kernel(q, kv[0], layer):
+    if (kernel_on(decode_attention_kernel) and _layout["mesh"] is None
+            and decode_attention.supported(q, kv[0], layer, mask)):
         out, kc, vc = decode_attention.decode_attention(q, k, v, kv[0], kv[1], int(layer), index, mask, scale=scale,
                                                         interpret=decode_attention_kernel == "interpret")
         return out, (kc, vc)
@@ -654,10 +649,10 @@ def scan_blocks(stack: nnx.Module, carry, fn, *per_layer, remat: str | None = No
             return fn(block, checkpoint_name(c, "block_input"), *xs)
         body = nnx.remat(named, policy=checkpoint_policy(remat), prevent_cse=False)
 
+    if unrolling() and remat is None:
+        return _unrolled_scan(stack, carry, fn, per_layer)
     # With dropout, each layer folds its index into the step's key, so layers draw different masks.
     key = _dropout["key"]
-    if _unroll["on"] and key is None and remat is None:
-        return _unrolled_scan(stack, carry, fn, per_layer)
     index = () if key is None else (jnp.arange(jax.tree.leaves(nnx.state(stack))[0].shape[0]),)
 
     @nnx.scan(in_axes=(0, nnx.Carry, *(0,) * (len(index) + len(per_layer))), out_axes=(nnx.Carry, 0),

@@ -4,7 +4,8 @@
 
 Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
 layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
-(JAXVLM_NF4_KERNEL=on), xlaattn (JAXVLM_DECODE_ATTENTION=off: the cache writes and attention by XLA), cublas (--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
+(JAXVLM_NF4_KERNEL=on), xlaattn (JAXVLM_DECODE_ATTENTION=off: the cache writes and attention by XLA), cublas
+(--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
 variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
 token by kernel kind (bench_train's CUPTI summary).
 

@@ -34,10 +34,13 @@ _SMS = 132  # an H100/H200's SMs
 _NEG = float(np.finfo(np.float32).min)
 
 
-def supported(q: jax.Array, k_cache: jax.Array, layer) -> bool:
+def supported(q: jax.Array, k_cache: jax.Array, layer, mask: jax.Array | None = None) -> bool:
     """Whether the kernel takes this step: one query per row, head_dim a power of 2 from 16 on, slots a multiple of
-    16, the query heads a multiple of the kv heads, and a static layer (a Python or NumPy int) for a stacked cache."""
+    16, the query heads a multiple of the kv heads, a static layer (a Python or NumPy int) for a stacked cache, and
+    (when given) a mask of one row of slots per batch row, `[batch or 1, 1, 1, slots]`."""
     if q.ndim != 4 or q.shape[1] != 1 or k_cache.ndim not in (4, 5):
+        return False
+    if mask is not None and (jnp.ndim(mask) != 4 or mask.shape[1:] != (1, 1, k_cache.shape[-3])):
         return False
     stacked = k_cache.ndim == 5
     if stacked and not isinstance(layer, (int, np.integer)) or not stacked and layer is not None:
@@ -112,7 +115,7 @@ def decode_attention(q, k, v, k_cache, v_cache, layer, index, mask, *, scale: fl
     """(out [batch, 1, heads, head_dim] in q's dtype, k_cache, v_cache): this step's k, v (rotated already) written
     at entry `layer`, slot `index` of the caches, and q's (rotated) attention over that entry under `mask` (see the
     module docstring and `supported`). block_k, splits default to `default_config`'s pick."""
-    if not supported(q, k_cache, layer):
+    if not supported(q, k_cache, layer, mask):
         raise ValueError(f"decode_attention: q {q.shape} and cache {k_cache.shape} (layer {layer!r}) are not a "
                          f"supported step")
     batch, _, heads, d = q.shape

@@ -32,17 +32,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jaxvlm.kernels import kernel_on
+
 lora_kernel = os.environ.get("JAXVLM_LORA_KERNEL", "auto")
 
 _SMS = 132  # an H100/H200's SMs
 
 
 def kernels_on() -> bool:
-    if lora_kernel == "interpret":
-        return True
-    if lora_kernel == "auto":
-        return jax.default_backend() == "gpu" and jax.device_count() == 1
-    return lora_kernel == "on" and jax.default_backend() == "gpu"
+    return kernel_on(lora_kernel)
 
 
 @jax.custom_vjp
