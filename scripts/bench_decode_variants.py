@@ -4,7 +4,7 @@
 
 Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
 layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
-(JAXVLM_NF4_KERNEL=on), absmax32 (NF4 block absmax decoded to float32 before decoding), xlaattn (JAXVLM_DECODE_ATTENTION=off: the cache writes and attention by XLA), cublas
+(JAXVLM_NF4_KERNEL=on), xlaattn (JAXVLM_DECODE_ATTENTION=off: the cache writes and attention by XLA), cublas
 (--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
 variant and weights kind in its own process: one JSON line with bench_generate's speeds and the GPU time per new
 token by kernel kind (bench_train's CUPTI summary).
@@ -43,15 +43,6 @@ def one(variant: str, weights: str, batch: int, new: int, geometry: str, tiny: b
         jaxvlm.generate.unrolled_layers = contextlib.nullcontext
     model_cls, cfg = load_geometry(geometry, tiny)
     model = random_model(cfg, jnp.bfloat16, nf4=weights == "nf4", model_cls=model_cls)
-    if "absmax32" in variant.split("+"):  # NF4 weights with their block absmax decoded to float32 beforehand
-        from flax import nnx
-
-        from jaxvlm.quant import NF4
-        from jaxvlm.quant.nf4 import with_float_absmax
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda a: jax.jit(with_float_absmax)(a) if isinstance(a, NF4) else a, state,
-                             is_leaf=lambda a: isinstance(a, NF4))
-        model = nnx.merge(graphdef, state)
     image = workload_image(cfg, tiny)
     line = bench_jaxvlm(model, cfg, batch, new, image)
     if jax.default_backend() == "gpu":

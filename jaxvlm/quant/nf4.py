@@ -245,17 +245,6 @@ def block_absmax(q: NF4) -> jax.Array:
     return _round_before_add(dequantize_blockwise(q.absmax, q.nested_absmax, q.nested_table)) + q.offset
 
 
-def with_float_absmax(q: NF4) -> NF4:
-    """q with its block absmax as float32 (the nested statistics decoded): the same weight, the form a decode
-    step reads with the least arithmetic per element (4 bytes per 64-block instead of 1). q may be a stack."""
-    if not q.double_quantized:
-        return q
-    absmax = block_absmax
-    for _ in range(q.stack_ndim):
-        absmax = jax.vmap(absmax)
-    return NF4(codes=q.codes, absmax=absmax(q), shape=q.shape, dtype=q.dtype, blocksize=q.blocksize)
-
-
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     """The weight of q, [*q.shape], in `dtype` (default q.dtype), computed in float32 as bitsandbytes does.
