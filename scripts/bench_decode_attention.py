@@ -27,7 +27,8 @@ LAYERS = 28
 # (name, batch, heads, kv_heads, head_dim, slots, slot written)
 SHAPES = [("2b-b1", 1, 12, 2, 128, 448, 300), ("2b-b1-long", 1, 12, 2, 128, 4096, 4000),
           ("2b-engine", 64, 12, 2, 128, 896, None), ("7b-b1", 1, 28, 4, 128, 448, 300),
-          ("qwen3-2b-b1", 1, 16, 8, 128, 448, 300)]
+          ("qwen3-2b-b1", 1, 16, 8, 128, 448, 300), ("gemma3-4b-b1", 1, 8, 4, 256, 448, 300),
+          ("gemma3-4b-engine", 64, 8, 4, 256, 896, None)]
 TINY = [("tiny", 2, 6, 2, 16, 64, None)]
 
 
@@ -56,10 +57,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-check", action="store_true")
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument("--shapes", nargs="*", help="only these shapes (default: all): " + ", ".join(s[0] for s in SHAPES))
     args = ap.parse_args()
     interpret = args.cpu_check
     shapes, layers, dtype = (TINY, 2, jnp.float32) if interpret else (SHAPES, LAYERS, jnp.bfloat16)
     for name, batch, heads, kv_heads, d, slots, slot in shapes:
+        if args.shapes and not interpret and name not in args.shapes:
+            continue
         ops = operands(batch, heads, kv_heads, d, slots, slot, layers, dtype)
         out, (kr, vr) = cached_attention_xla(*ops[:3], tuple(ops[3:5]), ops[5], 1, ops[6])
         ref = (out, kr, vr)

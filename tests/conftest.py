@@ -62,17 +62,22 @@ def tiny(request, tmp_path_factory):
 @pytest.fixture
 def decode_kernel_calls(monkeypatch):
     """The decode-attention kernel on (Pallas' interpreter) for one test; yields the list of the layers it was called
-    for. The setting is read at trace time, so the jit caches are cleared on the way in (a program traced with the
+    for (and as its `slots`, the slots of the cache of each call). The setting is read at trace time, so the jit caches are cleared on the way in (a program traced with the
     kernel off would be reused) and on the way out (and one traced with it on)."""
     import jax
 
     from jaxvlm import layers
     from jaxvlm.kernels import decode_attention
-    calls = []
+    class Calls(list):
+        slots: list  # the slots of each call's cache, in the same order
+
+    calls = Calls()
+    calls.slots = []
     kernel = decode_attention.decode_attention
 
     def counted(*args, **kwargs):
         calls.append(args[5])  # the layer
+        calls.slots.append(args[3].shape[-3])
         return kernel(*args, **kwargs)
     monkeypatch.setattr(layers, "decode_attention_kernel", "interpret")
     monkeypatch.setattr(decode_attention, "decode_attention", counted)

@@ -274,6 +274,30 @@ def test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce(loaded):
     assert not np.array_equal(a, c)
 
 
+@pytest.fixture(scope="module")
+def kernel_sized(tmp_path_factory):
+    """A tiny Gemma 3 whose decode steps the decode-attention kernel takes (head_dim 32, a power of 2; a 16-slot
+    sliding window: the rings' slots a multiple of 16)."""
+    path = tmp_path_factory.mktemp(FAMILY + "-kernel")
+    hf_model = save_tiny_model(path, FAMILY, head_dim=32, sliding_window=16)
+    model, processor = load(str(path))
+    return model, processor, hf_model
+
+
+def test_greedy_through_the_decode_attention_kernel_equals_transformers(kernel_sized, decode_kernel_calls):
+    """Generation's step knows each layer's kind: a global layer's step through the Pallas kernel over its cache, a
+    sliding one's over its ring (written at the slot modulo the ring, masked to the window), transformers' tokens
+    with prompts longer than the window (the rings wrap)."""
+    model, processor, hf_model = kernel_sized
+    batch = padded_batch(processor, "left")
+    assert batch["input_ids"].shape[1] > 16
+    assert_greedy_matches(model, hf_model, batch, new_tokens=20, eos=EOS, pad=PAD)
+    sliding = np.asarray(model.config.text.sliding)
+    global_slots = 64 * -(-(batch["input_ids"].shape[1] + 20) // 64)  # generate's cache length
+    expected = {(i, 16) for i in range(sliding.sum())} | {(i, global_slots) for i in range((~sliding).sum())}
+    assert set(zip(decode_kernel_calls, decode_kernel_calls.slots)) == expected
+
+
 # -- 3. 4-bit ---------------------------------------------------------------------------------------
 
 
@@ -570,3 +594,11 @@ def test_engine_gives_each_request_the_tokens_of_generate(loaded):
     model, processor, _ = loaded
     check_engine_matches_generate(model, processor, pad=PAD)
     check_decode_writes_the_cache_in_place(model)
+
+
+def test_engine_through_the_decode_attention_kernel_gives_the_tokens_of_generate(kernel_sized, decode_kernel_calls):
+    """The engine's per-row slots through the kernel: each row's ring slot modulo the ring, each row's window."""
+    from tests.test_engine import check_engine_matches_generate
+    model, processor, _ = kernel_sized
+    check_engine_matches_generate(model, processor, pad=PAD)
+    assert set(decode_kernel_calls.slots) >= {16}

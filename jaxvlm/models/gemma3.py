@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention, linear,
-                           query_slots, scan_blocks, write_step)
+from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention,
+                           cached_attention, linear, query_slots, scan_blocks, write_step)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
 
@@ -262,21 +262,22 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             return self.o_proj(attention(q, k, v, mask, scale=self.scale).reshape(b, t, -1)), None
-        cache = cache.write(k, v)
         if cache.prefill:  # the prompt attends to itself: its keys are all here
+            cache = cache.write(k, v)
             out = attention(q, k, v, mask, scale=self.scale)
         else:
-            out = cache.attend(q, lambda kk, vv, m: attention(q, kk, vv, m, scale=self.scale))
+            out, cache = cache.step(q, k, v, self.scale)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's view of the KVCache inside the layer scan: where it writes, what it reads."""
+    """One layer's view of the KVCache inside the layer loop: where it writes, what it reads. Its kind and entries
+    are traced in a scan over the layers, static (NumPy scalars) when the loop is unrolled (generation's step)."""
     caches: tuple  # (k_global, v_global, k_local, v_local), all layers
-    is_sliding: jax.Array
-    global_index: jax.Array
-    local_index: jax.Array
+    is_sliding: jax.Array | np.bool_
+    global_index: jax.Array | np.integer
+    local_index: jax.Array | np.integer
     index: object  # the step's first cache slot (an int for the prefill, traced in decode; [batch]: each row's)
     key_mask: jax.Array  # [batch, cache_len]
     prefill: bool
@@ -294,26 +295,46 @@ class LayerCache:
         kl, vl = (write_step(c, a, slot, (self.local_index,)) for c, a in ((kl, k), (vl, v)))
         return dataclasses.replace(self, caches=(kg, vg, kl, vl))
 
-    def attend(self, q, attend):
-        """`attend(keys, values, mask)` over this layer's entry: the global cache or the sliding ring."""
-        kg, vg, kl, vl = self.caches
+    def _global_mask(self) -> jax.Array:
+        """bool [batch, 1, 1, cache_len]: the global cache's slots up to the step's, that hold real tokens."""
         index = query_slots(1, self.index)  # [batch or 1, 1]: the step's slot, each row's or one for all
-        keys = kg.shape[2]
-        batch = self.key_mask.shape[0]
+        return ((jnp.arange(self.key_mask.shape[1]) <= index) & (self.key_mask > 0))[:, None, None, :]
+
+    def _ring_mask(self) -> jax.Array:
+        """bool [batch, 1, 1, ring]: the ring entries that hold real tokens of the window up to the step's slot."""
+        index = query_slots(1, self.index)
+        batch, keys = self.key_mask.shape
+        ring = self.caches[2].shape[2]
+        slot = index - (index - jnp.arange(ring)) % ring  # the cache slot each ring entry holds (negative: never written)
+        slot = jnp.broadcast_to(slot, (batch, ring))
+        ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1), axis=1) > 0)
+        return ok[:, None, None, :]
+
+    def step(self, q, k, v, scale):
+        """A one-token step: k, v written and q attending this layer's entry. Returns (out, LayerCache). A static kind
+        writes its own entry only and goes through `layers.cached_attention` (the decode kernel where it takes the
+        step: the writes and the attention in one kernel); a traced one writes both kinds' entries (the other's
+        scratch) and picks its attention with a `lax.cond`."""
+        kg, vg, kl, vl = self.caches
+        if isinstance(self.is_sliding, (bool, np.bool_)):
+            if self.is_sliding:
+                slot = jnp.asarray(self.index, jnp.int32) % kl.shape[2]
+                out, (kl, vl) = cached_attention(q, k, v, (kl, vl), slot, int(self.local_index), self._ring_mask(),
+                                                 scale)
+            else:
+                out, (kg, vg) = cached_attention(q, k, v, (kg, vg), self.index, int(self.global_index),
+                                                 self._global_mask(), scale)
+            return out, dataclasses.replace(self, caches=(kg, vg, kl, vl))
+        view = self.write(k, v)
+        kg, vg, kl, vl = view.caches
 
         def global_attention():
-            mask = (jnp.arange(keys) <= index) & (self.key_mask > 0)
-            return attend(kg[self.global_index], vg[self.global_index], mask[:, None, None, :])
+            return attention(q, kg[self.global_index], vg[self.global_index], self._global_mask(), scale=scale)
 
         def sliding_attention():
-            ring = kl.shape[2]
-            s = jnp.arange(ring)
-            slot = index - (index - s) % ring  # the cache slot each ring entry holds (negative: never written)
-            slot = jnp.broadcast_to(slot, (batch, ring))
-            ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1), axis=1) > 0)
-            return attend(kl[self.local_index], vl[self.local_index], ok[:, None, None, :])
+            return attention(q, kl[self.local_index], vl[self.local_index], self._ring_mask(), scale=scale)
 
-        return jax.lax.cond(self.is_sliding, sliding_attention, global_attention)
+        return jax.lax.cond(self.is_sliding, sliding_attention, global_attention), view
 
 
 class DecoderLayer(nnx.Module):
@@ -365,13 +386,16 @@ class GemmaTextModel(nnx.Module):
         glob = rope_cos_sin(c, positions, c.rope_global_theta, c.rope_global_factor)
 
         def pick(is_sliding):
-            cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
+            if isinstance(is_sliding, (bool, np.bool_)):  # a layer of the unrolled loop: its kind is static
+                cos, sin = local if is_sliding else glob
+            else:
+                cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
             # A prompt's mask as per-token arrays (no [seq, seq] mask on the GPU's kernel path); a decode step
             # builds its masks over the cache (LayerCache.attend).
             mask = CausalBlockMask(mask_over, blocks, is_sliding, c.sliding_window) if prefill else None
             return cos, sin, mask
 
-        sliding = jnp.asarray(c.sliding)
+        sliding = np.asarray(c.sliding)  # NumPy: static per layer when the loop is unrolled
         if cache is None:
             def layer_step(layer, x, is_sliding):
                 return layer(x, *pick(is_sliding))[0], None
@@ -385,7 +409,7 @@ class GemmaTextModel(nnx.Module):
             x, view = layer(x, *pick(is_sliding), view)
             return (x, view.caches), None
 
-        global_index, local_index = (jnp.asarray(i) for i in cache_indices(c))
+        global_index, local_index = cache_indices(c)
         carry = (h, (cache.k_global, cache.v_global, cache.k_local, cache.v_local))
         (h, caches), _ = scan_blocks(self.layers, carry, layer_step, sliding, global_index, local_index)
         return self.norm(h), KVCache(*caches)
