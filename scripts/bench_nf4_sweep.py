@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxvlm.kernels import nf4_matmul as nk
 from jaxvlm.quant import quantize_nf4
+from scripts.bench_kernels import median_us
 
 SHAPES = {"gate_proj/up_proj": (8960, 1536), "down_proj": (1536, 8960), "q_proj/o_proj": (1536, 1536),
           "k_proj/v_proj": (256, 1536)}
@@ -45,16 +44,6 @@ def chain(product, layers: int):
 def xla_rows(x, ws, i):
     w = jax.tree.map(lambda a: a[i], ws).dequantize(jnp.float32)
     return jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
-
-
-def timed(fn, x, ws, layers: int, runs: int) -> float:
-    jax.block_until_ready(fn(x, ws))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x, ws))
-        times.append(time.perf_counter() - t0)
-    return 1e6 * float(np.median(times)) / layers
 
 
 def main():
@@ -80,7 +69,7 @@ def main():
             try:
                 fn = chain(product, layers)
                 err = float(jnp.max(jnp.abs(fn(x, ws) - ref)) / jnp.max(jnp.abs(ref)))
-                us = timed(fn, x, ws, layers, runs)
+                us = median_us(fn, x, ws, n=runs) / layers
                 line.update(us=round(us, 2), tbps=round(codes_bytes / us / 1e6, 3), rel_err=err)
             except Exception as e:  # a config that does not lower or compile is a result too
                 line["error"] = f"{type(e).__name__}: {str(e)[:300]}"
