@@ -7,9 +7,10 @@ after another, each layer read in place.
 
 For each Linear shape of the 2B geometry (q/o, k/v, gate/up, down; one row of x): XLA's one-row product (today's
 decode path: dequantization fused into a float32 multiply + sum) and the kernel, first over (block_n, block_k) at 4
-warps and 2 stages, then over (num_warps 2/4/8, num_stages 2/3/4) at the best of those. `us` is the median over 30 calls of the
-jit divided by the products in it (launch gaps included, as in a decode step); `tbps` the NF4 codes read per second.
-One JSON line per (shape, variant); at the end the best config per shape.
+warps and 2 stages, then over (num_warps 2/4/8, num_stages 2/3/4) at the best of those. `us` is the median over 30
+calls of the jit divided by the products in it (launch gaps included, as in a decode step); `tbps` the NF4 codes read
+per second. One JSON line per (shape, variant); at the end the best config per shape. All four shapes take more than
+the device's 10 minutes a call (compiles): pass --shapes to run some.
 """
 from __future__ import annotations
 

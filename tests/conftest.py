@@ -62,12 +62,14 @@ def tiny(request, tmp_path_factory):
 @pytest.fixture
 def decode_kernel_calls(monkeypatch):
     """The decode-attention kernel on (Pallas' interpreter) for one test; yields the list of the layers it was called
-    for (and as its `slots`, the slots of the cache of each call). The setting is read at trace time, so the jit caches are cleared on the way in (a program traced with the
-    kernel off would be reused) and on the way out (and one traced with it on)."""
+    for (and as its `slots`, the slots of the cache of each call). The setting is read at trace time, so the jit
+    caches are cleared on the way in (a program traced with the kernel off would be reused) and on the way out (and
+    one traced with it on)."""
     import jax
 
     from jaxvlm import layers
     from jaxvlm.kernels import decode_attention
+
     class Calls(list):
         slots: list  # the slots of each call's cache, in the same order
 

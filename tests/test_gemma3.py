@@ -262,6 +262,23 @@ def test_greedy_equals_transformers_for_a_left_padded_batch_with_images(loaded):
     assert_greedy_matches(model, hf_model, batch, new_tokens=20, eos=EOS, pad=PAD)
 
 
+def test_greedy_with_the_decode_step_as_a_scan_equals_transformers(loaded, monkeypatch):
+    """A decode step traced as a scan over the layers (each layer's kind traced: both caches written, a lax.cond per
+    layer), as `model.decode` runs outside generation's unrolled step: transformers' tokens too."""
+    import contextlib
+
+    import jax
+
+    import jaxvlm.generate
+    model, processor, hf_model = loaded
+    monkeypatch.setattr(jaxvlm.generate, "unrolled_layers", contextlib.nullcontext)
+    jax.clear_caches()
+    try:
+        assert_greedy_matches(model, hf_model, padded_batch(processor, "left"), new_tokens=12, eos=EOS, pad=PAD)
+    finally:
+        jax.clear_caches()
+
+
 def test_sampling_with_top_k_1_is_greedy_and_seeds_reproduce(loaded):
     model, processor, hf_model = loaded
     batch = padded_batch(processor, "left")

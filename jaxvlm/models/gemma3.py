@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary, attention,
-                           cached_attention, linear, query_slots, scan_blocks, write_step)
+from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary,
+                           attention, cached_attention, linear, query_slots, scan_blocks, write_step)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
 
@@ -221,8 +221,9 @@ def rope_cos_sin(cfg: GemmaTextConfig, positions: jax.Array, theta: float, facto
 class KVCache:
     """Keys and values: the global layers' `[global layers + 1, batch, cache_len, kv_heads, head_dim]`, the sliding
     layers' rings `[sliding layers + 1, batch, ring, kv_heads, head_dim]` of ring = min(sliding_window, cache_len)
-    slots (slot s holds the latest token whose cache slot is s modulo ring). The last entry of each is scratch: a
-    layer of the other kind writes there, so that every layer writes both without branching."""
+    slots (slot s holds the latest token whose cache slot is s modulo ring). The last entry of each is scratch: in a
+    scan over the layers a layer of the other kind writes there, so that every layer writes both without branching
+    (generation's unrolled step knows each layer's kind and writes its own entry only)."""
     k_global: jax.Array
     v_global: jax.Array
     k_local: jax.Array
@@ -305,7 +306,8 @@ class LayerCache:
         index = query_slots(1, self.index)
         batch, keys = self.key_mask.shape
         ring = self.caches[2].shape[2]
-        slot = index - (index - jnp.arange(ring)) % ring  # the cache slot each ring entry holds (negative: never written)
+        # The cache slot each ring entry holds (negative: never written).
+        slot = index - (index - jnp.arange(ring)) % ring
         slot = jnp.broadcast_to(slot, (batch, ring))
         ok = (slot >= 0) & (jnp.take_along_axis(self.key_mask, jnp.clip(slot, 0, keys - 1), axis=1) > 0)
         return ok[:, None, None, :]
@@ -391,7 +393,7 @@ class GemmaTextModel(nnx.Module):
             else:
                 cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
             # A prompt's mask as per-token arrays (no [seq, seq] mask on the GPU's kernel path); a decode step
-            # builds its masks over the cache (LayerCache.attend).
+            # builds its masks over the cache (LayerCache.step).
             mask = CausalBlockMask(mask_over, blocks, is_sliding, c.sliding_window) if prefill else None
             return cos, sin, mask
 
