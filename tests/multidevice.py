@@ -1,6 +1,6 @@
 """Run in a subprocess with several forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):
 trains each tiny NF4 + LoRA model given for a few steps on each mesh asked for and prints one JSON line per run
-(losses, per-device param bytes). tests/test_sharding.py starts it; the main pytest process has one device."""
+(losses, per-device param bytes); with --generate, also its greedy tokens on each mesh (one more line each). tests/test_sharding.py starts it; the main pytest process has one device."""
 import argparse
 import json
 import sys
@@ -64,6 +64,29 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
             "process": jax.process_index(), "processes": jax.process_count()}
 
 
+def greedy(model_dir, mesh, new_tokens=6):
+    """Greedy tokens of the tiny NF4 model (no adapter) for two left-padded prompts with an image each, generated on
+    `mesh` ('one': a single device, no mesh)."""
+    import numpy as np
+    from PIL import Image
+
+    from jaxvlm import FastVisionModel
+    from jaxvlm.sharding import make_mesh
+    model, processor = FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32")
+    FastVisionModel.for_inference(model)
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray(rng.integers(0, 256, (28 + 14 * i, 35, 3), dtype=np.uint8))] for i in range(2)]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                             "text": t}]}],
+                                           tokenize=False, add_generation_prompt=True)
+             for t in ("which digit", "which digit is it and what color is it please")]
+    batch = dict(processor(text=texts, images=images, padding=True, return_tensors="np"))
+    tokens = model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=-1,
+                            pad_token_id=processor.tokenizer.pad_token_id,
+                            mesh=None if mesh == "one" else make_mesh(mesh))
+    return {"tokens": np.asarray(tokens).tolist(), "left_padded": bool((batch["attention_mask"][:, 0] == 0).any())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("model_dir", nargs="+", help="one or more model directories, each trained on every mesh")
@@ -73,6 +96,7 @@ def main(argv=None):
     p.add_argument("--out", default="/tmp/multidevice")
     p.add_argument("--save-steps", type=int, default=0)
     p.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
+    p.add_argument("--generate", action="store_true", help="also greedy tokens on each mesh (a JSON line each)")
     a = p.parse_args(argv)
     from jaxvlm.sharding import initialize_distributed
     initialize_distributed()  # several processes when JAX_COORDINATOR_ADDRESS etc. say so
@@ -80,6 +104,9 @@ def main(argv=None):
         for mesh in a.mesh:
             result = train(model_dir, mesh, a.steps, a.global_batch, a.out, a.save_steps, a.resume)
             print(json.dumps({"model_dir": model_dir, "mesh": mesh, **result}), flush=True)
+            if a.generate:
+                print(json.dumps({"model_dir": model_dir, "mesh": mesh, "generated": greedy(model_dir, mesh)}),
+                      flush=True)
 
 
 if __name__ == "__main__":
