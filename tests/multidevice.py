@@ -64,26 +64,15 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
             "process": jax.process_index(), "processes": jax.process_count()}
 
 
-def greedy(model_dir, mesh, new_tokens=6):
-    """Greedy tokens of the tiny NF4 model (no adapter) for two left-padded prompts with an image each, generated on
-    `mesh` ('one': a single device, no mesh)."""
+def greedy(model_dir, mesh):
+    """Greedy tokens of the tiny NF4 model (no adapter) on `mesh` ('one': a single device, no mesh), for
+    tests/multidevice_generate.py's two left-padded prompts with an image each."""
     import numpy as np
-    from PIL import Image
 
-    from jaxvlm import FastVisionModel
     from jaxvlm.sharding import make_mesh
-    model, processor = FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32")
-    FastVisionModel.for_inference(model)
-    rng = np.random.default_rng(0)
-    images = [[Image.fromarray(rng.integers(0, 256, (28 + 14 * i, 35, 3), dtype=np.uint8))] for i in range(2)]
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                                             "text": t}]}],
-                                           tokenize=False, add_generation_prompt=True)
-             for t in ("which digit", "which digit is it and what color is it please")]
-    batch = dict(processor(text=texts, images=images, padding=True, return_tensors="np"))
-    tokens = model.generate(**batch, max_new_tokens=new_tokens, eos_token_id=-1,
-                            pad_token_id=processor.tokenizer.pad_token_id,
-                            mesh=None if mesh == "one" else make_mesh(mesh))
+    from tests.multidevice_generate import load
+    model, batch, kw = load(model_dir, "nf4")
+    tokens = model.generate(**batch, **kw, mesh=None if mesh == "one" else make_mesh(mesh))
     return {"tokens": np.asarray(tokens).tolist(), "left_padded": bool((batch["attention_mask"][:, 0] == 0).any())}
 
 

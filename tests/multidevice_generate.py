@@ -21,7 +21,7 @@ def load(model_dir, weights):
     processor.tokenizer.padding_side = "left"
     texts = [processor.apply_chat_template(chat(t, 1), tokenize=False, add_generation_prompt=True)
              for t in ("describe the image", "what is this digit in the image then tell me why")]
-    images = [random_image(56, 56, seed=3), random_image(84, 56, seed=4)]
+    images = [[random_image(56, 56, seed=3)], [random_image(84, 56, seed=4)]]  # per prompt: every family's processor
     batch = dict(processor(text=texts, images=images, return_tensors="np", padding=True))
     return model, batch, dict(max_new_tokens=8, eos_token_id=-1, pad_token_id=processor.tokenizer.pad_token_id)
 

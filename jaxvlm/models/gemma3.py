@@ -271,6 +271,11 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
+def _static(is_sliding) -> bool:
+    """Whether a layer's kind is known at trace time (a NumPy bool: the unrolled loop), not traced (a scan)."""
+    return isinstance(is_sliding, (bool, np.bool_))
+
+
 @dataclasses.dataclass
 class LayerCache:
     """One layer's view of the KVCache inside the layer loop: where it writes, what it reads. Its kind and entries
@@ -291,10 +296,15 @@ class LayerCache:
             if t >= ring:
                 k, v = (jnp.roll(a[:, t - ring:], (t - ring) % ring, axis=1) for a in (k, v))
             slot = 0
-        else:  # one token at slot index (each row's, when index is [batch])
-            slot = jnp.asarray(self.index, jnp.int32) % ring
+        else:  # one token
+            slot = self._ring_slot()
         kl, vl = (write_step(c, a, slot, (self.local_index,)) for c, a in ((kl, k), (vl, v)))
         return dataclasses.replace(self, caches=(kg, vg, kl, vl))
+
+    def _ring_slot(self) -> jax.Array:
+        """Where a one-token step goes in the ring: its cache slot modulo the ring (each row's, when index is
+        [batch])."""
+        return jnp.asarray(self.index, jnp.int32) % self.caches[2].shape[2]
 
     def _global_mask(self) -> jax.Array:
         """bool [batch, 1, 1, cache_len]: the global cache's slots up to the step's, that hold real tokens."""
@@ -318,11 +328,10 @@ class LayerCache:
         step: the writes and the attention in one kernel); a traced one writes both kinds' entries (the other's
         scratch) and picks its attention with a `lax.cond`."""
         kg, vg, kl, vl = self.caches
-        if isinstance(self.is_sliding, (bool, np.bool_)):
+        if _static(self.is_sliding):
             if self.is_sliding:
-                slot = jnp.asarray(self.index, jnp.int32) % kl.shape[2]
-                out, (kl, vl) = cached_attention(q, k, v, (kl, vl), slot, int(self.local_index), self._ring_mask(),
-                                                 scale)
+                out, (kl, vl) = cached_attention(q, k, v, (kl, vl), self._ring_slot(), int(self.local_index),
+                                                 self._ring_mask(), scale)
             else:
                 out, (kg, vg) = cached_attention(q, k, v, (kg, vg), self.index, int(self.global_index),
                                                  self._global_mask(), scale)
@@ -388,7 +397,7 @@ class GemmaTextModel(nnx.Module):
         glob = rope_cos_sin(c, positions, c.rope_global_theta, c.rope_global_factor)
 
         def pick(is_sliding):
-            if isinstance(is_sliding, (bool, np.bool_)):  # a layer of the unrolled loop: its kind is static
+            if _static(is_sliding):  # a layer of the unrolled loop
                 cos, sin = local if is_sliding else glob
             else:
                 cos, sin = (jnp.where(is_sliding, a, g) for a, g in zip(local, glob))
