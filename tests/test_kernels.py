@@ -184,61 +184,6 @@ def test_nf4_matmul_kernel_check_catches_swapped_values(monkeypatch):
         jax.clear_caches()  # the traced kernel holds the swapped values
 
 
-def _run_ptx(prog, word: np.ndarray) -> dict:
-    """A NumPy emulation of the instructions the NF4 lookup uses, on uint32 words `$4` (any shape): the registers."""
-    regs = {"$4": word.astype(np.uint32)}
-    val = lambda a: regs[a] if isinstance(a, str) else np.uint32(a)  # noqa: E731
-    for op, dest, *srcs in prog:
-        v = [val(a) for a in srcs]
-        if op == "mov":
-            out = np.broadcast_to(v[0], word.shape).astype(np.uint32)
-        elif op == "and":
-            out = v[0] & v[1]
-        elif op == "or":
-            out = v[0] | v[1]
-        elif op == "shr":
-            out = v[0] >> v[1]
-        elif op == "shl":
-            out = v[0] << v[1]
-        elif op == "lop3":
-            assert srcs[3] == 0xCA, "only the bit select is emulated"
-            out = (v[0] & v[1]) | (~v[0] & v[2])
-        elif op == "prmt":  # default mode
-            pool = [(v[0] >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-            pool += [(v[1] >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-            out = np.zeros(word.shape, np.uint32)
-            for i in range(4):
-                sel = (v[2] >> np.uint32(4 * i)) & np.uint32(0xF)
-                byte = np.choose(sel & np.uint32(7), pool)
-                byte = np.where(sel & np.uint32(8), np.where(byte & np.uint32(0x80), np.uint32(0xFF), np.uint32(0)),
-                                byte)
-                out |= byte.astype(np.uint32) << np.uint32(8 * i)
-        else:
-            raise AssertionError(f"no emulation of {op}")
-        regs[dest] = out.astype(np.uint32)
-    return regs
-
-
-def test_nf4_lookup_program_decodes_every_code_byte():
-    """The kernel's inline-PTX lookups (what the GPU runs; the interpreter gathers instead), emulated per instruction:
-    every byte value at each of the four places of a word gives the float32 NF4 value of its high (even element) or
-    low nibble, to the bit."""
-    from jaxvlm.kernels.nf4_matmul import LOOKUP, VALUES, _ptx
-    rng = np.random.default_rng(3)
-    codes = np.arange(256, dtype=np.uint32)
-    bits = VALUES.view(np.uint32)
-    for place in range(4):
-        other = rng.integers(0, 256, (256, 4)).astype(np.uint32)
-        other[:, place] = codes
-        word = sum(other[:, i] << np.uint32(8 * i) for i in range(4))
-        for part, nibble in (("high", other >> 4), ("low", other & 15)):
-            regs = _run_ptx(LOOKUP[part], word)
-            for k in range(4):
-                np.testing.assert_array_equal(regs[f"${k}"], bits[nibble[:, k]], err_msg=f"{part} nibble, byte {k}")
-        text = _ptx(LOOKUP["high"])
-        assert text.count("\n") == len(LOOKUP["high"]) + 2 and "$5" not in text and "lop3.b32" in text
-
-
 def test_nf4_matmul_kernel_refuses_unsupported_products():
     from jaxvlm.kernels.nf4_matmul import nf4_matmul, supported
     from jaxvlm.quant import quantize_nf4

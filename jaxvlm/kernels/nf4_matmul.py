@@ -5,13 +5,10 @@ lookup in the 16 NF4 values and a multiply by the block's (double-quantized) abs
 element too. Measured on an H200 (Qwen2-VL-2B, batch-1 decode), that is bound by the arithmetic, not by
 reading the codes. This kernel reads the packed codes once and spends per weight:
 
-- The values by a lookup in registers (`LOOKUP`, inline PTX): the 16 float32 NF4 values are four byte tables of 16
-  entries, four registers each; byte permutes (`prmt`) pick a byte of 8 table entries per output byte, a bit select
-  (`lop3`) chooses between entries 0-7 and 8-15, and eight more permutes assemble the four float32 words. 27-28
-  integer instructions give the values of 4 code bytes' high nibbles, exactly `VALUES[code >> 4]` (a byte's even
-  element), or low nibbles, `VALUES[code & 15]` (its odd one). Its first design gathered from the table in memory per element (a load with
-  64-bit address arithmetic per weight); Pallas' interpreter has no inline assembly, so interpret mode (the tests)
-  keeps that gather, and the tests run the PTX program through a NumPy emulation of its instructions.
+- The values by gathers from the 16 NF4 values (a kernel input, 64 bytes: the lanes of a warp read one cache line):
+  `VALUES[code >> 4]` for a byte's even element, `VALUES[code & 15]` for its odd one; no select tree. (Byte-pair
+  tables of 256 entries, one gather per weight with no shifts, measured slower: 430.7 vs 500.1 decode tokens/s, a
+  warp's gathers there spread over 8 cache lines.)
 - The absmax once per 64-block: per block and row of x, `sum(x_even * hi + x_odd * lo)` over the block's 32
   bytes, times the block's absmax. A double-quantized absmax is decoded in the kernel, per block, exactly as
   `block_absmax` does (table8[code] * nested_absmax[block // 256], rounded, + offset): the float32 absmax
@@ -45,64 +42,6 @@ MAX_ROWS = 8  # the kernel is for decode-shaped products; larger ones go through
 VALUES = NF4_TABLE  # what a code's nibble stands for
 
 _SMS = 132  # an H100/H200's SMs; the heuristic aims for a couple of programs per SM
-
-
-def _lookup_program(high: bool) -> list[tuple]:
-    """The NF4 lookup of 4 code bytes' high (or low) nibbles as PTX: (op, dest, sources...), an int an immediate.
-
-    In: `$4`, four code bytes (byte k the pack's k-th element). Out: `$0..$3`, float32 bits of the NF4 values of
-    the bytes' high nibbles (the even elements) or low nibbles (odd). `prmt d, a, b, c` (default mode): byte i of d
-    is byte `c[4i+2:4i]` of the 8 bytes {b, a} (a the low four), or, with bit `4i+3` of c set, that byte's top bit
-    repeated. `lop3 d, a, b, c, 0xCA` is `a ? b : c` per bit.
-    """
-    words = NF4_TABLE.view(np.uint32).astype(np.int64)
-    prog = []
-    for t in range(4):  # byte t of the 16 values: four registers of four entries
-        column = (words >> (8 * t)) & 0xFF
-        prog += [("mov", f"t{t}{q}", int(sum(column[4 * q + i] << (8 * i) for i in range(4)))) for q in range(4)]
-    # The four nibbles into the low 16 bits of w (nibble k the k-th code), then the selector s (bit 3 of each
-    # nibble cleared: entries 0-7 or 8-15 of a table) and the mask m (byte k 0xFF where code k is 8 or more: the top
-    # bits of the bytes of w and w << 4 hold those bits).
-    prog += [("shr", "n", "$4", 4), ("and", "n", "n", 0x0F0F0F0F)] if high else [("and", "n", "$4", 0x0F0F0F0F)]
-    prog += [("shr", "v", "n", 4), ("or", "v", "v", "n"), ("prmt", "w", "v", "v", 0x0020),
-             ("and", "s", "w", 0x7777), ("shl", "u", "w", 4), ("prmt", "m", "w", "u", 0x9D8C)]
-    for t in range(4):  # r_t: byte t of the four values
-        prog += [("prmt", f"x{t}", f"t{t}0", f"t{t}1", "s"), ("prmt", f"y{t}", f"t{t}2", f"t{t}3", "s"),
-                 ("lop3", f"r{t}", "m", f"y{t}", f"x{t}", 0xCA)]
-    # Transpose the 4 x 4 bytes into the four float32 words.
-    return prog + [("prmt", "a", "r0", "r1", 0x5140), ("prmt", "b", "r0", "r1", 0x7362),
-                   ("prmt", "c", "r2", "r3", 0x5140), ("prmt", "d", "r2", "r3", 0x7362),
-                   ("prmt", "$0", "a", "c", 0x5410), ("prmt", "$1", "a", "c", 0x7632),
-                   ("prmt", "$2", "b", "d", 0x5410), ("prmt", "$3", "b", "d", 0x7632)]
-
-
-LOOKUP = {"high": _lookup_program(True), "low": _lookup_program(False)}
-
-
-def _ptx(prog: list[tuple]) -> str:
-    """The program as one scoped PTX block for `elementwise_inline_asm` (its registers local to the block)."""
-    names = sorted({a for ins in prog for a in ins[1:] if isinstance(a, str) and not a.startswith("$")})
-    reg = lambda a: a if a.startswith("$") else f"nf4_{a}"  # noqa: E731
-    arg = lambda a: reg(a) if isinstance(a, str) else f"0x{a:08X}"  # noqa: E731
-    lines = [".reg .b32 " + ", ".join(reg(n) for n in names) + ";"]
-    for op, dest, *srcs in prog:
-        if op == "lop3":
-            *srcs, lut = srcs
-            lines.append(f"lop3.b32 {reg(dest)}, {', '.join(map(arg, srcs))}, 0x{lut:02X};")
-        else:
-            lines.append(f"{op}.b32 {reg(dest)}, {', '.join(map(arg, srcs))};")
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def _lookup(codes: jax.Array, interpret: bool, values_ref) -> tuple[jax.Array, jax.Array]:
-    """float32 NF4 values of the high and low nibbles of u8 `codes`: `LOOKUP` on a GPU, else gathers."""
-    if interpret:
-        codes = codes.astype(jnp.int32)
-        return values_ref[codes >> 4], values_ref[codes & 15]
-    out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
-    # Two calls of one result each: jax 0.11's Triton lowering of the primitive keeps only a call's first result.
-    return tuple(plgpu.elementwise_inline_asm(_ptx(LOOKUP[part]), args=[codes], constraints="=r,=r,=r,=r,r", pack=4,
-                                              result_shape_dtypes=[out])[0] for part in ("high", "low"))
 
 
 def _layer_weight(w: NF4, layer: int | None) -> NF4:
@@ -157,7 +96,7 @@ def _round(x: jax.Array, zero: jax.Array) -> jax.Array:
 
 
 def _kernel(xe_ref, xo_ref, values_ref, codes_ref, *refs, rows: int, block_n: int, block_k: int,
-            steps: int, n_blocks: int, layer: int, double_quantized: bool, interpret: bool):
+            steps: int, n_blocks: int, layer: int, double_quantized: bool):
     """One program: outputs [j * block_n, +block_n) over 64-blocks [s * steps * block_k, +steps * block_k).
 
     xe_ref, xo_ref: f32 [rows, K/64, 32]; values_ref: f32 [16]; codes_ref: u8 [block_n, K/64, 32] (the
@@ -178,7 +117,8 @@ def _kernel(xe_ref, xo_ref, values_ref, codes_ref, *refs, rows: int, block_n: in
 
     def step(i, accs):
         b0 = (s * steps + i) * block_k
-        hi, lo = _lookup(codes_ref[:, pl.ds(b0, block_k), :], interpret, values_ref)  # [bn, bk, 32] each
+        codes = codes_ref[:, pl.ds(b0, block_k), :].astype(jnp.int32)  # [bn, bk, 32]
+        hi, lo = values_ref[codes >> 4], values_ref[codes & 15]
         if double_quantized:
             code8 = absmax_ref[layer, pl.ds(j * block_n, block_n), pl.ds(b0, block_k)].astype(jnp.int32)
             group = (n_idx * n_blocks + b0 + blk) // NESTED_BLOCKSIZE  # [bn, bk]: the block's 256-group
@@ -243,7 +183,7 @@ def nf4_matmul(x: jax.Array, w: NF4, layer: int | None = None, *, block_n: int |
     in_specs = [whole(a) for a in args]
     in_specs[3] = pl.BlockSpec((None, block_n, nb, 32), lambda j, s: (lyr, j, 0, 0))
     kernel = functools.partial(_kernel, rows=rows, block_n=block_n, block_k=block_k, steps=steps, n_blocks=nb,
-                               layer=lyr, double_quantized=w.double_quantized, interpret=interpret)
+                               layer=lyr, double_quantized=w.double_quantized)
     extra = {} if interpret else dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     partial = pl.pallas_call(
         kernel,
