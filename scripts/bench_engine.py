@@ -31,7 +31,8 @@ from scripts.bench_common import GEOMETRIES, hf_geometry, hf_inputs, load_geomet
 
 
 def workload(cfg, args, image: int):
-    """[(processor-like outputs of one request, its new tokens)], seeded."""
+    """[(processor-like outputs of one request, its new tokens)], seeded. Every family's `raw_batch` ends with its
+    text tokens; a request's text is drawn from them (ids the family's tokenizer would give plain text)."""
     rng = np.random.default_rng(args.seed)
     texts = rng.integers(args.text_min, args.text_max + 1, args.requests)
     news = rng.integers(args.new_min, args.new_max + 1, args.requests)
@@ -39,28 +40,32 @@ def workload(cfg, args, image: int):
     for i, (t, n) in enumerate(zip(texts, news)):
         raw = raw_batch(cfg, 1, int(t), image)
         ids = raw["input_ids"].copy()
-        text = ids[0] >= 0
-        text[:ids.shape[1] - int(t)] = False  # the image part stays; the text tokens differ per request
-        ids[0, text] = np.random.default_rng(i).integers(0, min(1000, cfg.vision_start_token_id), int(t))
+        ids[0, -int(t):] = np.random.default_rng(i).choice(ids[0, -int(t):], int(t))  # the image part stays
         out.append((dict(raw, input_ids=ids), int(n)))
     return out
 
 
+# A processor's per-token arrays ([batch, tokens, ...]): left-padded in a group. The rest (pixels, image sizes and
+# grids, tile ratios) are per image and concatenated along their first axis.
+PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "cross_attention_mask")
+
+
 def groups(requests, size: int):
-    """Batches of `size` requests in order, prompts left-padded with 0 (Qwen-VL's inputs: pixels concatenated)."""
+    """Batches of `size` requests in order, prompts left-padded with 0 (every family's inputs)."""
     for start in range(0, len(requests), size):
-        part = requests[start:start + size]
-        longest = max(r["input_ids"].shape[1] for r, _ in part)
-        ids = np.zeros((len(part), longest), np.int64)
-        mask = np.zeros_like(ids)
-        for row, (r, _) in enumerate(part):
-            n = r["input_ids"].shape[1]
-            ids[row, longest - n:] = r["input_ids"][0]
-            mask[row, longest - n:] = 1
-        batch = dict(input_ids=ids, attention_mask=mask,
-                     pixel_values=np.concatenate([r["pixel_values"] for r, _ in part]),
-                     image_grid_thw=np.concatenate([r["image_grid_thw"] for r, _ in part]))
-        yield batch, [n for _, n in part]
+        part = [r for r, _ in requests[start:start + size]]
+        longest = max(r["input_ids"].shape[1] for r in part)
+        batch = {}
+        for key in part[0]:
+            if key in PER_TOKEN:
+                rows = [r[key] for r in part]
+                padded = np.zeros((len(rows), longest, *rows[0].shape[2:]), rows[0].dtype)
+                for row, v in enumerate(rows):
+                    padded[row, longest - v.shape[1]:] = v[0]
+                batch[key] = padded
+            else:
+                batch[key] = np.concatenate([r[key] for r in part])
+        yield batch, [n for _, n in requests[start:start + size]]
 
 
 def run_engine(model, requests, slots: int, steps: int):
