@@ -10,7 +10,8 @@ decode path: dequantization fused into a float32 multiply + sum) and the kernel,
 warps and 2 stages, then over (num_warps 2/4/8, num_stages 2/3/4) at the best of those. `us` is the median over 30
 calls of the jit divided by the products in it (launch gaps included, as in a decode step); `tbps` the NF4 codes read
 per second. One JSON line per (shape, variant); at the end the best config per shape. All four shapes take more than
-the device's 10 minutes a call (compiles): pass --shapes to run some.
+the device's 10 minutes a call (compiles): pass --shapes to run some. `--configs 32,1,3,4 16,1,8,4 ...` times XLA's
+product and the configs given (block_n, block_k, split_k, num_warps) instead of the sweep.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-check", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--configs", nargs="*", metavar="BN,BK,SK,WARPS",
+                    help="time these kernel configs (block_n, block_k, split_k, num_warps; 2 stages) instead of the sweep")
     args = ap.parse_args()
     interpret = args.cpu_check
     shapes = CPU_SHAPES if interpret else {s: SHAPES[s] for s in args.shapes}
@@ -88,6 +91,11 @@ def main():
                                  config)
             return found[key]
 
+        if args.configs is not None:
+            for spec in args.configs:
+                bn, bk, sk, warps = map(int, spec.split(","))
+                kernel(dict(block_n=bn, block_k=bk, split_k=sk, num_warps=warps, num_stages=2))
+            continue
         kernel(default)
         pairs = [(16, 1), (32, 2)] if interpret else [(bn, bk) for bn in (8, 16, 32, 64) for bk in (1, 2, 4, 8)]
         scored = []

@@ -8,7 +8,9 @@ reading the codes. This kernel reads the packed codes once and spends per weight
 - The values by gathers from the 16 NF4 values (a kernel input, 64 bytes: the lanes of a warp read one cache line):
   `VALUES[code >> 4]` for a byte's even element, `VALUES[code & 15]` for its odd one; no select tree. (Byte-pair
   tables of 256 entries, one gather per weight with no shifts, measured slower: 430.7 vs 500.1 decode tokens/s, a
-  warp's gathers there spread over 8 cache lines.)
+  warp's gathers there spread over 8 cache lines. The lookup in registers by inline PTX byte permutes, commit
+  c6ab383, measured slower: 5.0M against 3.0M instructions for gate/up; docs/BENCHMARKS.md, "NF4 decode products
+  profiled".)
 - The absmax once per 64-block: per block and row of x, `sum(x_even * hi + x_odd * lo)` over the block's 32
   bytes, times the block's absmax. A double-quantized absmax is decoded in the kernel, per block, exactly as
   `block_absmax` does (table8[code] * nested_absmax[block // 256], rounded, + offset): the float32 absmax
