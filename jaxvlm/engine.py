@@ -19,8 +19,10 @@ are dropped.
 
 The model's arrays are inputs of the jit'd programs, not constants: LoRA stays unmerged (`linear` applies it), and
 `set_model` swaps in another adapter of the same shapes without compiling again (Unsloth's `lora_request`).
-One device; every request's prompt and new tokens must fit `max_length`. A family whose cache changes shape with
-the prompt (Llama 3.2 Vision's cross-attention states, sized by the prompt's image tiles) is refused with images.
+One device; every request's prompt and new tokens must fit `max_length`. A family whose cache has parts sized by the
+prompt (Llama 3.2 Vision's cross-attention keys and values, one block per image's tiles) says so in
+`INFO.prompt_sized_cache`: the slot cache then grows along those axes to the largest prompt so far, and smaller
+prompts' rows are zero-padded (absent entries to that family). Another family's such prompt is refused.
 """
 from __future__ import annotations
 
@@ -90,6 +92,13 @@ def _insert(cache, rows, slots, axes: tuple):
 _insert_jit = jax.jit(_insert, static_argnums=3, donate_argnums=0)
 
 
+def _pad_to(a: jax.Array, shape) -> jax.Array:
+    """`a` zero-padded at the end of each axis to `shape` (itself where it has that shape)."""
+    if tuple(shape) == a.shape:
+        return a
+    return jnp.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)])
+
+
 @_jit_model(static_argnames=("steps", "sampling"), donate_argnums=(2,))
 def _decode_steps(model, cache, tokens, positions, index, key_mask, rng, *, steps, sampling):
     """`steps` decode steps of every slot: feeds `tokens [slots]` at cache slots `index [slots]` and text positions
@@ -129,7 +138,6 @@ class Engine:
         self._token_axes = {"token_type_ids": 1, "mm_token_type_ids": 1, **{
             name: axes.index("seq") + 1 for name, axes in type(model).INFO.sample_arrays if "seq" in axes}}
         self._axes = tuple(jax.tree.leaves(_batch_axes(model, max_length)))
-        self._one_row = jax.eval_shape(lambda: model.init_cache(1, max_length))
         self.cache = jax.jit(lambda: model.init_cache(max_num_seqs, max_length))()
         self.key_mask = np.zeros((max_num_seqs, max_length), np.int32)
         self._key_mask_on_device = None  # key_mask's device copy, sent again only after key_mask changed
@@ -275,11 +283,13 @@ class Engine:
         logits, rows = _prefill.pure(self._graphdef, self._state, jax.tree.map(jnp.asarray, prepared), empty,
                                      jnp.asarray(key_mask), mesh=None)
         want = [tuple(k if i == a else n for i, n in enumerate(leaf.shape))
-                for leaf, a in zip(jax.tree.leaves(self._one_row), self._axes)]
+                for leaf, a in zip(jax.tree.leaves(self.cache), self._axes)]
         if [leaf.shape for leaf in jax.tree.leaves(rows)] != want:
-            raise NotImplementedError(f"{type(self.model).__name__}: its generation cache changes shape with the "
-                                      f"prompt (e.g. cross-attention image states), which the engine's slot cache "
-                                      f"cannot hold; use generate() for this request")
+            if not type(self.model).INFO.prompt_sized_cache:
+                raise NotImplementedError(f"{type(self.model).__name__}: its generation cache changes shape with the "
+                                          f"prompt, which the engine's slot cache cannot hold; use generate() for "
+                                          f"this request")
+            rows = self._fit(rows)
         slots = [slot for slot, _ in part]
         self.cache = _insert_jit(self.cache, rows, jnp.asarray(slots, jnp.int32), self._axes)
         self.key_mask[slots] = key_mask
@@ -288,6 +298,19 @@ class Engine:
         self.positions[slots] = self.model.next_positions(prepared)
         self._rng, key = jax.random.split(self._rng)
         return sample(logits, key, self.sampling)
+
+    def _fit(self, rows):
+        """A prompt's cache rows and the slot cache brought to one shape along the axes the prompt sizes (a family's
+        `INFO.prompt_sized_cache`): the smaller side padded with zeros at the end, which the family reads as absent
+        entries. The slot cache grows only when a prompt needs more (its decode program then compiles again)."""
+        grown, fitted = [], []
+        for c, r, a in zip(jax.tree.leaves(self.cache), jax.tree.leaves(rows), self._axes):
+            size = [n if i == a else max(n, r.shape[i]) for i, n in enumerate(c.shape)]
+            grown.append(_pad_to(c, size))
+            fitted.append(_pad_to(r, [r.shape[a] if i == a else n for i, n in enumerate(size)]))
+        treedef = jax.tree.structure(self.cache)
+        self.cache = treedef.unflatten(grown)
+        return treedef.unflatten(fitted)
 
     def _emit(self, request: Request, token: int) -> bool:
         """Hands `token` to the request; True when the request is then done."""

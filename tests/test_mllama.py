@@ -4,6 +4,7 @@ stacks numbered within `model.language_model.layers` on import, LoRA targets, PE
 merged export (which must put every layer back under its own number), greedy generation with the cached image keys
 and values."""
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -372,18 +373,36 @@ def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
     check_train_generate_export(tiny[0], FAMILY, tmp_path, capsys)
 
 
-def test_engine_runs_text_requests_and_refuses_images_by_name(loaded):
-    """The cross-attention states are sized by the prompt's image tiles, which a slot cache cannot hold: text-only
-    requests get generate's tokens, a request with an image a NotImplementedError naming the family."""
+def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alone(loaded, monkeypatch):
+    """Requests with no image, one and two images through the engine (2 slots, refilled mid-run): each gets the greedy
+    tokens `generate` gives it alone. The slot cache starts without image keys and values, grows at the first image
+    request and again at the two-image one; a text request's rows there are zeros, which add nothing (generate skips
+    the cross-attention layers for it), and a one-image row's second block is masked. Batched generate is no
+    reference here: in a batch with images, transformers' text rows attend to a padding image. A family that does not
+    set `INFO.prompt_sized_cache` is refused such a prompt, by name."""
     from jaxvlm.engine import Engine
-    from tests.test_engine import check_decode_writes_the_cache_in_place, check_engine_matches_generate, requests_of
+    from tests.test_engine import check_decode_writes_the_cache_in_place, check_engine_matches_generate
     model, processor, _ = loaded
     pad = processor.tokenizer.pad_token_id
     check_engine_matches_generate(model, processor, images_per_request=(None,) * 5, pad=pad)
     check_decode_writes_the_cache_in_place(model)
-    single, _, _ = requests_of(processor)
+    images = [[], [random_image(56, 84)], [random_image(30, 90, 2), random_image(40, 40, 3)], [], [random_image(40, 40, 4)]]
+    questions = ["what is this", "describe the image", "compare the two pictures please", "hi", "count"]
+    single = [encode(processor, [chat(q, len(i))], [i] if i else None) for q, i in zip(questions, images)]
+    new = [6, 9, 5, 8, 7]
+    want = [list(model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, pad_token_id=pad)[0, -n:])
+            for inputs, n in zip(single, new)]
+    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad, steps=3)
+    assert engine.cache.k_cross.shape[2] == 0
+    requests = [engine.submit(max_new_tokens=n, **inputs) for n, inputs in zip(new, single)]
+    engine.run()
+    for i, (request, tokens) in enumerate(zip(requests, want)):
+        assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
+    one_image = model.prepare_inputs(**single[1])["cross_tiles"].shape[2:]  # (images, tiles) of a one-image prompt
+    assert engine.cache.k_cross.shape[2] == 2 * np.prod(one_image) * model.config.vision.num_patches
+    monkeypatch.setattr(type(model), "INFO", dataclasses.replace(type(model).INFO, prompt_sized_cache=False))
     engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad)
-    engine.submit(max_new_tokens=4, **single[0])
+    engine.submit(max_new_tokens=4, **single[1])
     with pytest.raises(NotImplementedError, match=type(model).__name__):
         engine.run()
 

@@ -17,7 +17,7 @@ Parts of ../shared/FAMILY.md and where they live:
   chat / collator specifics    `INFO.processor_classes`, `INFO.vision_tokens`, `INFO.instruction_part`,
                                `INFO.response_part`, `pixel_row_shape`, `PIXEL_BUCKET_MIN`,
                                `INFO.sample_arrays`
-  generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`
+  generation cache layout      `init_cache`, `prefill`, `decode`, `next_positions`, `INFO.prompt_sized_cache`
   tiny offline models          `tiny_config`, `TINY` (jaxvlm.tiny writes them)
   dtypes it cannot run in      `resolve_dtype`
   placement on a device mesh   `sharding_rules` (jaxvlm.sharding), `PER_SHARD_INPUTS`, `input_fill`
@@ -71,6 +71,10 @@ class FamilyInfo:
     # ("images",), cross_attention_mask [batch, seq, images, tiles]: ("seq", "images"). The collator stacks them
     # (and then asks for no `pixel_row_shape`); empty: pixel_values rows are concatenated over the batch.
     sample_arrays: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Whether `init_cache` leaves have axes that a prompt sizes (Llama 3.2 Vision's cross-attention keys and values:
+    # [layers, batch, the prompt's vision tokens, ...], 0 for a text prompt), all-zero entries there meaning absent
+    # (masked out, adding nothing). The engine then zero-pads such rows to its slot cache, or grows the slot cache.
+    prompt_sized_cache: bool = False
 
     def processor_class(self, model_type: str) -> str:
         return next(name for kind, name in self.processor_classes if kind == model_type)

@@ -122,6 +122,10 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
         sample_arrays=(("pixel_values", ("images",)), ("aspect_ratio_ids", ("images",)),
                        ("aspect_ratio_mask", ("images",)), ("cross_attention_mask", ("seq", "images"))),
+        # The cache's image keys and values (k_cross, v_cross; last_cross) are sized by the prompt's images: zero
+        # keys and values with last_cross False add exactly nothing (a row that sees no vision token attends to all
+        # of them, zero values, and its MLP is gated off), as a text prompt skips the cross-attention layers.
+        prompt_sized_cache=True,
     )
     TINY = TinySpec(
         special_tokens={"<|finetune_right_pad_id|>": 285, "<|begin_of_text|>": 286, "<|eot_id|>": 287,
