@@ -92,6 +92,13 @@ def _insert(cache, rows, slots, axes: tuple):
 _insert_jit = jax.jit(_insert, static_argnums=3, donate_argnums=0)
 
 
+def token_axes(model_cls) -> dict[str, int]:
+    """The family's processor outputs that run along the prompt's tokens, and their token axis: what left-padding a
+    prompt pads."""
+    return {"input_ids": 1, "attention_mask": 1, "token_type_ids": 1, "mm_token_type_ids": 1, **{
+        name: axes.index("seq") + 1 for name, axes in model_cls.INFO.sample_arrays if "seq" in axes}}
+
+
 def _pad_to(a: jax.Array, shape) -> jax.Array:
     """`a` zero-padded at the end of each axis to `shape` (itself where it has that shape)."""
     if tuple(shape) == a.shape:
@@ -134,9 +141,7 @@ class Engine:
         self.slots, self.length, self.steps, self.sampling = max_num_seqs, max_length, steps, sampling
         self.eos = set(np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None else [], np.int64)).tolist())
         self.pad = int(pad_token_id if pad_token_id is not None else min(self.eos, default=0))
-        # Processor outputs that run along the prompt's tokens (their token axis): re-padded with it.
-        self._token_axes = {"token_type_ids": 1, "mm_token_type_ids": 1, **{
-            name: axes.index("seq") + 1 for name, axes in type(model).INFO.sample_arrays if "seq" in axes}}
+        self._token_axes = token_axes(type(model))
         self._axes = tuple(jax.tree.leaves(_batch_axes(model, max_length)))
         self.cache = jax.jit(lambda: model.init_cache(max_num_seqs, max_length))()
         self.key_mask = np.zeros((max_num_seqs, max_length), np.int32)
@@ -180,7 +185,7 @@ class Engine:
         # The prompt left-padded to its bucket, with every processor output that runs along its tokens.
         keep = np.flatnonzero(mask[0] > 0)
         inputs = dict(processor_outputs, input_ids=ids, attention_mask=mask)
-        for name, axis in {"input_ids": 1, "attention_mask": 1, **self._token_axes}.items():
+        for name, axis in self._token_axes.items():
             if inputs.get(name) is not None:
                 value = np.take(np.asarray(inputs[name]), keep, axis=axis)
                 widths = [(0, 0)] * value.ndim
@@ -262,7 +267,7 @@ class Engine:
         out = {}
         for name in set().union(*inputs):
             values = [np.asarray(i[name]) for i in inputs if i.get(name) is not None]
-            if name in ("input_ids", "attention_mask", *self._token_axes) and len(values) != len(inputs):
+            if name in self._token_axes and len(values) != len(inputs):
                 return None
             try:
                 out[name] = np.concatenate(values)

@@ -45,26 +45,24 @@ def workload(cfg, args, image: int):
     return out
 
 
-# A processor's per-token arrays ([batch, tokens, ...]): left-padded in a group. The rest (pixels, image sizes and
-# grids, tile ratios) are per image and concatenated along their first axis.
-PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "cross_attention_mask")
-
-
-def groups(requests, size: int):
-    """Batches of `size` requests in order, prompts left-padded with 0 (every family's inputs)."""
+def groups(requests, size: int, model_cls):
+    """Batches of `size` requests in order, prompts left-padded with 0: the arrays that run along the tokens
+    (`engine.token_axes`) padded on their token axis, the rest (pixels, image sizes and grids, tile ratios: per image)
+    concatenated along their first axis."""
+    from jaxvlm.engine import token_axes
+    along = token_axes(model_cls)
     for start in range(0, len(requests), size):
         part = [r for r, _ in requests[start:start + size]]
         longest = max(r["input_ids"].shape[1] for r in part)
         batch = {}
         for key in part[0]:
-            if key in PER_TOKEN:
-                rows = [r[key] for r in part]
-                padded = np.zeros((len(rows), longest, *rows[0].shape[2:]), rows[0].dtype)
-                for row, v in enumerate(rows):
-                    padded[row, longest - v.shape[1]:] = v[0]
-                batch[key] = padded
-            else:
-                batch[key] = np.concatenate([r[key] for r in part])
+            rows = [np.asarray(r[key]) for r in part]
+            if key in along:
+                for i, v in enumerate(rows):
+                    widths = [(0, 0)] * v.ndim
+                    widths[along[key]] = (longest - v.shape[along[key]], 0)
+                    rows[i] = np.pad(v, widths)
+            batch[key] = np.concatenate(rows)
         yield batch, [n for _, n in requests[start:start + size]]
 
 
@@ -87,7 +85,7 @@ def run_engine(model, requests, slots: int, steps: int):
 
 def run_generate(model, requests, slots: int):
     from jaxvlm.generate import generate
-    batches = list(groups(requests, slots))
+    batches = list(groups(requests, slots, type(model)))
     for batch, news in batches:  # warm-up: compiles each group's programs
         generate(model, **batch, max_new_tokens=max(news), eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
@@ -101,7 +99,7 @@ def run_hf(geometry: str, requests, slots: int, tiny: bool):
     import torch
     from transformers import AutoModelForImageTextToText
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, cfg = load_geometry(geometry, tiny)
+    model_cls, cfg = load_geometry(geometry, tiny)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(hf_geometry(geometry, tiny), dtype=torch.bfloat16,
@@ -116,7 +114,7 @@ def run_hf(geometry: str, requests, slots: int, tiny: bool):
         if device == "cuda":
             torch.cuda.synchronize()
         return out
-    batches = list(groups(requests, slots))
+    batches = list(groups(requests, slots, model_cls))
     call(*batches[0])  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -53,7 +53,7 @@ def main():
     ap.add_argument("--cpu-check", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--configs", nargs="*", metavar="BN,BK,SK,WARPS",
-                    help="time these kernel configs (block_n, block_k, split_k, num_warps; 2 stages) instead of the sweep")
+                    help="time these kernel configs (block_n, block_k, split_k, num_warps; 2 stages), not the sweep")
     args = ap.parse_args()
     interpret = args.cpu_check
     shapes = CPU_SHAPES if interpret else {s: SHAPES[s] for s in args.shapes}

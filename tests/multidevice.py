@@ -1,6 +1,7 @@
 """Run in a subprocess with several forced CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):
 trains each tiny NF4 + LoRA model given for a few steps on each mesh asked for and prints one JSON line per run
-(losses, per-device param bytes); with --generate, also its greedy tokens on each mesh (one more line each). tests/test_sharding.py starts it; the main pytest process has one device."""
+(losses, per-device param bytes); with --generate, also its greedy tokens on each mesh (one more line each).
+tests/test_sharding.py starts it; the main pytest process has one device."""
 import argparse
 import json
 import sys

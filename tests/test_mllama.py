@@ -386,7 +386,8 @@ def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alo
     pad = processor.tokenizer.pad_token_id
     check_engine_matches_generate(model, processor, images_per_request=(None,) * 5, pad=pad)
     check_decode_writes_the_cache_in_place(model)
-    images = [[], [random_image(56, 84)], [random_image(30, 90, 2), random_image(40, 40, 3)], [], [random_image(40, 40, 4)]]
+    images = [[], [random_image(56, 84)], [random_image(30, 90, 2), random_image(40, 40, 3)], [],
+              [random_image(40, 40, 4)]]
     questions = ["what is this", "describe the image", "compare the two pictures please", "hi", "count"]
     single = [encode(processor, [chat(q, len(i))], [i] if i else None) for q, i in zip(questions, images)]
     new = [6, 9, 5, 8, 7]
