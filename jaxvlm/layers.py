@@ -477,6 +477,19 @@ def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None
     return cached_attention_xla(q, k, v, kv, index, layer, mask, scale)
 
 
+def cache_attention(q, kv, layer, mask, scale: float | None = None):
+    """`q [batch, t, heads, head_dim]` attending entry `layer` of stacked caches `kv = (k, v)` (each `[layers, batch,
+    slots, kv_heads, head_dim]`) under `mask`, the caches only read: keys and values cached once per prompt, as
+    cross-attention's image keys. A one-token step with a static layer reads the entry in place by the decode kernel
+    (`decode_attention.attend`) where `decode_attention_kernel` allows it; else `attention` over the entry (on a GPU
+    XLA lays that entry out again for its products: a copy of it every step)."""
+    if (kernel_on(decode_attention_kernel) and _layout["mesh"] is None
+            and decode_attention.supported(q, kv[0], layer, mask)):
+        return decode_attention.attend(q, kv[0], kv[1], int(layer), mask, scale=scale,
+                                       interpret=decode_attention_kernel == "interpret")
+    return attention(q, kv[0][layer], kv[1][layer], mask, scale=scale)
+
+
 def cached_attention_xla(q, k, v, kv, index, layer, mask, scale: float | None = None):
     """`cached_attention` by XLA: the writes (`write_step`) and `attention` over entry `layer` of the caches (`layer`
     None: caches without the layer axis). The decode kernel's reference."""

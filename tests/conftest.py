@@ -62,7 +62,7 @@ def tiny(request, tmp_path_factory):
 @pytest.fixture
 def decode_kernel_calls(monkeypatch):
     """The decode-attention kernel on (Pallas' interpreter) for one test; yields the list of the layers it was called
-    for (and as its `slots`, the slots of the cache of each call). The setting is read at trace time, so the jit
+    for (and as its `slots`, the slots of the cache of each call; as `read`, the layers of its read-only calls). The setting is read at trace time, so the jit
     caches are cleared on the way in (a program traced with the kernel off would be reused) and on the way out (and
     one traced with it on)."""
     import jax
@@ -72,17 +72,23 @@ def decode_kernel_calls(monkeypatch):
 
     class Calls(list):
         slots: list  # the slots of each call's cache, in the same order
+        read: list  # the layers of the calls that read a cache without writing a step (`attend`)
 
     calls = Calls()
-    calls.slots = []
-    kernel = decode_attention.decode_attention
+    calls.slots, calls.read = [], []
+    kernel, reader = decode_attention.decode_attention, decode_attention.attend
 
     def counted(*args, **kwargs):
         calls.append(args[5])  # the layer
         calls.slots.append(args[3].shape[-3])
         return kernel(*args, **kwargs)
+
+    def read(*args, **kwargs):
+        calls.read.append(args[3])
+        return reader(*args, **kwargs)
     monkeypatch.setattr(layers, "decode_attention_kernel", "interpret")
     monkeypatch.setattr(decode_attention, "decode_attention", counted)
+    monkeypatch.setattr(decode_attention, "attend", read)
     jax.clear_caches()
     yield calls
     jax.clear_caches()

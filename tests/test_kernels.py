@@ -283,6 +283,7 @@ def _decode_step(rng, batch, heads, kv_heads, d, slots, layers_, index, dtype=jn
     (2, 4, 4, 32, 64, 0, 37, None),  # one slot for all rows (generate's), no grouping
     (1, 7, 1, 16, 512, 2, 300, None),  # batch 1: the default splits the slots (partial sums combined by XLA)
     (3, 6, 2, 16, 256, None, [0, 255, 17], 4),  # an unstacked cache, the first and last slots, forced splits
+    (1, 4, 2, 16, 448, 1, 440, 3),  # 7 loop steps in 3 ranges (3, 3, 1): the last range's tail masked
 ])
 def test_decode_attention_kernel_matches_xla(batch, heads, kv_heads, d, slots, layer, index, splits):
     """The decode kernel (interpret mode) writes the step's key and value exactly where write_step does, leaves the
@@ -299,6 +300,30 @@ def test_decode_attention_kernel_matches_xla(batch, heads, kv_heads, d, slots, l
     np.testing.assert_array_equal(got[2], ref[2])
     written = np.asarray(got[1] != kc)
     assert written.any() and written.sum() <= batch * kv_heads * d  # one slot per row, nothing else
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, slots, splits, dtype", [
+    (2, 8, 2, 320, None, jnp.float32),  # 5 loop steps of 64 slots; the default ranges
+    (1, 4, 1, 448, 2, jnp.float32),  # 7 steps in ranges of 4 and 3
+    (3, 4, 2, 128, 1, jnp.bfloat16),  # one range, bf16
+])
+def test_decode_attention_kernel_reads_a_cache_entry_as_attention_does(batch, heads, kv_heads, slots, splits, dtype):
+    """`attend` (a step over keys and values cached once, nothing written: cross-attention's image keys): the
+    attention XLA forms over the entry, with rows that see only some slots, one that sees none of them (zeros, as
+    the masked row of `attention` over zero values gives), and the caches not among the outputs."""
+    from jaxvlm.kernels import decode_attention as da
+    rng = np.random.default_rng(slots + batch)
+    q, _, _, kc, vc, _ = _decode_step(rng, batch, heads, kv_heads, 16, slots, 3, 0, dtype)
+    vc = vc.at[2, -1].set(0)  # the last row's values zero: its attention over none of them is zero either way
+    sees = rng.random((batch, slots)) > 0.5
+    sees[-1] = False
+    mask = jnp.asarray(sees[:, None, None, :])
+    got = da.attend(q, kc, vc, 2, mask, splits=splits, interpret=True)
+    ref = layers.attention(q, kc[2], vc[2], mask)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(got[-1], np.float32), 0)
 
 
 def test_decode_attention_kernel_bf16_and_a_slot_past_the_end():

@@ -7,12 +7,15 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from jaxvlm import FastVisionModel
 from jaxvlm.lora import linear_modules
+from jaxvlm.models.mllama_text import CROSS_SLOTS
 from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
 from tests.test_lora import _is_adapted, peft_adapted, with_random_b
@@ -149,6 +152,36 @@ def test_greedy_equals_transformers_for_a_left_padded_batch_mixing_images_and_te
     batch = _batch(processor, "left")
     eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["xla", "kernel"])
+def test_a_decode_step_gives_the_logits_of_transformers_for_a_batch_mixing_images_and_text(loaded, request, kernel):
+    """After a left-padded prompt batch (two images, none, one), a decode step's logits are transformers' for the
+    prompt plus that token, on every row: the text row attends to all of its padding image's tokens and to none of
+    the cache's padding slots (its image keys are held in multiples of CROSS_SLOTS), the one-image row to its image
+    only. Through XLA's attention over the cache entry and through the decode kernel's read-only form."""
+    from jaxvlm.generate import _decode_step, _prefill
+    calls = request.getfixturevalue("decode_kernel_calls") if kernel else None
+    model, processor, hf = loaded
+    batch = _batch(processor, "left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    (b, n), length = ids.shape, 64 * -(-(ids.shape[1] + 1) // 64)
+    inputs = model.prepare_inputs(**batch)
+    key_mask = jnp.asarray(np.concatenate([mask, np.ones((b, length - n), mask.dtype)], axis=1))
+    first, cache = _prefill(model, jax.tree.map(jnp.asarray, inputs), model.init_cache(b, length), key_mask, mesh=None)
+    assert cache.k_cross.shape[2] % CROSS_SLOTS == 0 and (np.asarray(cache.last_cross) == 0).any()
+    token = jnp.argmax(first, axis=-1).astype(jnp.int32)
+    logits, _ = _decode_step(model, cache, token, 0, key_mask, jnp.asarray(model.next_positions(inputs)),
+                             prompt_len=n, mesh=None)
+    cross = batch["cross_attention_mask"]  # the new token sees what the prompt's last token saw (transformers)
+    longer = {**batch, "input_ids": np.concatenate([ids, np.asarray(token)[:, None]], axis=1),
+              "attention_mask": np.concatenate([mask, np.ones((b, 1), mask.dtype)], axis=1),
+              "cross_attention_mask": np.concatenate([cross, cross[:, -1:]], axis=1)}
+    positions = np.maximum(np.cumsum(longer["attention_mask"], axis=1) - 1, 0)
+    ref = hf_logits(hf, {**longer, "position_ids": positions})[:, -1]
+    assert_logits_match(logits, ref, np.ones(b, bool))
+    if kernel:
+        assert sorted(set(calls.read)) == list(range(len(model.config.text.cross_attention_layers)))
 
 
 def test_greedy_text_only_prompt(loaded):
@@ -400,7 +433,8 @@ def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alo
     for i, (request, tokens) in enumerate(zip(requests, want)):
         assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
     one_image = model.prepare_inputs(**single[1])["cross_tiles"].shape[2:]  # (images, tiles) of a one-image prompt
-    assert engine.cache.k_cross.shape[2] == 2 * np.prod(one_image) * model.config.vision.num_patches
+    two_images = 2 * np.prod(one_image) * model.config.vision.num_patches  # the cache's slots: those, padded
+    assert engine.cache.k_cross.shape[2] == -(-two_images // CROSS_SLOTS) * CROSS_SLOTS
     monkeypatch.setattr(type(model), "INFO", dataclasses.replace(type(model).INFO, prompt_sized_cache=False))
     engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad)
     engine.submit(max_new_tokens=4, **single[1])
@@ -410,10 +444,12 @@ def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alo
 
 def test_greedy_through_the_decode_attention_kernel_equals_transformers(loaded, decode_kernel_calls):
     """Generation's step runs the layers unrolled in their order (cross and self), each self-attention layer's decode
-    through the Pallas decode-attention kernel (interpret mode): transformers' tokens, every self layer through it."""
+    through the Pallas decode-attention kernel (interpret mode) and each cross-attention layer's through its
+    read-only form over the cached image keys: transformers' tokens, every layer through it."""
     from tests.test_qwen2_vl_parity import assert_greedy_matches
     model, processor, hf = loaded
     batch = _batch(processor, "left")
     eos = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert_greedy_matches(model, hf, batch, new_tokens=16, eos=eos, pad=processor.tokenizer.pad_token_id)
     assert sorted(set(decode_kernel_calls)) == list(range(len(model.config.text.self_attention_layers)))
+    assert sorted(set(decode_kernel_calls.read)) == list(range(len(model.config.text.cross_attention_layers)))

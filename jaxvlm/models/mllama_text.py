@@ -27,11 +27,17 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, attention, checkpoint_policy, query_slots,
-                           unrolling)
+from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, attention, cache_attention, checkpoint_policy,
+                           query_slots, unrolling)
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.llama_text import rope_cos_sin, rope_inv_freq  # noqa: F401 (rope_inv_freq re-exported)
 from jaxvlm.models.qwen_text import Attention  # Llama-style grouped-query attention with a cache
+
+# Generation's cache of image keys and values (KVCache.k_cross) holds its slots in multiples of CROSS_SLOTS, so that a
+# decode step reads them in place in whole steps of the decode kernel (layers.cache_attention); `last_cross` marks
+# each slot ABSENT (padding), PRESENT or SEEN (by the prompt's last token, hence by the generated tokens).
+CROSS_SLOTS = 64
+ABSENT, PRESENT, SEEN = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +116,14 @@ class CrossAttention(nnx.Module):
         k = self.k_norm(self.k_proj(vision).reshape(b, s, self.num_kv_heads, -1))
         return k, self.v_proj(vision).reshape(b, s, self.num_kv_heads, -1)
 
-    def __call__(self, x, k, v, mask):
-        """`mask [batch, 1, seq, vision tokens]`: what each text row may see (rows that may see nothing: all)."""
+    def __call__(self, x, k, v, mask, layer=None):
+        """`mask [batch, 1, seq, vision tokens]`: what each text row may see (rows that may see nothing: all). `k, v`:
+        the layer's keys and values, or with `layer` the stacked cache (`KVCache.k_cross`, `v_cross`) read at entry
+        `layer` (a decode step; `cache_attention`)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, -1))
-        return self.o_proj(attention(q, k, v, mask).reshape(b, t, -1))
+        out = attention(q, k, v, mask) if layer is None else cache_attention(q, (k, v), layer, mask)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class CrossAttentionDecoderLayer(nnx.Module):
@@ -126,10 +135,10 @@ class CrossAttentionDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, stack=stack)
         self.cross_attn_mlp_gate = nnx.Param(jnp.zeros((*stack, 1), dtype))
 
-    def __call__(self, x, k, v, mask, rows):
-        """`k, v`: this layer's `cross_attn.keys_values(vision states)`; `mask` as CrossAttention's; `rows [batch,
-        seq]` (1: the row may see some vision token)."""
-        attn = self.cross_attn(self.input_layernorm(x), k, v, mask)
+    def __call__(self, x, k, v, mask, rows, layer=None):
+        """`k, v`: this layer's `cross_attn.keys_values(vision states)` (or with `layer` the stacked cache, as
+        CrossAttention's); `mask` as CrossAttention's; `rows [batch, seq]` (1: the row may see some vision token)."""
+        attn = self.cross_attn(self.input_layernorm(x), k, v, mask, layer)
         x = x + jnp.tanh(self.cross_attn_attn_gate.get_value()).astype(x.dtype) * attn
         mlp = self.mlp(self.post_attention_layernorm(x)) * rows[..., None].astype(x.dtype)
         return x + jnp.tanh(self.cross_attn_mlp_gate.get_value()).astype(x.dtype) * mlp
@@ -186,13 +195,18 @@ class MllamaTextModel(nnx.Module):
                          & (attention_mask[:, None, None, :] > 0))
             if prefill and vision is not None:
                 n, (b, s, _) = len(c.cross_attention_layers), vision.shape
-                shape = (n, b, s, c.num_kv_heads, c.head_dim)
+                shape = (n, b, -(-s // CROSS_SLOTS) * CROSS_SLOTS, c.num_kv_heads, c.head_dim)
+                last = jnp.where(cross_mask[:, -1], SEEN, PRESENT).astype(jnp.int8)
                 cache = dataclasses.replace(cache, k_cross=jnp.zeros(shape, cache.k_self.dtype),
-                                            v_cross=jnp.zeros(shape, cache.k_self.dtype), last_cross=cross_mask[:, -1])
-            elif not prefill and cache.k_cross.shape[2]:
-                cross_mask = jnp.broadcast_to(cache.last_cross[:, None], (h.shape[0], t, cache.last_cross.shape[1]))
+                                            v_cross=jnp.zeros(shape, cache.k_self.dtype),
+                                            last_cross=jnp.pad(last, ((0, 0), (0, shape[2] - s))))
         with_vision = vision is not None or (cache is not None and cache.k_cross.shape[2] > 0)
-        if with_vision:
+        if with_vision and not prefill:  # a decode step: what the prompt's last token saw, from the cache
+            seen, present = cache.last_cross == SEEN, cache.last_cross != ABSENT
+            sees = seen.any(axis=-1)  # [batch]: the row may see some vision token
+            mask = (seen | present & ~sees[:, None])[:, None, None, :]  # rows that see nothing see every image token
+            sees = jnp.broadcast_to(sees[:, None], (h.shape[0], t))
+        elif with_vision:
             sees = cross_mask.any(axis=-1)  # [batch, seq]: the row may see some vision token
             mask = (cross_mask | ~sees[..., None])[:, None]  # rows that see nothing see everything (transformers)
 
@@ -209,15 +223,16 @@ class MllamaTextModel(nnx.Module):
 
         def cross_layer(x, i, caches):
             layer = nnx.merge(cross_graph, row(cross_state, i))
-            if caches is not None and not prefill:  # decode: the cached image keys and values
+            if caches is not None and not prefill:  # decode: the cached image keys and values, entry i read in place
                 ks, vs, kc, vc = caches
-                return layer(x, kc[i], vc[i], mask, sees), caches
+                return layer(x, kc, vc, mask, sees, i), caches
             k, v = layer.cross_attn.keys_values(vision)
             x = layer(x, k, v, mask, sees)
             if caches is None:
                 return x, None
             ks, vs, kc, vc = caches
-            return x, (ks, vs, kc.at[i].set(k.astype(kc.dtype)), vc.at[i].set(v.astype(vc.dtype)))
+            s = k.shape[1]  # the cache's slots past s: padding (ABSENT)
+            return x, (ks, vs, kc.at[i, :, :s].set(k.astype(kc.dtype)), vc.at[i, :, :s].set(v.astype(vc.dtype)))
 
         def body(carry, xs):
             x, caches = carry
@@ -251,15 +266,17 @@ class MllamaTextModel(nnx.Module):
         full = (len(c.self_attention_layers), batch, length, c.num_kv_heads, c.head_dim)
         empty = (len(c.cross_attention_layers), batch, 0, c.num_kv_heads, c.head_dim)
         return KVCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype), jnp.zeros(empty, dtype), jnp.zeros(empty, dtype),
-                       jnp.zeros((batch, 0), bool))
+                       jnp.zeros((batch, 0), jnp.int8))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
     """Self-attention layers' keys and values `[self layers, batch, cache_len, kv_heads, head_dim]`; the
-    cross-attention layers' image keys and values `[cross layers, batch, vision tokens, kv_heads, head_dim]` (0 vision
-    tokens for a text-only prompt) and `last_cross [batch, vision tokens]`, what generated tokens may see."""
+    cross-attention layers' image keys and values `[cross layers, batch, slots, kv_heads, head_dim]`: the prompt's
+    vision tokens, then zeros up to a multiple of CROSS_SLOTS (0 slots for a text-only prompt); `last_cross` int8
+    `[batch, slots]`, what generated tokens may see: SEEN, PRESENT (a vision token the prompt's last token does not
+    see) or ABSENT (padding; zeros, as the engine pads a smaller prompt's rows, read the same)."""
     k_self: jax.Array
     v_self: jax.Array
     k_cross: jax.Array
