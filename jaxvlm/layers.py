@@ -329,11 +329,11 @@ def activation_layout(mesh, batch=None, heads=None, vmapped: bool = False):
     return _setting(_layout, mesh=mesh, batch=batch, heads=heads, vmapped=vmapped)
 
 
-def _laid_out(q, k, v, mask, lengths):
-    """(q, k, v, mask, lengths) pinned as `_layout` says (unchanged outside `activation_layout`)."""
+def _laid_out(q, k, v, mask, *lengths):
+    """(q, k, v, mask, *lengths) pinned as `_layout` says (unchanged outside `activation_layout`)."""
     mesh = _layout["mesh"]
     if mesh is None:
-        return q, k, v, mask, lengths
+        return q, k, v, mask, *lengths
     from jax.sharding import NamedSharding, PartitionSpec
 
     def size(axes):
@@ -352,9 +352,7 @@ def _laid_out(q, k, v, mask, lengths):
             mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], *mask.shape[2:]))
         mask = pin(mask, batch if mask.shape[0] == q.shape[0] else None,
                    heads if mask.shape[1] == q.shape[2] else None, None, None)
-    if lengths is not None:
-        lengths = pin(lengths, batch)
-    return q, k, v, mask, lengths
+    return q, k, v, mask, *(None if n is None else pin(n, batch) for n in lengths)
 
 
 @jax.tree_util.register_dataclass
@@ -404,31 +402,36 @@ def _block_mask_attention(q, k, v, mask: CausalBlockMask, scale):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | CausalBlockMask | None = None, *,
-              causal: bool = False, lengths: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+              causal: bool = False, lengths: jax.Array | None = None, key_lengths: jax.Array | None = None,
+              scale: float | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
     mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend), or a CausalBlockMask (self-attention,
     q_len = kv_len; the Pallas kernel on a GPU builds it tile by tile); causal: query i also
     attends only keys j <= i; lengths [batch]: only the first lengths[b] queries and keys of row b are
-    real (the outputs of the other queries are unspecified); scale: of the logits (None: 1/sqrt(head_dim)).
+    real (the outputs of the other queries are unspecified); key_lengths [batch]: the keys' own count, when it is
+    not the queries' (`lengths` then counts the queries; None: all of them); scale: of the logits (None:
+    1/sqrt(head_dim)).
     Returns [batch, q_len, heads, head_dim];
     logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
     memory); elsewhere XLA's.
     """
     if isinstance(mask, CausalBlockMask):
         return _block_mask_attention(q, k, v, mask, scale)
-    q, k, v, mask, lengths = _laid_out(q, k, v, mask, lengths)
+    q, k, v, mask, lengths, key_lengths = _laid_out(q, k, v, mask, lengths, key_lengths)
+    key_lengths = lengths if key_lengths is None else key_lengths
     if _use_cudnn(q, k, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, query_seq_lengths=lengths,
-                                            key_value_seq_lengths=lengths, scale=scale, implementation="cudnn")
-    if mask is None and not causal and lengths is None and q.shape[1] > 1 and (q.shape[1] % 2 or k.shape[1] % 2):
+                                            key_value_seq_lengths=key_lengths, scale=scale, implementation="cudnn")
+    if (mask is None and not causal and key_lengths is None and q.shape[1] > 1
+            and (q.shape[1] % 2 or k.shape[1] % 2)):
         # An odd number of tokens without a mask (CLIP's 577, Llama 3.2 Vision's 1601 per tile): cuDNN on even lengths.
         padded = pad_to_even(q, k, v)
         if _use_cudnn(padded[0], padded[1]):
             return padded_attention(*padded, q.shape[1], scale, "cudnn")
-    if lengths is not None:
-        key_ok = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    if key_lengths is not None:
+        key_ok = jnp.arange(k.shape[1])[None, :] < key_lengths[:, None]
         key_ok = key_ok[:, None, None, :]
         mask = key_ok if mask is None else mask & key_ok
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla")

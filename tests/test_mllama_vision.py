@@ -14,6 +14,7 @@ from transformers.models.mllama.image_processing_pil_mllama import (
     get_all_supported_aspect_ratios,
 )
 
+from jaxvlm.models import mllama_vision
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.mllama_vision import (
     MllamaVisionModel,
@@ -58,6 +59,16 @@ def models():
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     cfg = vision_config_from_hf(config)
     return hf, cfg, load(hf, cfg)
+
+
+@pytest.fixture(params=["dense", "split"], autouse=True)
+def attention_form(request, monkeypatch):
+    """Each test with transformers' mask as an array ("dense") and without one ("split"): the setting is read at
+    trace time, so the jit caches are cleared around it."""
+    monkeypatch.setattr(mllama_vision, "vision_attention", request.param)
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()
 
 
 def load(hf, cfg):
@@ -131,6 +142,29 @@ def test_several_images_per_sample_match_transformers(models):
     ours = forward(model, prepare_vision_inputs(cfg, pixels, ids, mask))
     assert ours.shape == ref.shape == (2, 2, TILES, 17, 108)
     assert relative_error(ours, ref) < 1e-4
+
+
+def test_every_tile_on_matches_transformers_with_its_gradients(models, attention_form):
+    """Images whose 4 tiles are all on (the masked tokens are the tiles' padding tokens alone: "split" then forms
+    just those again), two per sample: the outputs and the gradients of a projection of them."""
+    hf, cfg, model = models
+    four = 1 + next(i for i, (a, b) in enumerate(get_all_supported_aspect_ratios(TILES)) if a * b == TILES)
+    pixels, ids, mask = tiles(np.random.default_rng(5), [[four, four], [four, four]], 2)
+    assert mask.all()
+    inputs = prepare_vision_inputs(cfg, pixels, ids, mask)
+    if attention_form == "split":
+        assert bool(mllama_vision.split_mask(cfg, jnp.asarray(inputs["token_valid"].reshape(4, -1))).all_on)
+    probe = np.random.default_rng(6).standard_normal((2, 2, TILES, 17, 108)).astype(np.float32)
+    hf.zero_grad()
+    out = hf(pixel_values=torch.as_tensor(pixels), aspect_ratio_ids=torch.as_tensor(ids),
+             aspect_ratio_mask=torch.as_tensor(mask)).last_hidden_state
+    (out * torch.as_tensor(probe)).sum().backward()
+    assert relative_error(forward(model, inputs), out.detach().numpy()) < 1e-4
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(**inputs, dtype=jnp.float32) * probe)))(model)
+    g = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(grads)}
+    path, layer = hf_key_map(cfg)["transformer.layers.1.self_attn.k_proj.weight"]
+    expected = dict(hf.named_parameters())["transformer.layers.1.self_attn.k_proj.weight"].grad.numpy()
+    assert relative_error(g[path][layer], expected) < 1e-4
 
 
 def test_processor_output_matches_transformers(models):

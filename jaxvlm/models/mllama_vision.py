@@ -26,6 +26,8 @@ Attribute paths mirror transformers' names relative to `MllamaVisionModel` (`pat
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,7 @@ from jaxvlm.layers import (
     Linear,
     attention,
     dropout_key,
+    gather_rows,
     linear,
     next_dropout_key,
     scan_blocks,
@@ -53,6 +56,11 @@ STACKED = ("transformer.layers", "global_transformer.layers")
 
 # transformers' nn.LayerNorm(hidden_size) for layernorm_pre / layernorm_post: the default eps, not config.norm_eps.
 OUTER_NORM_EPS = 1e-5
+
+# How the encoders apply transformers' mask (only pairs of two masked tokens excluded): "dense" hands `attention`
+# the mask, [images, 1, tokens, tokens] (cuDNN reads it as a bias, for every head); "split" needs no such array
+# (`SplitMask`, `split_attention`). Read at trace time.
+vision_attention = os.environ.get("JAXVLM_MLLAMA_VISION_ATTENTION", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +243,51 @@ class PrecomputedPositionEmbedding(nnx.Module):
         return h + gate * tile
 
 
+class SplitMask(NamedTuple):
+    """transformers' encoder mask as `split_attention` applies it. `valid` bool [images, tokens]: the real tokens
+    (not padding, in a tile that is on); `real` int32 [images]: their count; `order`, `inverse` int32 [images, tokens]
+    and [images * tokens]: each image's tokens with the real ones first (flat row indices, and where each row went:
+    `gather_rows`' arguments); `all_on` bool []: every tile of every image is on (the masked tokens are then the
+    tiles' padding tokens alone, at the positions `pads` (NumPy, static), the others at `kept`)."""
+    valid: jax.Array
+    real: jax.Array
+    order: jax.Array
+    inverse: jax.Array
+    all_on: jax.Array
+    pads: np.ndarray
+    kept: np.ndarray
+
+
+def split_mask(cfg: MllamaVisionConfig, valid: jax.Array) -> SplitMask:
+    """The SplitMask of `valid` [images, tiles * padded_patches] (`prepare_vision_inputs`' token_valid)."""
+    n, tokens = valid.shape
+    padding = np.tile(np.arange(cfg.padded_patches) >= cfg.num_patches, tokens // cfg.padded_patches)
+    order = jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32)  # real tokens first, in their order
+    rows = order + (jnp.arange(n, dtype=jnp.int32) * tokens)[:, None]
+    inverse = jnp.zeros(n * tokens, jnp.int32).at[rows.reshape(-1)].set(jnp.arange(n * tokens, dtype=jnp.int32))
+    return SplitMask(valid, valid.sum(axis=1).astype(jnp.int32), rows, inverse, jnp.all(valid | padding),
+                     np.flatnonzero(padding), np.flatnonzero(~padding))
+
+
+def split_attention(q, k, v, m: SplitMask) -> jax.Array:
+    """transformers' masked encoder attention without a [tokens, tokens] mask: every query over every key (what a
+    real query attends), then the masked queries again over the real keys only. When every tile is on, those are
+    the tiles' padding tokens, over the other tokens (static positions); otherwise every query is formed again over
+    the image's real keys (gathered to the front, `key_lengths` the count) and kept where its token is masked."""
+    out = attention(q, k, v)
+
+    def padding_only(out):
+        return out.at[:, m.pads].set(attention(q[:, m.pads], k[:, m.kept], v[:, m.kept]))
+
+    def with_off_tiles(out):
+        n, t = k.shape[:2]
+        kr, vr = (gather_rows(x.reshape(n * t, *x.shape[2:]), m.order, m.inverse) for x in (k, v))
+        again = attention(q, kr, vr, key_lengths=m.real)
+        return jnp.where(m.valid[:, :, None, None], out, again)
+
+    return jax.lax.cond(m.all_on, padding_only, with_off_tiles, out)
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: MllamaVisionConfig, dtype, stack):
         d = cfg.hidden_size
@@ -244,10 +297,11 @@ class SelfAttention(nnx.Module):
         self.v_proj = Linear(d, d, bias=False, dtype=dtype, stack=stack)
         self.o_proj = Linear(d, d, bias=False, dtype=dtype, stack=stack)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | SplitMask) -> jax.Array:
         n, t, _ = x.shape
         q, k, v = (proj(x).reshape(n, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.o_proj(attention(q, k, v, mask).reshape(n, t, -1))
+        out = split_attention(q, k, v, mask) if isinstance(mask, SplitMask) else attention(q, k, v, mask)
+        return self.o_proj(out.reshape(n, t, -1))
 
 
 
@@ -324,7 +378,12 @@ class MllamaVisionModel(nnx.Module):
 
         # transformers' mask: excluded only where both the query and the key are masked tokens.
         valid = token_valid.reshape(n, t * tp)
-        mask = valid[:, None, :, None] | valid[:, None, None, :]  # [n, 1, t*tp, t*tp]
+        if vision_attention == "split":
+            mask = split_mask(cfg, valid)
+        elif vision_attention == "dense":
+            mask = valid[:, None, :, None] | valid[:, None, None, :]  # [n, 1, t*tp, t*tp]
+        else:
+            raise ValueError(f"JAXVLM_MLLAMA_VISION_ATTENTION={vision_attention!r}: expected 'dense' or 'split'")
 
         def layer_fn(layer, x):
             return layer(x, mask), None
