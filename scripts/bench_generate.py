@@ -89,8 +89,8 @@ def trace_generate(model, cfg, batch: int, new: int, image: int, mesh, out_dir: 
     wall_ms = (time.perf_counter() - t0) * 1e3
     os.makedirs(out_dir, exist_ok=True)
     summary = torch_cupti_trace(run, new)
-    hlo = "\n".join(filter(None, [keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), out_dir, name)
-                                   for name in ("prefill", "decode_loop")]))
+    hlo = {name: text for name in ("prefill", "decode_loop")
+           if (text := keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), out_dir, name))}
     if hlo:
         summary["top_kernels_ms"] = name_kernels(summary["top_kernels_ms"], hlo)
     # Per new token: wall of an unprofiled call, GPU kernel time and the GPU's busy time (the prefill included).

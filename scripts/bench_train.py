@@ -225,16 +225,26 @@ def keep_hlo_dump(dump_dir: str, out_dir: str, name: str = "") -> str | None:
     return text
 
 
-def name_kernels(rows: list, hlo: str) -> list:
+def name_kernels(rows: list, hlo: str | dict) -> list:
     """Each [kernel, ms, count] row of XLA's own kernels (fusion `loop_add_fusion_2` is HLO instruction
-    `%loop_add_fusion.2`) with the instruction's shape and the jax op it came from."""
+    `%loop_add_fusion.2`) with the instruction's shape and the jax op it came from. `hlo`: one program's optimized
+    HLO, or {program name: its HLO} for a trace of several programs, whose fusion names overlap: a row then gets
+    "program: shape op" for every program that has an instruction of that name (the trace cannot tell which ran)."""
     import re
+    programs = hlo if isinstance(hlo, dict) else {"": hlo}
     found = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) [\w-]+\((.*)$", hlo, re.M):
-        op = re.search(r'op_name="([^"]*)"', m.group(3))
-        found[m.group(1)] = (m.group(2)[:60], op.group(1)[-100:] if op else "")
-    return [[*row, *found.get(re.sub(r"_(\d+)$", r".\1", row[0]), found.get(row[0], ()))] for row in rows]
-
+    for program, text in programs.items():
+        for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+) [\w-]+\((.*)$", text, re.M):
+            op = re.search(r'op_name="([^"]*)"', m.group(3))
+            found.setdefault(m.group(1), []).append((program, m.group(2)[:60], op.group(1)[-100:] if op else ""))
+    named = []
+    for row in rows:
+        hits = found.get(re.sub(r"_(\d+)$", r".\1", row[0]), found.get(row[0], []))
+        if not isinstance(hlo, dict):
+            named.append([*row, *hits[0][1:]] if hits else list(row))
+        else:
+            named.append([*row, *(f"{program}: {shape} {op}" for program, shape, op in hits)])
+    return named
 
 
 def synthetic_trainer(model, cfg, batch: int, text: int, image: int, mesh=None, loss_chunk: int = 512):
