@@ -442,6 +442,29 @@ def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alo
         engine.run()
 
 
+def test_engine_through_the_decode_kernel_gives_each_request_the_tokens_of_generate(loaded, decode_kernel_calls):
+    """The engine's step with its layers through the decode kernel (interpret mode): each row's own slot for the self
+    layers, the read-only form over the slot cache's image keys for the cross layers, which grows from none to two
+    images' worth, zero-padded rows read as absent. Requests with 0, 2 and 1 images get generate's tokens alone."""
+    from jaxvlm.engine import Engine
+    model, processor, _ = loaded
+    pad = processor.tokenizer.pad_token_id
+    images = [[], [random_image(30, 90, 2), random_image(40, 40, 3)], [random_image(56, 84)]]
+    single = [encode(processor, [chat(q, len(i))], [i] if i else None)
+              for q, i in zip(["hi there", "compare the two pictures", "describe it"], images)]
+    new = [5, 4, 6]
+    want = [list(model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, pad_token_id=pad)[0, -n:])
+            for inputs, n in zip(single, new)]
+    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad, steps=2)
+    requests = [engine.submit(max_new_tokens=n, **inputs) for n, inputs in zip(new, single)]
+    engine.run()
+    for i, (request, tokens) in enumerate(zip(requests, want)):
+        assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
+    cross = len(model.config.text.cross_attention_layers)
+    assert sorted(set(decode_kernel_calls.read)) == list(range(cross))
+    assert engine.cache.k_cross.shape[2] % CROSS_SLOTS == 0
+
+
 def test_greedy_through_the_decode_attention_kernel_equals_transformers(loaded, decode_kernel_calls):
     """Generation's step runs the layers unrolled in their order (cross and self), each self-attention layer's decode
     through the Pallas decode-attention kernel (interpret mode) and each cross-attention layer's through its
