@@ -466,14 +466,20 @@ def write_step(cache: jax.Array, new: jax.Array, index, lead: tuple = ()) -> jax
 decode_attention_kernel = os.environ.get("JAXVLM_DECODE_ATTENTION", "auto")
 
 
+def _decode_kernel_takes(q, k_cache, layer, mask) -> bool:
+    """Whether a step over entry `layer` of `k_cache` goes through the decode kernel: allowed by
+    `decode_attention_kernel`, one device (no `activation_layout` mesh), a step the kernel supports."""
+    return (kernel_on(decode_attention_kernel) and _layout["mesh"] is None
+            and decode_attention.supported(q, k_cache, layer, mask))
+
+
 def cached_attention(q, k, v, kv, index, layer, mask, scale: float | None = None):
     """A cached step's attention: `k, v [batch, t, kv_heads, head_dim]` written into the stacked cache `kv = (k, v)`
     (each `[layers, batch, slots, kv_heads, head_dim]`) at entry `layer`, slots `index`.. (see `write_step`), and `q
     [batch, t, heads, head_dim]` attending that entry's slots under `mask` (broadcastable to [batch, heads, t, slots]).
     Returns (out [batch, t, heads, head_dim], kv). A one-token step with a static layer goes through the Pallas kernel
     where `decode_attention_kernel` allows it (the writes and the attention in one kernel)."""
-    if (kernel_on(decode_attention_kernel) and _layout["mesh"] is None
-            and decode_attention.supported(q, kv[0], layer, mask)):
+    if _decode_kernel_takes(q, kv[0], layer, mask):
         out, kc, vc = decode_attention.decode_attention(q, k, v, kv[0], kv[1], int(layer), index, mask, scale=scale,
                                                         interpret=decode_attention_kernel == "interpret")
         return out, (kc, vc)
@@ -486,8 +492,7 @@ def cache_attention(q, kv, layer, mask, scale: float | None = None):
     cross-attention's image keys. A one-token step with a static layer reads the entry in place by the decode kernel
     (`decode_attention.attend`) where `decode_attention_kernel` allows it; else `attention` over the entry (on a GPU
     XLA lays that entry out again for its products: a copy of it every step)."""
-    if (kernel_on(decode_attention_kernel) and _layout["mesh"] is None
-            and decode_attention.supported(q, kv[0], layer, mask)):
+    if _decode_kernel_takes(q, kv[0], layer, mask):
         return decode_attention.attend(q, kv[0], kv[1], int(layer), mask, scale=scale,
                                        interpret=decode_attention_kernel == "interpret")
     return attention(q, kv[0][layer], kv[1][layer], mask, scale=scale)

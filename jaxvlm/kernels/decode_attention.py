@@ -59,14 +59,14 @@ def default_config(batch: int, kv_heads: int, slots: int) -> dict:
     """block_k (slots per loop step) and splits (ranges of slots per row and kv head): as many ranges as it takes to
     give every SM a program (one range when the rows and kv heads already do), each at least one loop step."""
     block_k = max(b for b in (16, 32, 64) if slots % b == 0)
-    return dict(block_k=block_k, splits=_ranges(slots // block_k, -(-_SMS // (batch * kv_heads))))
+    return dict(block_k=block_k, splits=_ranges(slots // block_k, -(-_SMS // (batch * kv_heads)))[0])
 
 
-def _ranges(chunks: int, splits: int) -> int:
-    """How many ranges of whole loop steps cover `chunks` steps when asked for `splits` (at most `chunks`): each
-    range but the last ceil(chunks / splits) steps, and no range empty."""
+def _ranges(chunks: int, splits: int) -> tuple[int, int]:
+    """(ranges, steps per range): the ranges of whole loop steps that cover `chunks` steps when asked for `splits`
+    (at most `chunks`), each but the last ceil(chunks / splits) steps long, none empty."""
     per = -(-chunks // max(1, min(splits, chunks)))
-    return -(-chunks // per)
+    return -(-chunks // per), per
 
 
 def _kernel(*refs, block_k: int, per: int, chunks: int, slots: int, scale: float, partial: bool, write: bool):
@@ -159,8 +159,7 @@ def _call(q, step, k_cache, v_cache, layer, mask, scale, block_k, splits, num_wa
     if slots % block_k or block_k & (block_k - 1):
         raise ValueError(f"decode_attention: block_k {block_k} (a power of 2) must divide the {slots} slots")
     chunks = slots // block_k
-    splits = _ranges(chunks, splits or cfg["splits"])
-    per = -(-chunks // splits)
+    splits, per = _ranges(chunks, splits or cfg["splits"])
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kc, vc = (k_cache, v_cache) if stacked else (k_cache[None], v_cache[None])
     lyr = layer if stacked else 0

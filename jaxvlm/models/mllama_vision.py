@@ -160,6 +160,11 @@ def vision_config_from_hf(v, where: str = "vision_config") -> MllamaVisionConfig
 # Host-side input preparation.
 
 
+def _padding_tokens(cfg: MllamaVisionConfig, tiles: int) -> np.ndarray:
+    """bool [tiles * padded_patches]: the tokens that pad each tile's `num_patches` up to `padded_patches`."""
+    return np.tile(np.arange(cfg.padded_patches) >= cfg.num_patches, tiles)
+
+
 def prepare_vision_inputs(cfg: MllamaVisionConfig, pixel_values, aspect_ratio_ids, aspect_ratio_mask
                           ) -> dict[str, np.ndarray]:
     """The arrays `MllamaVisionModel.__call__` takes, from what MllamaImageProcessor returns.
@@ -192,8 +197,7 @@ def prepare_vision_inputs(cfg: MllamaVisionConfig, pixel_values, aspect_ratio_id
     p, g = cfg.patch_size, cfg.patches_per_side
     patches = x.reshape(b, m, t, c, g, p, g, p).transpose(0, 1, 2, 4, 6, 3, 5, 7)
     patches = np.ascontiguousarray(patches.reshape(b, m, t, g * g, c * p * p))
-    real_token = np.arange(cfg.padded_patches) < cfg.num_patches  # [padded_patches]
-    token_valid = (mask.astype(bool)[..., None] & real_token).reshape(b, m, t * cfg.padded_patches)
+    token_valid = (mask.astype(bool)[..., None] & ~_padding_tokens(cfg, 1)).reshape(b, m, t * cfg.padded_patches)
     return {"patches": patches, "aspect_ratio_ids": ids.astype(np.int32), "token_valid": token_valid}
 
 
@@ -261,7 +265,7 @@ class SplitMask(NamedTuple):
 def split_mask(cfg: MllamaVisionConfig, valid: jax.Array) -> SplitMask:
     """The SplitMask of `valid` [images, tiles * padded_patches] (`prepare_vision_inputs`' token_valid)."""
     n, tokens = valid.shape
-    padding = np.tile(np.arange(cfg.padded_patches) >= cfg.num_patches, tokens // cfg.padded_patches)
+    padding = _padding_tokens(cfg, tokens // cfg.padded_patches)
     order = jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32)  # real tokens first, in their order
     rows = order + (jnp.arange(n, dtype=jnp.int32) * tokens)[:, None]
     inverse = jnp.zeros(n * tokens, jnp.int32).at[rows.reshape(-1)].set(jnp.arange(n * tokens, dtype=jnp.int32))
