@@ -11,7 +11,9 @@ LlavaConfig, else Qwen-VL's):
             text tokens; token_type_ids 1 exactly at the image tokens.
   mllama    one 1120 x 1120 picture as 2 x 2 tiles of 560 (aspect ratio id 6, every tile real: 4 x 1601 vision
             tokens), "<|image|>" then the text tokens, every text token seeing the image's tiles (cross_attention_mask
-            all ones).
+            all ones). JAXVLM_BENCH_MLLAMA_TILES (default "4") gives the tile counts of the samples in turn, e.g.
+            "4,2": every second sample a 560 x 1120 picture, 1 x 2 tiles (aspect ratio id 2), its other two tiles off
+            as a processor pads them (a batch of real pictures' mixed aspect ratios).
   llava     one picture, then the text tokens, as the checkpoints' processors lay it out: LLaVA 1.5 (CLIP tower)
             a picture of the tower's size (336: 24 x 24 patches) as 576 "<image>" tokens (the tower's class token
             dropped, "default"); Pixtral-12B (`llava` with a Pixtral tower) a 448 x 448 picture (28 x 28 patches
@@ -469,13 +471,20 @@ def _mllama_raw_batch(cfg, batch, text, image) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.text.vocab_size - 256, (batch, 1 + text))  # below the special tokens
     ids[:, 0] = cfg.image_token_id
-    n, ratio_id = 4, 6  # 2 x 2 tiles: (2, 2) is the 6th of transformers' default supported_aspect_ratios for 4 tiles
+    # The tile layouts by count: their ids in transformers' default supported_aspect_ratios for 4 tiles, (1, 1),
+    # (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), ... numbered from 1.
+    ratio_ids = {1: 1, 2: 2, 3: 3, 4: 6}
+    counts = [int(c) for c in os.environ.get("JAXVLM_BENCH_MLLAMA_TILES", "4").split(",")]
+    if any(c not in ratio_ids or c > v.max_num_tiles for c in counts):
+        raise ValueError(f"JAXVLM_BENCH_MLLAMA_TILES={counts}: tile counts in 1..{min(4, v.max_num_tiles)} expected")
+    counts = [counts[i % len(counts)] for i in range(batch)]
     pix = np.zeros((batch, 1, v.max_num_tiles, v.num_channels, image, image), np.float32)
-    pix[:, :, :n] = rng.standard_normal((batch, 1, n, v.num_channels, image, image))
     tiles = np.zeros((batch, 1, v.max_num_tiles), np.int64)
-    tiles[..., :n] = 1
+    for i, n in enumerate(counts):
+        pix[i, :, :n] = rng.standard_normal((1, n, v.num_channels, image, image))
+        tiles[i, :, :n] = 1
     return dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix,
-                aspect_ratio_ids=np.full((batch, 1), ratio_id, np.int64), aspect_ratio_mask=tiles,
+                aspect_ratio_ids=np.array([[ratio_ids[n]] for n in counts], np.int64), aspect_ratio_mask=tiles,
                 cross_attention_mask=np.broadcast_to(tiles[:, None], (batch, ids.shape[1], 1, v.max_num_tiles)).copy())
 
 
