@@ -410,9 +410,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Causal
     mask: bool, broadcastable to [batch, heads, q_len, kv_len] (True = attend), or a CausalBlockMask (self-attention,
     q_len = kv_len; the Pallas kernel on a GPU builds it tile by tile); causal: query i also
     attends only keys j <= i; lengths [batch]: only the first lengths[b] queries and keys of row b are
-    real (the outputs of the other queries are unspecified); key_lengths [batch]: the keys' own count, when it is
-    not the queries' (`lengths` then counts the queries; None: all of them); scale: of the logits (None:
-    1/sqrt(head_dim)).
+    real (the outputs of the other queries are unspecified: zeros off cuDNN); key_lengths [batch]: the keys' own
+    count, when it is not the queries' (`lengths` then counts the queries; None: all of them); scale: of the logits
+    (None: 1/sqrt(head_dim)).
     Returns [batch, q_len, heads, head_dim];
     logits and softmax in fp32. On a GPU this is cuDNN's flash attention (no [q_len, kv_len] scores in
     memory); elsewhere XLA's.
@@ -434,7 +434,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Causal
         key_ok = jnp.arange(k.shape[1])[None, :] < key_lengths[:, None]
         key_ok = key_ok[:, None, None, :]
         mask = key_ok if mask is None else mask & key_ok
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale, implementation="xla")
+    if lengths is None:
+        return out
+    # The queries past `lengths` as zeros here, so that a caller reading them is seen off the GPU too.
+    return jnp.where((jnp.arange(q.shape[1])[None, :] < lengths[:, None])[:, :, None, None], out, 0).astype(out.dtype)
 
 
 def query_slots(t: int, index) -> jax.Array:

@@ -253,45 +253,59 @@ class SplitMask(NamedTuple):
     """transformers' encoder mask as `split_attention` applies it. `valid` bool [images, tokens]: the real tokens
     (not padding, in a tile that is on); `real` int32 [images]: their count; `order`, `inverse` int32 [images, tokens]
     and [images * tokens]: each image's tokens with the real ones first (flat row indices, and where each row went:
-    `gather_rows`' arguments); `all_on` bool []: every tile of every image is on (the masked tokens are then the
-    tiles' padding tokens alone, at the positions `pads` (NumPy, static), the others at `kept`)."""
+    `gather_rows`' arguments); `masked_order`, `masked_inverse`: the same with the masked ones first; `all_on` bool
+    []: every tile of every image is on (the masked tokens are then the tiles' padding tokens alone, at the positions
+    `pads` (NumPy, static), the others at `kept`)."""
     valid: jax.Array
     real: jax.Array
     order: jax.Array
     inverse: jax.Array
+    masked_order: jax.Array
+    masked_inverse: jax.Array
     all_on: jax.Array
     pads: np.ndarray
     kept: np.ndarray
 
 
+def _rows_first(first: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(flat row indices [n, t], where each row went [n * t]) of each image's tokens with those where `first` [n, t]
+    holds first, each group in its order."""
+    n, t = first.shape
+    rows = jnp.argsort(~first, axis=1, stable=True).astype(jnp.int32) + (jnp.arange(n, dtype=jnp.int32) * t)[:, None]
+    return rows, jnp.zeros(n * t, jnp.int32).at[rows.reshape(-1)].set(jnp.arange(n * t, dtype=jnp.int32))
+
+
 def split_mask(cfg: MllamaVisionConfig, valid: jax.Array) -> SplitMask:
     """The SplitMask of `valid` [images, tiles * padded_patches] (`prepare_vision_inputs`' token_valid)."""
-    n, tokens = valid.shape
-    padding = _padding_tokens(cfg, tokens // cfg.padded_patches)
-    order = jnp.argsort(~valid, axis=1, stable=True).astype(jnp.int32)  # real tokens first, in their order
-    rows = order + (jnp.arange(n, dtype=jnp.int32) * tokens)[:, None]
-    inverse = jnp.zeros(n * tokens, jnp.int32).at[rows.reshape(-1)].set(jnp.arange(n * tokens, dtype=jnp.int32))
-    return SplitMask(valid, valid.sum(axis=1).astype(jnp.int32), rows, inverse, jnp.all(valid | padding),
-                     np.flatnonzero(padding), np.flatnonzero(~padding))
+    padding = _padding_tokens(cfg, valid.shape[1] // cfg.padded_patches)
+    return SplitMask(valid, valid.sum(axis=1).astype(jnp.int32), *_rows_first(valid), *_rows_first(~valid),
+                     jnp.all(valid | padding), np.flatnonzero(padding), np.flatnonzero(~padding))
 
 
 def split_attention(q, k, v, m: SplitMask) -> jax.Array:
-    """transformers' masked encoder attention without a [tokens, tokens] mask: every query over every key (what a
-    real query attends), then the masked queries again over the real keys only. When every tile is on, those are
-    the tiles' padding tokens, over the other tokens (static positions); otherwise every query is formed again over
-    the image's real keys (gathered to the front, `key_lengths` the count) and kept where its token is masked."""
-    out = attention(q, k, v)
+    """transformers' masked encoder attention without a [tokens, tokens] mask: a real query attends every key, a
+    masked one (padding, or in a tile that is off) the real keys only. When every tile is on, the masked queries
+    are the tiles' padding tokens (static positions): every query over every key, then those again over the other
+    tokens. Otherwise each image's real queries are gathered to the front and attend every key, its masked queries
+    are gathered to the front and attend its real keys (gathered to the front too), both with the counts as
+    `attention`'s lengths (cuDNN skips the blocks past them), and the rows are gathered back."""
 
-    def padding_only(out):
+    def padding_only():
+        out = attention(q, k, v)
         return out.at[:, m.pads].set(attention(q[:, m.pads], k[:, m.kept], v[:, m.kept]))
 
-    def with_off_tiles(out):
+    def with_off_tiles():
         n, t = k.shape[:2]
-        kr, vr = (gather_rows(x.reshape(n * t, *x.shape[2:]), m.order, m.inverse) for x in (k, v))
-        again = attention(q, kr, vr, key_lengths=m.real)
-        return jnp.where(m.valid[:, :, None, None], out, again)
+        flat = lambda x: x.reshape(n * t, *x.shape[2:])  # noqa: E731
+        real_first = [gather_rows(flat(x), m.order, m.inverse) for x in (q, k, v)]
+        real = attention(real_first[0], k, v, lengths=m.real, key_lengths=jnp.full_like(m.real, t))
+        masked = attention(gather_rows(flat(q), m.masked_order, m.masked_inverse), *real_first[1:],
+                           lengths=t - m.real, key_lengths=m.real)
+        back = [gather_rows(flat(x), index.reshape(n, t), rows.reshape(-1))
+                for x, index, rows in ((real, m.inverse, m.order), (masked, m.masked_inverse, m.masked_order))]
+        return jnp.where(m.valid[:, :, None, None], *back)
 
-    return jax.lax.cond(m.all_on, padding_only, with_off_tiles, out)
+    return jax.lax.cond(m.all_on, padding_only, with_off_tiles)
 
 
 class SelfAttention(nnx.Module):
