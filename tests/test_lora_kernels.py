@@ -13,13 +13,15 @@ def _rand(key, shape, dtype=jnp.float32):
     return jax.random.normal(jax.random.key(key), shape, dtype)
 
 
+@pytest.mark.parametrize("kr", [False, True])
 @pytest.mark.parametrize("m, k, r, splits", [(200, 96, 16, 3), (64, 48, 8, 1), (130, 32, 40, 2)])
-def test_narrow_equals_the_dot(m, k, r, splits):
-    # Ragged rows (200, 130: not a multiple of the 64-row block) and ranks padded to the kernel's width (8, 40).
-    x, a = _rand(0, (2, m // 2, k)), _rand(1, (r, k))
-    ours = lora_matmul.narrow(x, a, block_m=64, block_k=16, splits=splits, interpret=True)
-    assert ours.shape == (2, m // 2, r)
-    np.testing.assert_allclose(ours, jnp.einsum("bmk,rk->bmr", x, a), rtol=1e-5, atol=1e-5)
+def test_narrow_equals_the_dot(m, k, r, splits, kr):
+    # Ragged rows (200, 130: not a multiple of the 64-row block) and ranks padded to the kernel's width (8, 40); the
+    # narrow operand as [r, K] or, kr, as [K, r] (B in the backward), in bfloat16 (cast to x's dtype in the kernel).
+    x, a = _rand(0, (2, m // 2, k)), _rand(1, (r, k)).astype(jnp.bfloat16)
+    ours = lora_matmul.narrow(x, a.T if kr else a, kr=kr, block_m=64, block_k=16, splits=splits, interpret=True)
+    assert ours.shape == (2, m // 2, r) and ours.dtype == x.dtype
+    np.testing.assert_allclose(ours, jnp.einsum("bmk,rk->bmr", x, a.astype(x.dtype)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("m, p, r, splits", [(200, 96, 16, None), (70, 32, 8, 3), (129, 48, 40, 2)])
@@ -33,6 +35,8 @@ def test_tall_equals_the_dot(m, p, r, splits):
 def test_unsupported_shapes_are_refused():
     with pytest.raises(ValueError, match="narrow"):
         lora_matmul.narrow(jnp.zeros((8, 20)), jnp.zeros((4, 20)), interpret=True)
+    with pytest.raises(ValueError, match="narrow"):  # [K, r] given without kr
+        lora_matmul.narrow(jnp.zeros((8, 32)), jnp.zeros((32, 4)), interpret=True)
     with pytest.raises(ValueError, match="tall"):
         lora_matmul.tall(jnp.zeros((8, 16)), jnp.zeros((7, 4)), interpret=True)
 
@@ -60,6 +64,21 @@ def test_lora_linear_with_the_kernels_equals_xla(monkeypatch, in_f, out_f):
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
     for o, e in zip(ours[1], want[1]):
         np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-3)
+
+
+def test_the_backward_reads_b_in_place_and_ties_da_to_dx(monkeypatch):
+    """The two placements that set the 2B step's peak on an H200 (docs/BENCHMARKS.md, "Where the LoRA kernels' peak
+    memory went"): B [out, r] goes to `narrow` as it is (a transposed B became a float32 copy of the whole stacked B,
+    hoisted out of the layer loop and live through the backward), and dA is tied to dx by an optimization barrier
+    (so x, its last read, dies before dx's users run)."""
+    x, w, a, b = _rand(4, (3, 70, 96)), _rand(5, (32, 96)), _rand(6, (16, 96)), _rand(7, (32, 16))
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "interpret")
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(LoRA(base=w, lora_A=a, lora_B=b, scale=2.0).linear(x)),
+                                    argnums=(0, 1)))(a, b).jaxpr
+    transposed = [e.invars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "transpose"]
+    assert b.shape not in transposed, transposed
+    barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 1 and [v.aval.shape for v in barriers[0].invars] == [x.shape, a.shape]
 
 
 def test_auto_keeps_xla_off_a_gpu(monkeypatch):

@@ -8,7 +8,9 @@ XLA forms them as Triton GEMMs that run at a fifth of the HBM's bandwidth (an H2
 step: 26 us for an x of 21 MB) and, contracting over M = 8 x 514 tokens, pads the wide operand to a multiple of 32
 or 64 rows first (a copy of it). Two kernels read the wide operand in place, masking the ragged rows:
 
-- `narrow(x, a)`: x [M, K] @ a[r, K]^T -> [M, r]; programs over (row blocks, ranges of K).
+- `narrow(x, a)`: x [M, K] @ a[r, K]^T -> [M, r] (or @ a [K, r] with `kr=True`: B read in its own layout, where
+  a transposed operand made XLA hoist a transposed float32 copy of the whole stacked B out of the layer loop, live
+  through the backward); programs over (row blocks, ranges of K).
 - `tall(u, v)`: u [M, P]^T @ v [M, r] -> [P, r] float32; programs over (P tiles, ranges of M).
 
 Both write float32 partial sums per range, which XLA adds.
@@ -84,13 +86,15 @@ def _block(n: int, sizes=(128, 64, 32, 16)) -> int | None:
     return next((s for s in sizes if n % s == 0), None)
 
 
-def narrow_supported(x: jax.Array, a: jax.Array) -> bool:
-    """Whether `narrow` takes x [..., K] @ a[r, K]^T: K a multiple of 16, r at most 128."""
-    return x.ndim >= 2 and a.ndim == 2 and x.shape[-1] == a.shape[1] and _block(a.shape[1]) is not None \
-        and a.shape[0] <= 128
+def narrow_supported(x: jax.Array, a: jax.Array, kr: bool = False) -> bool:
+    """Whether `narrow` takes x [..., K] @ a[r, K]^T (a [K, r] with `kr`): K a multiple of 16, r at most 128."""
+    if x.ndim < 2 or a.ndim != 2:
+        return False
+    k, r = a.shape if kr else a.shape[::-1]
+    return x.shape[-1] == k and _block(k) is not None and r <= 128
 
 
-def _narrow_kernel(x_ref, a_ref, o_ref, *, m: int, block_m: int, block_k: int, steps: int):
+def _narrow_kernel(x_ref, a_ref, o_ref, *, m: int, block_m: int, block_k: int, steps: int, kr: bool):
     i, s = pl.program_id(0), pl.program_id(1)
     rows = i * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
     inside = rows < m
@@ -99,10 +103,11 @@ def _narrow_kernel(x_ref, a_ref, o_ref, *, m: int, block_m: int, block_k: int, s
         k0 = (s * steps + t) * block_k
         xb = plt.load(x_ref.at[pl.ds(i * block_m, block_m), pl.ds(k0, block_k)],
                       mask=jnp.broadcast_to(inside, (block_m, block_k)), other=0)
-        ab = a_ref[:, pl.ds(k0, block_k)]
-        return acc + plt.dot(xb, ab, trans_b=True)
+        if kr:
+            return acc + plt.dot(xb, a_ref[pl.ds(k0, block_k), :].astype(xb.dtype))
+        return acc + plt.dot(xb, a_ref[:, pl.ds(k0, block_k)].astype(xb.dtype), trans_b=True)
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, a_ref.shape[0]), jnp.float32))
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, o_ref.shape[-1]), jnp.float32))
     plt.store(o_ref.at[pl.ds(i * block_m, block_m), :], acc, mask=jnp.broadcast_to(inside, acc.shape))
 
 
@@ -115,19 +120,21 @@ def _narrow_config(m: int, k: int) -> dict:
     return dict(block_m=block_m, block_k=block_k, splits=splits)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_k", "splits", "num_warps", "num_stages", "interpret"))
-def narrow(x: jax.Array, a: jax.Array, *, block_m: int | None = None, block_k: int | None = None,
+@functools.partial(jax.jit, static_argnames=("kr", "block_m", "block_k", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def narrow(x: jax.Array, a: jax.Array, *, kr: bool = False, block_m: int | None = None, block_k: int | None = None,
            splits: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
-    """x [..., K] @ a[r, K]^T -> [..., r] in x's dtype (float32 sums), reading x once: programs over (blocks of
-    block_m rows, `splits` ranges of K), their partial sums added by XLA (see the module's doc)."""
-    if not narrow_supported(x, a):
-        raise ValueError(f"narrow: x {x.shape} @ a {a.shape}.T is not a supported product (K a multiple of 16, "
-                         f"r <= 128)")
-    lead, k, r = x.shape[:-1], x.shape[-1], a.shape[0]
+    """x [..., K] @ a[r, K]^T (`kr`: @ a [K, r]) -> [..., r] in x's dtype (float32 sums), reading x once: programs
+    over (blocks of block_m rows, `splits` ranges of K), their partial sums added by XLA (see the module's doc). `a`
+    is read in its own dtype and cast to x's in the kernel."""
+    if not narrow_supported(x, a, kr):
+        raise ValueError(f"narrow: x {x.shape} @ a {a.shape}{'' if kr else '.T'} is not a supported product (K a "
+                         f"multiple of 16, r <= 128)")
+    lead, k, r = x.shape[:-1], x.shape[-1], a.shape[1 if kr else 0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     rp = _rank_pad(r)
-    ap = jnp.pad(a.astype(x.dtype), ((0, rp - r), (0, 0)))
+    ap = jnp.pad(a, ((0, 0), (0, rp - r)) if kr else ((0, rp - r), (0, 0)))
     cfg = _narrow_config(m, k)
     block_m, block_k = block_m or cfg["block_m"], block_k or cfg["block_k"]
     splits = splits or (cfg["splits"] if block_k == cfg["block_k"] else 1)
@@ -136,7 +143,8 @@ def narrow(x: jax.Array, a: jax.Array, *, block_m: int | None = None, block_k: i
     whole = lambda s: pl.BlockSpec(s, lambda i, j: (0,) * len(s))  # noqa: E731
     extra = {} if interpret else dict(compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     partial = pl.pallas_call(
-        functools.partial(_narrow_kernel, m=m, block_m=block_m, block_k=block_k, steps=k // (block_k * splits)),
+        functools.partial(_narrow_kernel, m=m, block_m=block_m, block_k=block_k, steps=k // (block_k * splits),
+                          kr=kr),
         out_shape=jax.ShapeDtypeStruct((splits, m, rp), jnp.float32),
         grid=(pl.cdiv(m, block_m), splits),
         in_specs=[whole(x2.shape), whole(ap.shape)],
@@ -206,11 +214,11 @@ def _interpret() -> bool:
     return lora_kernel == "interpret"
 
 
-def _narrow_or_dot(x: jax.Array, a: jax.Array) -> jax.Array:
-    """x [..., K] @ a [r, K]^T -> [..., r] in x's dtype: the kernel where it is on and takes the shapes."""
-    if narrow_supported(x, a):
-        return narrow(x, a, interpret=_interpret())
-    return jax.lax.dot_general(x, a.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+def _narrow_or_dot(x: jax.Array, a: jax.Array, kr: bool = False) -> jax.Array:
+    """x [..., K] @ a [r, K]^T (`kr`: @ a [K, r]) -> [..., r] in x's dtype: the kernel where it takes the shapes."""
+    if narrow_supported(x, a, kr):
+        return narrow(x, a, kr=kr, interpret=_interpret())
+    return jax.lax.dot_general(x, a.astype(x.dtype), (((x.ndim - 1,), (0 if kr else 1,)), ((), ())))
 
 
 def _tall_or_dot(u: jax.Array, v: jax.Array) -> jax.Array:
@@ -235,7 +243,12 @@ def _lora_in_fwd(x, a):
 def _lora_in_bwd(res, dxa):
     x, a = res
     dx = jax.lax.dot_general(dxa, a.astype(dxa.dtype), (((dxa.ndim - 1,), (0,)), ((), ())))
-    return dx.astype(x.dtype), _tall_or_dot(x, dxa).T.astype(a.dtype)
+    # dA is x's last read: tied to dx, it runs before dx's users, and x dies there. Left free, XLA ran it late in the
+    # layer's backward, keeping x alive across the SiLU backward (the down projection's input, [tokens, 8960]): the
+    # peak of the Qwen2-VL-2B batch-8 step (H200 buffer assignment; docs/BENCHMARKS.md, "Where the LoRA kernels'
+    # peak memory went").
+    dx, da = jax.lax.optimization_barrier((dx, _tall_or_dot(x, dxa).T))
+    return dx.astype(x.dtype), da.astype(a.dtype)
 
 
 lora_in.defvjp(_lora_in_fwd, _lora_in_bwd)
@@ -254,7 +267,7 @@ def _lora_out_fwd(xa, b):
 
 def _lora_out_bwd(res, g):
     xa, b = res
-    dxa = _narrow_or_dot(g, b.astype(g.dtype).T)
+    dxa = _narrow_or_dot(g, b, kr=True)
     return dxa.astype(xa.dtype), _tall_or_dot(g, xa).astype(b.dtype)
 
 
