@@ -288,7 +288,8 @@ def split_attention(q, k, v, m: SplitMask) -> jax.Array:
     are the tiles' padding tokens (static positions): every query over every key, then those again over the other
     tokens. Otherwise each image's real queries are gathered to the front and attend every key, its masked queries
     are gathered to the front and attend its real keys (gathered to the front too), both with the counts as
-    `attention`'s lengths (cuDNN skips the blocks past them), and the rows are gathered back."""
+    `attention`'s lengths (cuDNN's sequence lengths: about real x all + masked x real query-key pairs rather than
+    twice all x all, if cuDNN skips the blocks past them; not measured yet), and the rows are gathered back."""
 
     def padding_only():
         out = attention(q, k, v)
