@@ -62,9 +62,9 @@ def tiny(request, tmp_path_factory):
 @pytest.fixture
 def decode_kernel_calls(monkeypatch):
     """The decode-attention kernel on (Pallas' interpreter) for one test; yields the list of the layers it was called
-    for (and as its `slots`, the slots of the cache of each call; as `read`, the layers of its read-only calls). The setting is read at trace time, so the jit
-    caches are cleared on the way in (a program traced with the kernel off would be reused) and on the way out (and
-    one traced with it on)."""
+    for (and as its `slots`, the slots of the cache of each call; as `read`, the layers of its read-only calls). The
+    setting is read at trace time, so the jit caches are cleared on the way in (a program traced with the kernel off
+    would be reused) and on the way out (and one traced with it on)."""
     import jax
 
     from jaxvlm import layers

@@ -406,6 +406,24 @@ def test_train_export_and_generate_clis(tiny, tmp_path, capsys):
     check_train_generate_export(tiny[0], FAMILY, tmp_path, capsys)
 
 
+def engine_matches_generate_alone(model, processor, images, questions, new, steps):
+    """Requests (one per question, with its images; `new` tokens each) through an engine of 2 slots starting without
+    image keys and values: each gets the greedy tokens `generate` gives it alone. Returns (engine, the requests'
+    processor outputs)."""
+    from jaxvlm.engine import Engine
+    pad = processor.tokenizer.pad_token_id
+    single = [encode(processor, [chat(q, len(i))], [i] if i else None) for q, i in zip(questions, images)]
+    want = [list(model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, pad_token_id=pad)[0, -n:])
+            for inputs, n in zip(single, new)]
+    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad, steps=steps)
+    assert engine.cache.k_cross.shape[2] == 0
+    requests = [engine.submit(max_new_tokens=n, **inputs) for n, inputs in zip(new, single)]
+    engine.run()
+    for i, (request, tokens) in enumerate(zip(requests, want)):
+        assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
+    return engine, single
+
+
 def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alone(loaded, monkeypatch):
     """Requests with no image, one and two images through the engine (2 slots, refilled mid-run): each gets the greedy
     tokens `generate` gives it alone. The slot cache starts without image keys and values, grows at the first image
@@ -422,16 +440,7 @@ def test_engine_gives_image_and_text_requests_the_tokens_generate_gives_each_alo
     images = [[], [random_image(56, 84)], [random_image(30, 90, 2), random_image(40, 40, 3)], [],
               [random_image(40, 40, 4)]]
     questions = ["what is this", "describe the image", "compare the two pictures please", "hi", "count"]
-    single = [encode(processor, [chat(q, len(i))], [i] if i else None) for q, i in zip(questions, images)]
-    new = [6, 9, 5, 8, 7]
-    want = [list(model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, pad_token_id=pad)[0, -n:])
-            for inputs, n in zip(single, new)]
-    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad, steps=3)
-    assert engine.cache.k_cross.shape[2] == 0
-    requests = [engine.submit(max_new_tokens=n, **inputs) for n, inputs in zip(new, single)]
-    engine.run()
-    for i, (request, tokens) in enumerate(zip(requests, want)):
-        assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
+    engine, single = engine_matches_generate_alone(model, processor, images, questions, [6, 9, 5, 8, 7], steps=3)
     one_image = model.prepare_inputs(**single[1])["cross_tiles"].shape[2:]  # (images, tiles) of a one-image prompt
     two_images = 2 * np.prod(one_image) * model.config.vision.num_patches  # the cache's slots: those, padded
     assert engine.cache.k_cross.shape[2] == -(-two_images // CROSS_SLOTS) * CROSS_SLOTS
@@ -446,20 +455,10 @@ def test_engine_through_the_decode_kernel_gives_each_request_the_tokens_of_gener
     """The engine's step with its layers through the decode kernel (interpret mode): each row's own slot for the self
     layers, the read-only form over the slot cache's image keys for the cross layers, which grows from none to two
     images' worth, zero-padded rows read as absent. Requests with 0, 2 and 1 images get generate's tokens alone."""
-    from jaxvlm.engine import Engine
     model, processor, _ = loaded
-    pad = processor.tokenizer.pad_token_id
     images = [[], [random_image(30, 90, 2), random_image(40, 40, 3)], [random_image(56, 84)]]
-    single = [encode(processor, [chat(q, len(i))], [i] if i else None)
-              for q, i in zip(["hi there", "compare the two pictures", "describe it"], images)]
-    new = [5, 4, 6]
-    want = [list(model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, pad_token_id=pad)[0, -n:])
-            for inputs, n in zip(single, new)]
-    engine = Engine(model, max_num_seqs=2, max_length=256, eos_token_id=-1, pad_token_id=pad, steps=2)
-    requests = [engine.submit(max_new_tokens=n, **inputs) for n, inputs in zip(new, single)]
-    engine.run()
-    for i, (request, tokens) in enumerate(zip(requests, want)):
-        assert request.token_ids == [int(t) for t in tokens], f"request {i} ({len(images[i])} images)"
+    engine, _ = engine_matches_generate_alone(model, processor, images, ["hi there", "compare the two pictures",
+                                                                         "describe it"], [5, 4, 6], steps=2)
     cross = len(model.config.text.cross_attention_layers)
     assert sorted(set(decode_kernel_calls.read)) == list(range(cross))
     assert engine.cache.k_cross.shape[2] % CROSS_SLOTS == 0
