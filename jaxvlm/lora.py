@@ -26,9 +26,6 @@ from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
 from jaxvlm.targets import get_peft_regex, moe_target_parameters, select_modules, select_parameters
 
 
-SKINNY_MIN_ROWS = 64
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA:
@@ -65,7 +62,7 @@ class LoRA:
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
         rows = math.prod(x.shape[:-1])
         # Many rows (training, prefill) with JAXVLM_LORA_KERNEL on: the adapter's skinny products by the Pallas kernels.
-        skinny = lora_matmul.kernels_on() and rows >= SKINNY_MIN_ROWS
+        skinny = lora_matmul.kernels_for(rows)
         a = self.lora_A.astype(x.dtype)
         xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
         b = self.lora_B.astype(x.dtype)

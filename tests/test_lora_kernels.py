@@ -87,3 +87,19 @@ def test_auto_keeps_xla_off_a_gpu(monkeypatch):
     assert lora_matmul.kernels_on() == (jax.default_backend() == "gpu" and jax.device_count() == 1)
     monkeypatch.setattr(lora_matmul, "lora_kernel", "off")
     assert not lora_matmul.kernels_on()
+
+
+def test_the_kernels_take_ragged_token_counts_only(monkeypatch):
+    """A multiple of 64 tokens, which XLA's GEMMs take without padding, stays with XLA: on an H200 the kernels were
+    no faster there and cost Gemma 3's step 2.5% (docs/BENCHMARKS.md, "LoRA kernels per family")."""
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "interpret")
+    assert [lora_matmul.kernels_for(n) for n in (40, 4096, 4112, 4128, 32768)] == [False, False, True, True, False]
+    calls = []
+    narrow = lora_matmul.narrow
+    monkeypatch.setattr(lora_matmul, "narrow", lambda *args, **kw: calls.append(args[0].shape) or narrow(*args, **kw))
+    w, a, b = _rand(5, (32, 96)), _rand(6, (16, 96)), _rand(7, (32, 16))
+    for rows in (128, 130):
+        LoRA(base=w, lora_A=a, lora_B=b, scale=2.0).linear(_rand(4, (2, rows // 2, 96)))
+    assert calls == [(2, 65, 96)], calls  # x A^T of the 130 rows alone
+    monkeypatch.setattr(lora_matmul, "lora_kernel", "off")
+    assert not lora_matmul.kernels_for(4112)

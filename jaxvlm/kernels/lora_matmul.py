@@ -18,7 +18,8 @@ Both write float32 partial sums per range, which XLA adds.
 `lora_in` and `lora_out` are x A^T and xa B^T with backward passes made of those two (and of XLA's dots where the
 output is wide). JAXVLM_LORA_KERNEL (read at trace time): "auto" (the default: the kernels on a process with one GPU;
 under a device mesh a Pallas call has no sharding rule and XLA would gather its operands, so XLA's dots there), "on"
-(the kernels on a GPU), "interpret" (Pallas' interpreter on any backend: the tests), "off" (XLA's dots).
+(the kernels on a GPU), "interpret" (Pallas' interpreter on any backend: the tests), "off" (XLA's dots). Where the
+setting allows them, `kernels_for` takes them for ragged token counts only.
 
 Measured on an H200 (Qwen2-VL-2B geometry, LoRA r=16 on every Linear, batch 8; docs/BENCHMARKS.md, "Training step:
 inputs one micro-batch ahead, LoRA's skinny products in Pallas"):
@@ -45,6 +46,13 @@ def kernels_on() -> bool:
     return kernel_on(lora_kernel)
 
 
+def kernels_for(rows: int) -> bool:
+    """Whether the adapter's skinny products over `rows` tokens go through the kernels: allowed (`kernels_on`), at
+    least 64 rows, and a count that is not a multiple of 64 (XLA's GEMMs pad those first; where it pads nothing the
+    kernels measured no faster on an H200: docs/BENCHMARKS.md, "LoRA kernels per family")."""
+    return kernels_on() and rows >= 64 and rows % 64 != 0
+
+
 @jax.custom_vjp
 def concat_linear(x: jax.Array, xa: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """x @ w.T + xa @ b.T as one matmul, [x | xa] @ [w | b].T (K = in + r): the base product and the
@@ -66,7 +74,10 @@ def _concat_linear_bwd(res, g):
     gc = jax.lax.dot_general(g, jnp.concatenate([w, b], axis=-1), (((g.ndim - 1,), (0,)), ((), ())))
     lead = tuple(range(g.ndim - 1))
     dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
-    db = _tall_or_dot(g, xa).astype(b.dtype) if kernels_on() else jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))
+    if kernels_for(xa.size // xa.shape[-1]):
+        db = _tall_or_dot(g, xa).astype(b.dtype)
+    else:
+        db = jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))
     return gc[..., :n], gc[..., n:], dw, db
 
 
