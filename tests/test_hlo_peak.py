@@ -1,0 +1,54 @@
+"""scripts/hlo_peak.py against a program whose peak is known: a scan that keeps each step's f32[1024, 1024] for the
+backward. Its replay of XLA's heap simulation must give the temp bytes XLA reports and name the buffers."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts import hlo_peak
+from tests.conftest import REPO
+
+PROGRAM = """
+import jax, jax.numpy as jnp
+def peaky(x, ws):
+    def body(c, w):
+        h = jnp.exp(c[:, None] * w[None, :])  # f32[1024, 1024], saved per step for the backward
+        return jnp.tanh(h @ c) + (h * h).sum(axis=1), None
+    return jax.lax.scan(body, x, ws)[0].sum()
+compiled = jax.jit(jax.grad(peaky)).lower(jnp.ones(1024), jnp.ones((3, 1024))).compile()
+print(compiled.memory_analysis().temp_size_in_bytes)
+"""
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dump")
+    flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={out} --xla_dump_hlo_as_proto "
+             "--xla_dump_hlo_module_re=.*peaky.*")
+    result = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, int(result.stdout.split()[-1])
+
+
+def test_the_replayed_peak_is_xlas_temp_size_and_names_its_buffers(dump, tmp_path):
+    out, temp_bytes = dump
+    reports = hlo_peak.main([str(out), "--module", "peaky", "--top", "5", "--json", str(tmp_path / "peak.json")])
+    assert len(reports) == 1 and (tmp_path / "peak.json").exists()
+    report = reports[0]
+    # XLA's temp allocation is the simulated peak rounded up to its alignment.
+    assert temp_bytes - 1024 <= report["peak_bytes"] <= temp_bytes, (report["peak_bytes"], temp_bytes)
+    top = report["top"]
+    assert top[0]["shape"] == "f32[3,1024,1024]" and top[0]["bytes"] == 3 * 2 ** 22  # the scan's saved h
+    assert any(b["shape"] == "f32[1024,1024]" and b["op_name"].endswith("/exp") for b in top), top
+
+
+def test_a_proto_without_a_buffer_assignment_is_refused(dump):
+    before = glob.glob(os.path.join(dump[0], "*peaky.before_optimizations.hlo.pb"))
+    assert before
+    with pytest.raises(ValueError, match="before_optimizations.hlo.pb: not an HloProto with a buffer assignment"):
+        hlo_peak.read(before[0])
+    with pytest.raises(FileNotFoundError, match="--xla_dump_hlo_as_proto"):
+        hlo_peak.find(str(dump[0]), "no-such-module")
