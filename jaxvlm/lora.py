@@ -61,7 +61,7 @@ class LoRA:
             xd = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
         rows = math.prod(x.shape[:-1])
-        # Many rows (training, prefill) with JAXVLM_LORA_KERNEL on: the adapter's skinny products by the Pallas kernels.
+        # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
         a = self.lora_A.astype(x.dtype)
         xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
