@@ -8,7 +8,10 @@ jax op it came from). This is the analysis that found where the LoRA kernels' ex
 
     XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_proto --xla_dump_hlo_module_re=.*grad_step.*" \\
         python -m scripts.bench_train --batch 8 --weights bf16 --remat full
-    python -m scripts.hlo_peak DIR [--module grad_step] [--top 25] [--json OUT.json]
+    python -m scripts.hlo_peak DIR [--module grad_step] [--top 25] [--json OUT.json] [--against DIR2]
+
+With --against, a second program's peak too (the same step with a kernel off, or an older tree) and the buffers live
+at one peak and not at the other, matched by shape and jax op.
 
 Reads `*after_optimizations.hlo.pb` (an `xla.HloProto`: the optimized module and its buffer assignment) with the
 protobuf wire decoder alone: no XLA proto classes are needed. One report per heap-simulation trace (one per
@@ -155,9 +158,26 @@ def peak(program: dict, trace: dict, top: int = 25) -> dict:
                 now -= live.pop(root, 0)
         if now > best:
             best, at, best_live = now, instruction, dict(live)
-    largest = sorted(best_live, key=lambda b: -best_live[b])[:top]
+    live_at_peak = [describe(program, b) for b in sorted(best_live, key=lambda b: -best_live[b])]
     return dict(allocation=trace["allocation"], peak_bytes=best, at=at, live_buffers=len(best_live),
-                top=[describe(program, b) for b in largest])
+                top=live_at_peak[:top], live=live_at_peak)
+
+
+def difference(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The buffers live at one peak and not at the other, matched by (shape, jax op): (only in a, only in b)."""
+    def key(buffer):
+        return buffer["shape"], buffer["op_name"]
+
+    unmatched = {}
+    for buffer in b:
+        unmatched.setdefault(key(buffer), []).append(buffer)
+    only_a = []
+    for buffer in a:
+        if unmatched.get(key(buffer)):
+            unmatched[key(buffer)].pop()
+        else:
+            only_a.append(buffer)
+    return only_a, [buffer for rest in unmatched.values() for buffer in rest]
 
 
 def find(path: str, module: str) -> str:
@@ -175,6 +195,8 @@ def main(argv=None):
     ap.add_argument("path", help="an *after_optimizations.hlo.pb file, or the --xla_dump_to directory")
     ap.add_argument("--module", default="", help="regex on the file name (the largest match is read)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--against", help="a second dump (same forms as path): the buffers live at one program's "
+                    "peak and not at the other's")
     ap.add_argument("--json", help="also write the reports here")
     args = ap.parse_args(argv)
     path = find(args.path, args.module)
@@ -183,13 +205,32 @@ def main(argv=None):
     for r in reports:
         print(f"{os.path.basename(path)}: trace of allocation {r['allocation']}: peak {r['peak_bytes']:,} bytes at "
               f"{r['at']}, {r['live_buffers']} buffers live")
-        for b in r["top"]:
-            print(f"  {b['bytes']:>14,}  {b['shape']:<28} {b['instruction']:<40} {b['op_name'][-80:]}")
+        show(r["top"])
+    out = dict(file=os.path.basename(path), reports=[{k: v for k, v in r.items() if k != "live"} for r in reports])
+    if args.against:
+        other_path = find(args.against, args.module)
+        other = read(other_path)
+        theirs = max((peak(other, t, args.top) for t in other["traces"]), key=lambda r: r["peak_bytes"])
+        only_a, only_b = difference(reports[0]["live"], theirs["live"])
+        out["against"] = dict(file=os.path.basename(other_path), peak_bytes=theirs["peak_bytes"], at=theirs["at"],
+                              only_here=only_a[:args.top], only_there=only_b[:args.top],
+                              only_here_bytes=sum(b["bytes"] for b in only_a),
+                              only_there_bytes=sum(b["bytes"] for b in only_b))
+        print(f"against {other_path}: peak {theirs['peak_bytes']:,} bytes at {theirs['at']} "
+              f"({reports[0]['peak_bytes'] - theirs['peak_bytes']:+,} here)")
+        for name, side in (("only here", only_a), ("only there", only_b)):
+            print(f" live at the peak {name}: {sum(b['bytes'] for b in side):,} bytes in {len(side)} buffers")
+            show(side[:args.top])
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump(dict(file=os.path.basename(path), reports=reports), f, indent=1)
+            json.dump(out, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
-    return reports
+    return out
+
+
+def show(buffers: list[dict]):
+    for b in buffers:
+        print(f"  {b['bytes']:>14,}  {b['shape']:<28} {b['instruction']:<40} {b['op_name'][-80:]}")
 
 
 if __name__ == "__main__":
