@@ -24,7 +24,6 @@ import glob
 import json
 import os
 import re
-import sys
 
 from google.protobuf.internal.decoder import _DecodeVarint
 
@@ -234,4 +233,4 @@ def show(buffers: list[dict]):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()

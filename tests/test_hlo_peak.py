@@ -39,9 +39,10 @@ def dump(tmp_path_factory):
 
 def test_the_replayed_peak_is_xlas_temp_size_and_names_its_buffers(dump, tmp_path):
     out, temp_bytes = dump
-    reports = hlo_peak.main([str(out), "--module", "peaky", "--top", "5", "--json", str(tmp_path / "peak.json")])
-    assert len(reports["reports"]) == 1 and (tmp_path / "peak.json").exists()
-    report = reports["reports"][0]
+    args = [str(out), "--module", "peaky", "--top", "5", "--json", str(tmp_path / "peak.json")]
+    reports = hlo_peak.main(args)["reports"]
+    assert len(reports) == 1 and (tmp_path / "peak.json").exists()
+    report = reports[0]
     # XLA's temp allocation is the simulated peak rounded up to its alignment.
     assert temp_bytes - 1024 <= report["peak_bytes"] <= temp_bytes, (report["peak_bytes"], temp_bytes)
     top = report["top"]
