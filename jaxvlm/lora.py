@@ -26,6 +26,11 @@ from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
 from jaxvlm.targets import get_peft_regex, moe_target_parameters, select_modules, select_parameters
 
 
+# Rows from which a narrowing adapted Linear may take lora_matmul.adapted_linear (training, prefill); fewer (a decode
+# step) keep `linear`'s own paths for the base product (its one-row reduction, the NF4 decode kernel).
+ADAPTED_MIN_ROWS = 64
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA:
@@ -61,6 +66,14 @@ class LoRA:
             xd = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
         rows = math.prod(x.shape[:-1])
+        in_f, out_f = x.shape[-1], self.lora_B.shape[0]
+        if key is None and rows >= ADAPTED_MIN_ROWS and rows * (in_f - out_f) > out_f * in_f:
+            # Narrowing (k/v, fc2, down) where the adapter's own share of dx (rows x in, written and read once
+            # more) outweighs what forming dx in one matmul copies (the weight, out x in, and the output's
+            # cotangent, rows x out): the two products, with that backward (lora_matmul.adapted_linear). Never a
+            # square Linear (q/o, proj); not Llama 3.2 Vision's text at 1,028 rows, whose 117 MB down projection
+            # would be copied to save a 29 MB buffer.
+            return lora_matmul.adapted_linear(x, dense_weight(self.base, x.dtype), self.lora_A, self.lora_B, scale)
         # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
         a = self.lora_A.astype(x.dtype)
@@ -68,9 +81,9 @@ class LoRA:
         b = self.lora_B.astype(x.dtype)
         # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
         # copying the narrow input into the concatenation costs less than a second pass over the wide
-        # output. Square or narrowing (q/o, k/v, proj, fc2, down), or few rows (a decode step, where
-        # copying the weight into [w | b] would cost more than the product): two products and an add
-        # (docs/BENCHMARKS.md, "LoRA product").
+        # output. Few rows (a decode step, where copying the weight into [w | b] would cost more than the
+        # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
+        # product").
         if x.shape[-1] < b.shape[0] and rows >= x.shape[-1]:
             return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))

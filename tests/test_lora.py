@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxvlm import FastVisionModel
 from jaxvlm.converters.peft_adapter import load_adapter
-from jaxvlm.kernels.lora_matmul import concat_linear
+from jaxvlm.kernels.lora_matmul import adapted_linear, concat_linear
 from jaxvlm.lora import LoRA, linear_modules, merge, unmerge
 from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
@@ -277,3 +277,57 @@ def test_concat_linear_value_and_gradients_equal_the_two_products():
     ref = jax.grad(lambda *a: jnp.sum(plain(*a) * g), argnums=(0, 1, 2, 3))(x, xa, w, b)
     for o, r in zip(ours, ref):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [2.0, "mask"])
+def test_adapted_linear_value_and_gradients_equal_the_two_products(scale):
+    # The square/narrowing LoRA product and its hand-written backward (dx as one matmul over [g | ds]) against
+    # autodiff of x @ w.T + (scale * x @ a.T) @ b.T, for every argument; the scale a float, or a traced layer mask.
+    ks = jax.random.split(jax.random.key(1), 5)
+    x, w = jax.random.normal(ks[0], (2, 35, 24)), jax.random.normal(ks[1], (16, 24))
+    a, b = jax.random.normal(ks[2], (4, 24)), jax.random.normal(ks[3], (16, 4))
+    g = jax.random.normal(ks[4], (2, 35, 16))
+
+    def run(product, x, w, a, b, m):
+        s = 2.0 if scale != "mask" else 2.0 * m
+        return jnp.sum(product(x, w, a, b, s) * g)
+
+    def plain(x, w, a, b, s):
+        return x @ w.T + ((x @ a.T) * s) @ b.T
+    args = (x, w, a, b, jnp.float32(1.0))
+    np.testing.assert_allclose(run(adapted_linear, *args), run(plain, *args), rtol=1e-5)
+    ours = jax.grad(lambda *t: run(adapted_linear, *t), argnums=(0, 1, 2, 3))(*args)
+    ref = jax.grad(lambda *t: run(plain, *t), argnums=(0, 1, 2, 3))(*args)
+    for o, r in zip(ours, ref):
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_f", [32, 64, 96])  # narrowing (k/v, down), square (q/o)
+def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
+    """Over many rows (training), a narrowing adapted Linear's input gradient is one matmul over [g | ds] @ [w ; a]:
+    autodiff's two products wrote the adapter's share of dx as its own [tokens, in] buffer beside the base's, the
+    peak of the Qwen2-VL-2B step on an H200 (docs/BENCHMARKS.md). A square one, or few rows (decode), or rows fewer
+    than the bytes rule asks (rows x (in - out) > out x in), keep the two products."""
+    ks = jax.random.split(jax.random.key(2), 4)
+    w, a, b = (jax.random.normal(ks[0], (out_f, 96)), jax.random.normal(ks[1], (16, 96)),
+               jax.random.normal(ks[2], (out_f, 16)))
+    lora = LoRA(base=w, lora_A=a, lora_B=b, scale=2.0)
+
+    def dx_products(rows):
+        x = jax.random.normal(ks[3], (rows, 96))
+        y, backward = jax.vjp(lora.linear, x)
+        eqns, found = list(jax.make_jaxpr(backward)(y).jaxpr.eqns), []  # the backward pass alone
+        while eqns:
+            e = eqns.pop()
+            eqns += [s for p in e.params.values() for s in getattr(getattr(p, "jaxpr", None), "eqns", [])]
+            if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == x.shape:
+                found.append([v.aval.shape for v in e.invars])
+        return found
+    # one product where rows x (in - out) > out x in, else the base's and the adapter's
+    if out_f == 32:
+        assert dx_products(70) == [[(70, 48), (48, 96)]]
+    if out_f == 64:
+        assert len(dx_products(70)) == 2 and dx_products(256) == [[(256, 80), (80, 96)]]  # 70 x 32 < 64 x 96
+    if out_f == 96:
+        assert len(dx_products(256)) == 2
+    assert len(dx_products(8)) == 2  # a decode-sized product

@@ -66,19 +66,22 @@ def test_lora_linear_with_the_kernels_equals_xla(monkeypatch, in_f, out_f):
         np.testing.assert_allclose(o, e, rtol=1e-4, atol=1e-3)
 
 
-def test_the_backward_reads_b_in_place_and_ties_da_to_dx(monkeypatch):
+@pytest.mark.parametrize("in_f, out_f", [(32, 96), (96, 32)])  # widening (lora_in), narrowing (adapted_linear)
+def test_the_backward_reads_b_in_place_and_ties_da_to_dx(monkeypatch, in_f, out_f):
     """The two placements that set the 2B step's peak on an H200 (docs/BENCHMARKS.md, "Where the LoRA kernels' peak
     memory went"): B [out, r] goes to `narrow` as it is (a transposed B became a float32 copy of the whole stacked B,
-    hoisted out of the layer loop and live through the backward), and dA is tied to dx by an optimization barrier
-    (so x, its last read, dies before dx's users run)."""
-    x, w, a, b = _rand(4, (3, 70, 96)), _rand(5, (32, 96)), _rand(6, (16, 96)), _rand(7, (32, 16))
+    hoisted out of the layer loop and live through the backward), and dA is tied by an optimization barrier to what
+    dx's product reads (so x, its last read, dies before dx's users run): dx itself where dx = dxa A, the cotangent
+    of x A^T where dx is one product over [g | ds]."""
+    x, w, a, b = _rand(4, (3, 70, in_f)), _rand(5, (out_f, in_f)), _rand(6, (16, in_f)), _rand(7, (out_f, 16))
     monkeypatch.setattr(lora_matmul, "lora_kernel", "interpret")
     jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(LoRA(base=w, lora_A=a, lora_B=b, scale=2.0).linear(x)),
                                     argnums=(0, 1)))(a, b).jaxpr
     transposed = [e.invars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "transpose"]
     assert b.shape not in transposed, transposed
     barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
-    assert len(barriers) == 1 and [v.aval.shape for v in barriers[0].invars] == [x.shape, a.shape]
+    tied = x.shape if in_f < out_f else (*x.shape[:-1], 16)
+    assert len(barriers) == 1 and [v.aval.shape for v in barriers[0].invars] == [tied, a.shape]
 
 
 def test_auto_keeps_xla_off_a_gpu(monkeypatch):

@@ -84,6 +84,45 @@ def _concat_linear_bwd(res, g):
 concat_linear.defvjp(_concat_linear_fwd, _concat_linear_bwd)
 
 
+@jax.custom_vjp
+def adapted_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+    """x @ w.T + (scale * x @ a.T) @ b.T for a narrowing Linear over many rows (jaxvlm.lora.LoRA.linear says which):
+    the same products as two separate ones (x A^T by `narrow` for a ragged row count), with a backward that forms dx
+    as one matmul, [g | ds] @ [w ; a] (K = out + r), where ds = scale * g b is the cotangent of x A^T. Autodiff of the
+    two products wrote the adapter's share of dx ([tokens, in]: 73.7 MB for the 2B down projection at batch 8) as a
+    buffer of its own beside the base's, live together at the peak of the Qwen2-VL-2B step (an H200's buffer
+    assignment; docs/BENCHMARKS.md, "The adapter's share of dx"). x [..., in], w [out, in] in x's dtype, a [r, in],
+    b [out, r], scale a scalar (a float, or the layer's mask times it); dw is formed only if w is differentiated."""
+    return _adapted_linear_fwd(x, w, a, b, scale)[0]
+
+
+def _adapted_linear_fwd(x, w, a, b, scale):
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    ac = a.astype(x.dtype)
+    xa = (_narrow_or_dot(x, ac) if kernels_for(x.size // x.shape[-1]) else jax.lax.dot_general(x, ac, dims)) * scale
+    y = jax.lax.dot_general(x, w, dims) + jax.lax.dot_general(xa, b.astype(x.dtype), dims)
+    return y, (x, xa, w, a, b, scale)
+
+
+def _adapted_linear_bwd(res, g):
+    x, xa, w, a, b, scale = res
+    skinny = kernels_for(x.size // x.shape[-1])
+    lead = tuple(range(g.ndim - 1))
+    over_rows, last = ((lead, lead), ((), ())), (((g.ndim - 1,), (0,)), ((), ()))
+    dxa = _narrow_or_dot(g, b, kr=True) if skinny else jax.lax.dot_general(g, b.astype(g.dtype), last)
+    db = _tall_or_dot(g, xa) if skinny else jax.lax.dot_general(g, xa, over_rows)
+    ds = (dxa * scale).astype(x.dtype)
+    da = _tall_or_dot(x, ds).T if skinny else jax.lax.dot_general(ds, x, over_rows)
+    # dA is x's last read: tied to ds, which dx's product reads, it runs first and x dies there (see _lora_in_bwd).
+    ds, da = jax.lax.optimization_barrier((ds, da))
+    dx = jax.lax.dot_general(jnp.concatenate([g, ds], axis=-1), jnp.concatenate([w, a.astype(w.dtype)], axis=0), last)
+    dw = jax.lax.dot_general(g, x, over_rows)
+    return dx, dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(scale)
+
+
+adapted_linear.defvjp(_adapted_linear_fwd, _adapted_linear_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # The skinny products.
 
