@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvlm.layers import attention, segment_attention
+from jaxvlm.layers import attention, scatter_rows, segment_attention
 from jaxvlm.models.qwen_vision import segment_index
 
 
@@ -115,3 +115,26 @@ def test_unrolled_layers_hand_the_nf4_kernel_each_layer_of_the_stack_in_place(mo
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
     assert layers._unroll["layers"] is None  # the noted slices let go after the trace
+
+
+def test_scatter_rows_places_rows_drops_padding_and_keeps_no_ids_for_the_backward():
+    """The image features written at their tokens' flat indices, a collator's padding rows (indices from b * t on)
+    dropped; the gradient routes g's rows back to the features and zeroes them in h's. Declared unique, the
+    backward keeps no `[b * t, d]` scatter of integer ids (autodiff's rule for a scatter that may overlap)."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    h, rows, g = (jax.random.normal(ks[0], (2, 5, 8)), jax.random.normal(ks[1], (4, 8)),
+                  jax.random.normal(ks[2], (2, 5, 8)))
+    pos = jnp.array([7, 1, 10, 11])  # two features, two padding rows out of range
+    want = np.asarray(h).reshape(10, 8).copy()
+    want[[7, 1]] = rows[:2]
+    np.testing.assert_array_equal(scatter_rows(h, pos, rows), want.reshape(2, 5, 8))
+    dh, drows = jax.grad(lambda h, r: jnp.sum(scatter_rows(h, pos, r) * g), argnums=(0, 1))(h, rows)
+    flat = np.asarray(g).reshape(10, 8)
+    np.testing.assert_array_equal(drows, np.concatenate([flat[[7, 1]], np.zeros((2, 8))]))
+    flat = flat.copy()
+    flat[[7, 1]] = 0
+    np.testing.assert_array_equal(dh, flat.reshape(2, 5, 8))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda r: jnp.sum(scatter_rows(h, pos, r) * g)))(rows)
+    ints = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("scatter")
+            and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.integer)]
+    assert not ints, ints

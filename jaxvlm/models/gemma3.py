@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary,
-                           attention, cached_attention, linear, query_slots, scan_blocks, write_step)
+                           attention, cached_attention, linear, query_slots, scan_blocks, scatter_rows,
+                           write_step)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
 
@@ -177,7 +178,7 @@ def prepare_inputs(cfg: Gemma3Config, input_ids, attention_mask=None, pixel_valu
         raise ValueError(f"input_ids hold {n_tokens} image tokens, pixel_values {n_real} images of "
                          f"{cfg.mm_tokens_per_image} tokens each ({n_real * cfg.mm_tokens_per_image})")
     flat = np.flatnonzero(image_tokens.reshape(-1))
-    pad = np.full(int(n_pad_patches) * cfg.mm_tokens_per_image, ids.size)  # out of range: dropped
+    pad = ids.size + np.arange(int(n_pad_patches) * cfg.mm_tokens_per_image)  # out of range, distinct: dropped
     out.update(patches=patches, image_pos=np.concatenate([flat, pad]).astype(np.int32))
     return out
 
@@ -561,9 +562,7 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
         h = lm.embed(inputs["input_ids"])
         if "patches" in inputs:
             feats = self.model.multi_modal_projector(self.model.vision_tower(inputs["patches"], h.dtype))
-            b, t, d = h.shape
-            h = h.reshape(b * t, d).at[inputs["image_pos"]].set(feats.reshape(-1, d).astype(h.dtype), mode="drop")
-            h = h.reshape(b, t, d)
+            h = scatter_rows(h, inputs["image_pos"], feats)
         return h
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Activation, Linear, RMSNorm
+from jaxvlm.layers import ACTIVATIONS, Activation, Linear, RMSNorm, scatter_rows
 from jaxvlm.models import anyres
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.clip_vision import CLIPVisionConfig, CLIPVisionTower, clip_config_from_hf, feature_layer_indices
@@ -224,7 +224,7 @@ def prepare_inputs(cfg: LlavaConfig, input_ids, attention_mask=None, pixel_value
                          f"{n_features} features")
     flat = np.flatnonzero(image_tokens.reshape(-1))
     n_rows = _feature_rows(cfg, out)
-    pad = np.full(n_rows - len(flat), ids.size)  # out of range: dropped
+    pad = ids.size + np.arange(n_rows - len(flat))  # out of range, distinct: dropped
     out["image_pos"] = np.concatenate([flat, pad]).astype(np.int32)
     return out
 
@@ -407,9 +407,7 @@ class _LlavaBase(LMHeadMethods, VisionLanguageModel):
     def embed(self, inputs: dict[str, jax.Array]) -> jax.Array:
         h = self.model.language_model.embed_tokens(inputs["input_ids"])
         if "patches" in inputs:
-            feats = self.image_features(inputs, h.dtype)
-            b, t, d = h.shape
-            h = h.reshape(b * t, d).at[inputs["image_pos"]].set(feats.astype(h.dtype), mode="drop").reshape(b, t, d)
+            h = scatter_rows(h, inputs["image_pos"], self.image_features(inputs, h.dtype))
         return h
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Linear
+from jaxvlm.layers import ACTIVATIONS, Linear, scatter_rows
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.qwen_inputs import qwen_inputs
 from jaxvlm.models.qwen_text import (ASSISTANT_TURN, TINY_SPECIAL_TOKENS, USER_TURN, VISION_TOKENS,
@@ -208,9 +208,7 @@ class Qwen2VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
         """Token embeddings `[batch, seq, hidden]` with the image and video tokens replaced by the vision tower's output."""
         h = self.model.language_model.embed_tokens(inputs["input_ids"])
         if "pixel_values" in inputs:
-            image = self.model.visual(inputs["pixel_values"], inputs).astype(h.dtype)
-            b, t, d = h.shape
-            h = h.reshape(b * t, d).at[inputs["image_pos"]].set(image, mode="drop").reshape(b, t, d)
+            h = scatter_rows(h, inputs["image_pos"], self.model.visual(inputs["pixel_values"], inputs))
         return h
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:

@@ -33,6 +33,7 @@ from jaxvlm.layers import (
     linear,
     next_dropout_key,
     scan_blocks,
+    scatter_rows,
 )
 from jaxvlm.models import qwen_text
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
@@ -448,9 +449,7 @@ class Qwen3VLForConditionalGeneration(MRoPEModelMethods, VisionLanguageModel):
         if "pixel_values" not in inputs:
             return h, None
         image, features = self.model.visual(inputs["pixel_values"], inputs)
-        b, t, d = h.shape
-        h = h.reshape(b * t, d).at[inputs["image_pos"]].set(image.astype(h.dtype), mode="drop").reshape(b, t, d)
-        return h, (inputs["image_pos"], features)
+        return scatter_rows(h, inputs["image_pos"], image), (inputs["image_pos"], features)
 
     def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
         h, deepstack = self.embed(inputs)

@@ -137,7 +137,7 @@ def qwen_inputs(*, input_ids, attention_mask=None, pixel_values=None, image_grid
         # themselves; its merged tokens scatter to index batch*seq, out of range, which the model drops.
         parts.append(np.asarray(pixel_values)[-n_pad_patches:])
         grids.append(np.array([[1, m, n_pad_patches // m]]))
-        token_pos.append(np.full(n_pad_patches // m**2, input_ids.size, np.int32))
+        token_pos.append(input_ids.size + np.arange(n_pad_patches // m**2, dtype=np.int32))  # distinct
     if not parts:
         return out, None
     out.update(pixel_values=np.concatenate(parts), image_pos=np.concatenate(token_pos))
