@@ -9,8 +9,10 @@ jax op it came from). This is the analysis that found where the LoRA kernels' ex
     XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_proto --xla_dump_hlo_module_re=.*grad_step.*" \\
         python -m scripts.bench_train --batch 8 --weights bf16 --remat full
     python -m scripts.hlo_peak DIR [--module grad_step] [--top 25] [--json OUT.json] [--against DIR2]
+        [--explain INSTRUCTION ...]
 
-With --against, a second program's peak too (the same step with a kernel off, or an older tree) and the buffers live
+With --explain, what the named instructions are (opcode, operands, users, a fusion's computation): how a buffer at
+the peak is traced to the code that made it. With --against, a second program's peak too (the same step with a kernel off, or an older tree) and the buffers live
 at one peak and not at the other, matched by shape and jax op.
 
 Reads `*after_optimizations.hlo.pb` (an `xla.HloProto`: the optimized module and its buffer assignment) with the
@@ -101,13 +103,19 @@ def read(path: str) -> dict:
     module, assignment = _one(proto, 1), _one(proto, 3)
     if module is None or assignment is None:
         raise ValueError(f"{path}: not an HloProto with a buffer assignment (dump with --xla_dump_hlo_as_proto)")
-    instructions = {}
+    instructions, computations = {}, {}
     for computation in _all(fields(module), 3):
-        for ins in _all(fields(computation), 2):
+        computation = fields(computation)
+        cname, ids = _one(computation, 1, b"").decode(), []
+        for ins in _all(computation, 2):
             ins = fields(ins)
             metadata = fields(_one(ins, 7, b""))
-            instructions[_one(ins, 35, 0)] = dict(name=_one(ins, 1, b"").decode(), shape=_one(ins, 3, b""),
-                                                  op_name=_one(metadata, 2, b"").decode())
+            ids.append(_one(ins, 35, 0))
+            instructions[ids[-1]] = dict(name=_one(ins, 1, b"").decode(), shape=_one(ins, 3, b""),
+                                         op_name=_one(metadata, 2, b"").decode(), opcode=_one(ins, 2, b"").decode(),
+                                         operands=_ints(ins, 36), calls=_ints(ins, 38), computation=cname,
+                                         target=_one(ins, 28, b"").decode())
+        computations[_one(computation, 5, 0)] = dict(name=cname, instructions=ids)
     assignment = fields(assignment)
     buffers = {}
     for buffer in _all(assignment, 1):
@@ -124,7 +132,7 @@ def read(path: str) -> dict:
             events.append((_one(event, 1, ALLOC), _one(event, 2, 0), _one(event, 4, b"").decode(),
                            _one(event, 5, 0)))
         traces.append(dict(allocation=_one(trace, 3, 0), events=events))
-    return dict(instructions=instructions, buffers=buffers, traces=traces)
+    return dict(instructions=instructions, computations=computations, buffers=buffers, traces=traces)
 
 
 def describe(program: dict, buffer_id: int) -> dict:
@@ -162,6 +170,28 @@ def peak(program: dict, trace: dict, top: int = 25) -> dict:
                 top=live_at_peak[:top], live=live_at_peak)
 
 
+def explain(program: dict, name: str) -> dict:
+    """What instruction `name` is: its opcode (and custom-call target), shape, jax op, operands, users, and for a
+    fusion the instructions of the fused computation, so that a buffer at the peak can be traced to the code that
+    made it (which product, which scatter) without the HLO text."""
+    ins = program["instructions"]
+    found = [i for i, d in ins.items() if d["name"] == name]
+    if not found:
+        raise KeyError(f"no instruction named {name!r} in the program")
+
+    def line(i):
+        d = ins[i]
+        target = f" {d['target']}" if d["target"] else ""
+        return (f"{d['name']} = {d['opcode']}{target} {shape_str(d['shape'], [])} "
+                f"({', '.join(ins[o]['name'] for o in d['operands'] if o in ins)})  {d['op_name'][-80:]}")
+    me = ins[found[0]]
+    users = [i for i, d in ins.items() if found[0] in d["operands"]]
+    fused = [line(i) for c in me["calls"] for i in program["computations"].get(c, {}).get("instructions", [])]
+    return dict(line=line(found[0]), computation=me["computation"], operands=[line(o) for o in me["operands"]
+                                                                              if o in ins],
+                users=[line(u) for u in users], fused=fused)
+
+
 def difference(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
     """The buffers live at one peak and not at the other, matched by (shape, jax op): (only in a, only in b)."""
     def key(buffer):
@@ -197,6 +227,9 @@ def main(argv=None):
     ap.add_argument("--against", help="a second dump (same forms as path): the buffers live at one program's "
                     "peak and not at the other's")
     ap.add_argument("--json", help="also write the reports here")
+    ap.add_argument("--explain", nargs="+", default=[], metavar="NAME",
+                    help="also print what these instructions are (a buffer's `instruction` column): opcode, "
+                    "operands, users, fused computation")
     args = ap.parse_args(argv)
     path = find(args.path, args.module)
     program = read(path)
@@ -220,6 +253,11 @@ def main(argv=None):
         for name, side in (("only here", only_a), ("only there", only_b)):
             print(f" live at the peak {name}: {sum(b['bytes'] for b in side):,} bytes in {len(side)} buffers")
             show(side[:args.top])
+    out["explained"] = {name: explain(program, name) for name in args.explain}
+    for name, e in out["explained"].items():
+        print(f"{e['line']}\n  in {e['computation']}")
+        for title in ("operands", "users", "fused"):
+            print("".join(f"  {title[:-1] if title != 'fused' else 'fused'}: {x}\n" for x in e[title]), end="")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(out, f, indent=1)

@@ -68,3 +68,15 @@ def test_against_a_second_program_names_what_differs_at_the_peaks(dump, tmp_path
     there = {(b["shape"], b["bytes"]) for b in out["only_there"]}
     assert ("f32[4,1024,1024]", 4 * 2 ** 22) in here and ("f32[3,1024,1024]", 3 * 2 ** 22) in there, out
     assert out["only_here_bytes"] - out["only_there_bytes"] >= 2 ** 22
+
+
+def test_explain_traces_a_buffer_at_the_peak_to_its_instruction(dump):
+    """--explain on the peak's largest buffer (the scan's saved h): the instruction that writes it, with its shape,
+    operands or fused instructions, and its users; an unknown name is an error naming it."""
+    out = hlo_peak.main([str(dump[0]), "--module", "peaky", "--top", "1"])
+    name = out["reports"][0]["top"][0]["instruction"]
+    explained = hlo_peak.main([str(dump[0]), "--module", "peaky", "--top", "1", "--explain", name])["explained"][name]
+    assert explained["line"].startswith(f"{name} = ") and "f32[3,1024,1024]" in explained["line"], explained
+    assert explained["users"] and (explained["operands"] or explained["fused"]), explained
+    with pytest.raises(KeyError, match="no-such-instruction"):
+        hlo_peak.main([str(dump[0]), "--module", "peaky", "--explain", "no-such-instruction"])
