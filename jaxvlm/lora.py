@@ -71,8 +71,7 @@ class LoRA:
             # Narrowing (k/v, fc2, down) where the adapter's own share of dx (rows x in, written and read once
             # more) outweighs what forming dx in one matmul copies (the weight, out x in, and the output's
             # cotangent, rows x out): the two products, with that backward (lora_matmul.adapted_linear). Never a
-            # square Linear (q/o, proj); not Llama 3.2 Vision's text at 1,028 rows, whose 117 MB down projection
-            # would be copied to save a 29 MB buffer.
+            # square Linear (q/o, proj), nor a wide one over few rows (docs/BENCHMARKS.md, "The adapter's share").
             return lora_matmul.adapted_linear(x, dense_weight(self.base, x.dtype), self.lora_A, self.lora_B, scale)
         # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
@@ -84,7 +83,7 @@ class LoRA:
         # output. Few rows (a decode step, where copying the weight into [w | b] would cost more than the
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
-        if x.shape[-1] < b.shape[0] and rows >= x.shape[-1]:
+        if in_f < out_f and rows >= in_f:
             return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
