@@ -100,6 +100,26 @@ class Linear(nnx.Module):
         return linear(x, self.weight.get_value(), None if self.bias is None else self.bias.get_value())
 
 
+# Linears that read the same x (q/k/v, gate/up) as one product where their weight type forms one (LoRA.sibling_linear):
+# "auto" in a process with one device (under a mesh the weights' output axes may be split over "tensor", and a
+# concatenation along them would be gathered), "on" always, "off" never. Read at trace time.
+sibling_products = os.environ.get("JAXVLM_SIBLING_PRODUCTS", "auto")
+
+
+def sibling_linears(x: jax.Array, modules) -> list[jax.Array]:
+    """Each Linear of `modules` applied to the same `x`: as one product where the setting allows and the first
+    weight's type forms one (a `sibling_linear` method returning the outputs, or None where it does not apply),
+    else each by `linear`. Biases are added per output."""
+    weights = [m.weight.get_value() for m in modules]
+    ys = None
+    if sibling_products == "on" or (sibling_products == "auto" and jax.device_count() == 1):
+        fused = getattr(weights[0], "sibling_linear", None)
+        ys = fused(x, weights) if fused is not None else None
+    if ys is None:
+        ys = [linear(x, w) for w in weights]
+    return [y if m.bias is None else y + m.bias.get_value().astype(y.dtype) for y, m in zip(ys, modules)]
+
+
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     """Each group's rows times its own weight: `x [m, in]` with rows sorted by group, `w [groups, out, in]`
     (one HF-layout weight per group; an array or a typed weight with a groups axis, e.g. an NF4 per
@@ -200,7 +220,8 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate, up = sibling_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(ACTIVATIONS[self.act](gate) * up)
 
 
 class FeedForward(nnx.Module):

@@ -87,6 +87,31 @@ class LoRA:
             return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
+    def sibling_linear(self, x: jax.Array, siblings: list) -> list[jax.Array] | None:
+        """x [..., in] through this adapted Linear and the others of `siblings` (this one first) that read the same x
+        (q/k/v, gate/up), as one widening product: [x | xa] @ [w | b_bd]^T with w the weights stacked along out, xa =
+        x [A_1; A_2; ...]^T (one pass over x for every adapter; scaled per sibling) and b_bd the B's block-diagonal
+        [out_1 + out_2 + ..., r_1 + r_2 + ...]. Its backward forms dx (base and adapters') and every dxa from one
+        product over g, and every dA from one pass over x. None where it does not apply (layers.sibling_linears then
+        forms each product on its own): a sibling without an adapter, dropout on the adapters' input, fewer rows
+        than `in` (a decode step), or outputs narrower in all than the input."""
+        rows, in_f = math.prod(x.shape[:-1]), x.shape[-1]
+        if (not all(isinstance(w, LoRA) and not w.dropout and w.lora_A.ndim == 2 for w in siblings)
+                or rows < in_f or sum(w.lora_B.shape[0] for w in siblings) <= in_f):
+            return None
+        ranks = [w.lora_A.shape[0] for w in siblings]
+        scales = [w.scale if w.mask is None else w.scale * w.mask for w in siblings]
+        scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(s, x.dtype), (r,)) for s, r in zip(scales, ranks)])
+        a = jnp.concatenate([w.lora_A for w in siblings]).astype(x.dtype)
+        xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
+        starts = np.cumsum([0] + ranks)
+        b = jnp.concatenate([jnp.pad(w.lora_B.astype(x.dtype), ((0, 0), (int(s), int(starts[-1] - s) - r)))
+                             for w, s, r in zip(siblings, starts, ranks)])
+        w = jnp.concatenate([dense_weight(w.base, x.dtype) for w in siblings])
+        y = lora_matmul.concat_linear(x, xa, w, b)
+        ends = np.cumsum([w.lora_B.shape[0] for w in siblings])
+        return [y[..., int(e) - w.lora_B.shape[0]:int(e)] for w, e in zip(siblings, ends)]
+
     def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x [m, in] (rows sorted by expert) -> [m, out] for one layer's experts: base, plus each expert's
         scale * x A^T B^T, as two more grouped products (never the [experts, out, in] delta)."""

@@ -120,10 +120,12 @@ def test_lora_gradients_match_peft(base):
     from jaxvlm.kernels.cross_entropy import token_loss_sum
     from jaxvlm.train.trainer import split_trainable
     family, path, model, processor = base
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj", "qkv", "fc1", "gate_proj", "up_proj"]
     adapted = with_random_b(FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, layers_to_transform=[0, 2],
-                                                          target_modules=["q_proj", "down_proj", "qkv", "fc1", "up_proj"]))
+                                                          target_modules=targets))
     # At least as many vision patches and text tokens as the Linears' input widths, so that the widening
-    # ones take the one-matmul path (`lora.concat_linear`), as in training.
+    # ones take the one-matmul path (`lora.concat_linear`), as in training, and q/k/v and gate/up each one product
+    # over their stacked weights (`LoRA.sibling_linear`).
     batch = encode(processor, [chat("describe the image in detail, " * 8, 1)], [random_image(112, 84)])
     labels = batch["input_ids"].copy()
     inputs = {k: jnp.asarray(v) for k, v in adapted.prepare_inputs(**batch).items() if k != "rope_deltas"}
@@ -132,11 +134,14 @@ def test_lora_gradients_match_peft(base):
     def loss(t):
         s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
         return s / n
-    fused = []  # the widening Linears (qkv, fc1, up_proj) take the one-matmul path; the others two products
+    fused = []  # the widening Linears and the siblings take the one-matmul path; the others two products
     with unittest.mock.patch("jaxvlm.kernels.lora_matmul.concat_linear",
                              lambda *a: fused.append(a[2].shape) or concat_linear(*a)):
         grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
-    assert len({shape[-2:] for shape in fused}) == 3, fused
+    text = model.config.text
+    assert (text.hidden_size + 2 * text.num_kv_heads * text.head_dim, text.hidden_size) in fused, fused  # q/k/v
+    assert (2 * text.intermediate_size, text.hidden_size) in fused, fused  # gate/up
+    assert len(set(fused)) >= 3, set(fused)  # and the vision tower's qkv, its fc1 or gate/up (2.5: the same shape)
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -300,6 +305,39 @@ def test_adapted_linear_value_and_gradients_equal_the_two_products(scale):
     ref = jax.grad(lambda *t: run(plain, *t), argnums=(0, 1, 2, 3))(*args)
     for o, r in zip(ours, ref):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [70, 8])  # training (one product), a decode step (each its own)
+def test_sibling_linears_equal_each_linear(rows, monkeypatch):
+    """q/k/v (or gate/up) with adapters, read from one x, as one product ([x | xa] @ [w | b_bd]^T, every adapter's
+    x A^T in one pass): the outputs and the gradients of x and of every factor equal each Linear's own, with biases,
+    per-sibling layer masks and ranks; the forward holds one product as wide as the three outputs."""
+    from types import SimpleNamespace as NS
+
+    from jaxvlm.layers import sibling_linears
+    ks = iter(jax.random.split(jax.random.key(3), 14))
+    shapes = ((24, 4, 1.0), (8, 4, 0.0), (8, 6, 1.0))  # (out, r, layer mask)
+    bases = [(jax.random.normal(next(ks), (o, 24)), jax.random.normal(next(ks), (o,))) for o, _, _ in shapes]
+    factors = [(jax.random.normal(next(ks), (r, 24)), jax.random.normal(next(ks), (o, r))) for o, r, _ in shapes]
+    x, g = jax.random.normal(next(ks), (2, rows // 2, 24)), jax.random.normal(next(ks), (2, rows // 2, 40))
+
+    def run(setting, x, factors):
+        monkeypatch.setattr("jaxvlm.layers.sibling_products", setting)
+        modules = [NS(weight=NS(get_value=lambda w=LoRA(base=w, lora_A=a, lora_B=b, mask=jnp.float32(m), scale=2.0): w),
+                      bias=NS(get_value=lambda c=c: c))
+                   for (w, c), (a, b), (_, _, m) in zip(bases, factors, shapes)]
+        return jnp.sum(jnp.concatenate(sibling_linears(x, modules), axis=-1) * g)
+
+    for ours, ref in zip(jax.value_and_grad(lambda *t: run("on", *t), argnums=(0, 1))(x, factors),
+                         jax.value_and_grad(lambda *t: run("off", *t), argnums=(0, 1))(x, factors)):
+        for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
+    eqns, wide = list(jax.make_jaxpr(lambda x: run("on", x, factors))(x).jaxpr.eqns), 0
+    while eqns:
+        e = eqns.pop()
+        eqns += [s for p in e.params.values() for s in getattr(getattr(p, "jaxpr", None), "eqns", [])]
+        wide += e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == 40
+    assert wide == (1 if rows >= 24 else 0)
 
 
 @pytest.mark.parametrize("out_f", [32, 64, 96])  # narrowing (k/v, down), square (q/o)

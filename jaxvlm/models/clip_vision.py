@@ -39,6 +39,7 @@ from jaxvlm.layers import (
     linear,
     next_dropout_key,
     scan_blocks,
+    sibling_linears,
 )
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.siglip import patchify  # noqa: F401 (the same square patches; re-exported)
@@ -158,7 +159,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, _ = x.shape
-        q, k, v = (proj(x).reshape(n, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (y.reshape(n, t, self.num_heads, -1)
+                   for y in sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         return self.out_proj(attention(q, k, v).reshape(n, t, -1))  # scale 1/sqrt(head_dim), as CLIP's
 
 

@@ -35,7 +35,7 @@ from flax import nnx
 
 from jaxvlm.layers import (ACTIVATIONS, CausalBlockMask, Embedding, GatedMLP, GemmaRMSNorm, Linear, apply_rotary,
                            attention, cached_attention, linear, query_slots, scan_blocks, scatter_rows,
-                           write_step)
+                           sibling_linears, write_step)
 from jaxvlm.models.base import ConfigError, FamilyInfo, TinySpec, VisionLanguageModel
 from jaxvlm.models.siglip import SiglipVisionConfig, SiglipVisionTower, patchify, siglip_config_from_hf
 
@@ -258,9 +258,10 @@ class Attention(nnx.Module):
         cache instead (its layer's entry: the whole cache for a global layer, the ring for a sliding one).
         Returns (out, cache)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, -1))
-        k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, -1))
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
+        q, k, v = sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_norm(q.reshape(b, t, self.num_heads, -1))
+        k = self.k_norm(k.reshape(b, t, self.num_kv_heads, -1))
+        v = v.reshape(b, t, self.num_kv_heads, -1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             return self.o_proj(attention(q, k, v, mask, scale=self.scale).reshape(b, t, -1)), None

@@ -47,6 +47,7 @@ from jaxvlm.layers import (
     linear,
     next_dropout_key,
     scan_blocks,
+    sibling_linears,
 )
 from jaxvlm.models.base import ConfigError
 from jaxvlm.paths import per_layer_keys
@@ -322,7 +323,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | SplitMask) -> jax.Array:
         n, t, _ = x.shape
-        q, k, v = (proj(x).reshape(n, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (y.reshape(n, t, self.num_heads, -1)
+                   for y in sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         out = split_attention(q, k, v, mask) if isinstance(mask, SplitMask) else attention(q, k, v, mask)
         return self.o_proj(out.reshape(n, t, -1))
 

@@ -41,6 +41,7 @@ from jaxvlm.layers import (
     linear,
     scan_blocks,
     segment_attention,
+    sibling_linears,
 )
 from jaxvlm.models.base import ConfigError
 from jaxvlm.models.qwen_vision import segment_index
@@ -223,7 +224,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attn_index: jax.Array) -> jax.Array:
         n = x.shape[0]
-        q, k, v = (proj(x).reshape(n, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (y.reshape(n, self.num_heads, -1)
+                   for y in sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = segment_attention(q, k, v, attn_index, contiguous=True)
         return self.o_proj(out.reshape(n, -1))

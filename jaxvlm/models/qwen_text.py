@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxvlm.layers import (Embedding, GatedMLP, Linear, RMSNorm, apply_rotary, attention, cached_attention, linear,
-                           query_slots, scan_blocks)
+                           query_slots, scan_blocks, sibling_linears)
 
 
 # The Qwen chat tokens shared by the Qwen VLM families: those standing for images and videos (the loss
@@ -89,9 +89,9 @@ class Attention(nnx.Module):
         `layer`, slot `index` (an int, or int32 `[batch]`: each row's slot; see `layers.write_step`) and attention
         reads that layer's whole cache (`mask` then spans the cache). Returns (out, kv)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, -1)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, -1)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, -1)
+        q, k, v = sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(b, t, self.num_heads, -1)
+        k, v = (y.reshape(b, t, self.num_kv_heads, -1) for y in (k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

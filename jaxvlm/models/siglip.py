@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxvlm.layers import ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, attention, linear, scan_blocks
+from jaxvlm.layers import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, attention, linear, scan_blocks,
+                           sibling_linears)
 from jaxvlm.models.base import ConfigError
 
 
@@ -106,7 +107,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, _ = x.shape
-        q, k, v = (proj(x).reshape(n, t, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (y.reshape(n, t, self.num_heads, -1)
+                   for y in sibling_linears(x, (self.q_proj, self.k_proj, self.v_proj)))
         return self.out_proj(attention(q, k, v).reshape(n, t, -1))
 
 
