@@ -107,8 +107,7 @@ class LoRA:
         starts = np.cumsum([0] + ranks)
         b = jnp.concatenate([jnp.pad(w.lora_B.astype(x.dtype), ((0, 0), (int(s), int(starts[-1] - s) - r)))
                              for w, s, r in zip(siblings, starts, ranks)])
-        w = jnp.concatenate([dense_weight(w.base, x.dtype) for w in siblings])
-        y = lora_matmul.concat_linear(x, xa, w, b)
+        y = lora_matmul.concat_linear(x, xa, tuple(dense_weight(w.base, x.dtype) for w in siblings), b)
         ends = np.cumsum([w.lora_B.shape[0] for w in siblings])
         return [y[..., int(e) - w.lora_B.shape[0]:int(e)] for w, e in zip(siblings, ends)]
 

@@ -135,8 +135,9 @@ def test_lora_gradients_match_peft(base):
         s, n = token_loss_sum(rebuild(t, frozen).forward(inputs), jnp.asarray(labels))
         return s / n
     fused = []  # the widening Linears and the siblings take the one-matmul path; the others two products
+    stacked = lambda w: (sum(p.shape[0] for p in w), w[0].shape[1]) if isinstance(w, tuple) else w.shape  # noqa: E731
     with unittest.mock.patch("jaxvlm.kernels.lora_matmul.concat_linear",
-                             lambda *a: fused.append(a[2].shape) or concat_linear(*a)):
+                             lambda *a: fused.append(stacked(a[2])) or concat_linear(*a)):
         grads = dict(zip([p for p in paths], jax.grad(loss)(trainable)))
     text = model.config.text
     assert (text.hidden_size + 2 * text.num_kv_heads * text.head_dim, text.hidden_size) in fused, fused  # q/k/v
@@ -267,20 +268,23 @@ def _in_dropout(layers, key, fn):
         return fn()
 
 
-def test_concat_linear_value_and_gradients_equal_the_two_products():
+@pytest.mark.parametrize("siblings", [False, True])  # w one weight, or a tuple stacked along out
+def test_concat_linear_value_and_gradients_equal_the_two_products(siblings):
     # The fused LoRA product (one matmul over [x | xa]) and its hand-written backward pass against
     # autodiff of x @ w.T + xa @ b.T, for every argument (w included, should a base be trained).
     ks = jax.random.split(jax.random.key(0), 5)
     x, xa = jax.random.normal(ks[0], (2, 5, 12)), jax.random.normal(ks[1], (2, 5, 4))
     w, b = jax.random.normal(ks[2], (20, 12)), jax.random.normal(ks[3], (20, 4))
+    w = (w[:12], w[12:16], w[16:]) if siblings else w
     g = jax.random.normal(ks[4], (2, 5, 20))
 
     def plain(x, xa, w, b):
-        return x @ w.T + xa @ b.T
+        return x @ (jnp.concatenate(w) if siblings else w).T + xa @ b.T
     np.testing.assert_allclose(concat_linear(x, xa, w, b), plain(x, xa, w, b), rtol=1e-5, atol=1e-5)
     ours = jax.grad(lambda *a: jnp.sum(concat_linear(*a) * g), argnums=(0, 1, 2, 3))(x, xa, w, b)
     ref = jax.grad(lambda *a: jnp.sum(plain(*a) * g), argnums=(0, 1, 2, 3))(x, xa, w, b)
-    for o, r in zip(ours, ref):
+    assert jax.tree.structure(ours) == jax.tree.structure(ref)
+    for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
 
 

@@ -32,6 +32,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -54,14 +55,21 @@ def kernels_for(rows: int) -> bool:
 
 
 @jax.custom_vjp
-def concat_linear(x: jax.Array, xa: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def concat_linear(x: jax.Array, xa: jax.Array, w, b: jax.Array) -> jax.Array:
     """x @ w.T + xa @ b.T as one matmul, [x | xa] @ [w | b].T (K = in + r): the base product and the
-    adapter's B product share the pass over the output. x [..., in], xa [..., r], w [out, in], b [out, r].
+    adapter's B product share the pass over the output. x [..., in], xa [..., r], w [out, in] or a tuple of weights
+    [out_i, in] stacked along out (sibling Linears, jaxvlm.lora.LoRA.sibling_linear), b [out, r].
     The backward pass reads the output's cotangent g once for dx and dxa together (g @ [w | b]); dw
-    (g.T @ x) is formed only if w is differentiated (a frozen base's is dropped as dead code)."""
-    xc = jnp.concatenate([x, xa], axis=-1)
-    wc = jnp.concatenate([w, b], axis=-1)
-    return jax.lax.dot_general(xc, wc, (((x.ndim - 1,), (1,)), ((), ())))
+    (g.T @ x) is formed only if w is differentiated (a frozen base's is dropped as dead code). Siblings' weights are
+    kept as they are for the backward and stacked only inside each product's [w | b], so that the backward forms its
+    copy where it ties it (below), not in the recomputed forward."""
+    return jax.lax.dot_general(jnp.concatenate([x, xa], axis=-1), _stack_wb(w, b), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _stack_wb(w, b: jax.Array) -> jax.Array:
+    """[w | b] with w [out, in] or a tuple of [out_i, in] stacked along out."""
+    w = jnp.concatenate(w, axis=0) if isinstance(w, (tuple, list)) else w
+    return jnp.concatenate([w, b], axis=-1)
 
 
 def _concat_linear_fwd(x, xa, w, b):
@@ -70,10 +78,19 @@ def _concat_linear_fwd(x, xa, w, b):
 
 def _concat_linear_bwd(res, g):
     x, xa, w, b = res
-    n = w.shape[1]
-    gc = jax.lax.dot_general(g, jnp.concatenate([w, b], axis=-1), (((g.ndim - 1,), (0,)), ((), ())))
+    n = x.shape[-1]
+    if isinstance(w, (tuple, list)):
+        # Siblings' [w | b] is formed once g exists (b tied to g): left free, XLA formed it first, and the copy (56 MB
+        # for the 2B gate/up) was live beside the activation gradient's inputs and output, the step's peak (H200 buffer
+        # assignment; docs/BENCHMARKS.md, "Sibling Linears"; this tie is not measured yet). Tied by b, not w, so that
+        # a quantized w's decoding still fuses into the copy.
+        g, b = jax.lax.optimization_barrier((g, b))
+    gc = jax.lax.dot_general(g, _stack_wb(w, b), (((g.ndim - 1,), (0,)), ((), ())))
     lead = tuple(range(g.ndim - 1))
     dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
+    if isinstance(w, (tuple, list)):
+        ends = np.cumsum([part.shape[0] for part in w])
+        dw = type(w)(dw[e - part.shape[0]:e].astype(part.dtype) for part, e in zip(w, ends))
     if kernels_for(xa.size // xa.shape[-1]):
         db = _tall_or_dot(g, xa).astype(b.dtype)
     else:
