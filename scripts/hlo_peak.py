@@ -6,7 +6,7 @@ each event; at the largest, the live buffers are listed with the instruction tha
 jax op it came from). This is the analysis that found where the LoRA kernels' extra peak sat (docs/BENCHMARKS.md,
 "Where the LoRA kernels' peak memory went"), kept as a tool:
 
-    XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_proto --xla_dump_hlo_module_re=.*grad_step.*" \\
+    JAXVLM_COMPILATION_CACHE=0 XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_proto --xla_dump_hlo_module_re=.*grad_step.*" \\
         python -m scripts.bench_train --batch 8 --weights bf16 --remat full
     python -m scripts.hlo_peak DIR [--module grad_step] [--top 25] [--json OUT.json] [--against DIR2]
         [--explain INSTRUCTION ...]
@@ -102,7 +102,9 @@ def read(path: str) -> dict:
         proto = fields(f.read())
     module, assignment = _one(proto, 1), _one(proto, 3)
     if module is None or assignment is None:
-        raise ValueError(f"{path}: not an HloProto with a buffer assignment (dump with --xla_dump_hlo_as_proto)")
+        raise ValueError(f"{path}: not an HloProto with a buffer assignment (dump with --xla_dump_hlo_as_proto; a "
+                         f"program loaded from JAX's compilation cache is dumped without one: run with "
+                         f"JAXVLM_COMPILATION_CACHE=0)")
     instructions, computations = {}, {}
     for computation in _all(fields(module), 3):
         computation = fields(computation)

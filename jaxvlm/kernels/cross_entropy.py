@@ -9,13 +9,22 @@ dtype in one pass.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvlm.layers import gather_rows
+
 IGNORE_INDEX = -100
+
+# Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
+# the lm_head product, in the forward and the backward pass: the trained tokens are moved first and each chunk's loss
+# is a `lax.cond` on whether it holds one. "on" or "off" (the default: not measured on a GPU yet, where each cond
+# costs a wait for its predicate). Read at trace time.
+skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "off")
 
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -64,12 +73,17 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
 
     logits_fn: final hidden states `[n, D]` -> logits `[n, V]` (the model's lm_head, any weight type);
     hidden `[B, T, D]`; labels `[B, T]` unshifted (position t predicts labels[t + 1]). Tokens go in
-    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding).
+    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding). With
+    JAXVLM_LOSS_SKIP_IGNORED=on (`skip_ignored`) the trained tokens go first and chunks without one are skipped.
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1)
     n = h.shape[0]
+    skip = skip_ignored == "on"
+    if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
+        order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
+        h, targets = gather_rows(h, order, jnp.argsort(order)), targets[order]  # backward: a gather too
     # As many chunks as `chunk` asks for, but of equal size (a multiple of 8), so that little is padding.
     chunks = -(-n // max(1, min(chunk, n)))
     chunk = -(-n // chunks)
@@ -82,8 +96,15 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     def chunk_nll(hc, tc):
         return nll_sum(logits_fn(hc), tc)
 
-    def body(total, xs):
-        return total + chunk_nll(*xs), None
+    trained = jnp.sum(targets != IGNORE_INDEX)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets))
-    return total, jnp.sum(targets != IGNORE_INDEX)
+    def body(total, xs):
+        i, hc, tc = xs
+        if not skip:
+            return total + chunk_nll(hc, tc), None
+        return total + jax.lax.cond(i * chunk < trained, chunk_nll, lambda hc, tc: jnp.zeros((), jnp.float32),
+                                    hc, tc), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (jnp.arange(h.shape[0]), h, targets))
+    return total, trained
+
