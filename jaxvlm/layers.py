@@ -102,7 +102,8 @@ class Linear(nnx.Module):
 
 # Linears that read the same x (q/k/v, gate/up) as one product where their weight type forms one (LoRA.sibling_linear):
 # "auto" in a process with one device (under a mesh the weights' output axes may be split over "tensor", and a
-# concatenation along them would be gathered), "on" always, "off" never. Read at trace time.
+# concatenation along them would be gathered), "on" always, "off" never. Read at trace time. On an H200 it took 0.9-2.7%
+# off every family's LoRA training step (docs/BENCHMARKS.md, "Sibling Linears as one product").
 sibling_products = os.environ.get("JAXVLM_SIBLING_PRODUCTS", "auto")
 
 
