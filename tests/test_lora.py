@@ -311,17 +311,19 @@ def test_adapted_linear_value_and_gradients_equal_the_two_products(scale):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [70, 8])  # training (one product), a decode step (each its own)
-def test_sibling_linears_equal_each_linear(rows, monkeypatch):
+@pytest.mark.parametrize("rows, nf4", [(70, False), (8, False), (70, True)])  # training, a decode step; NF4 bases
+def test_sibling_linears_equal_each_linear(rows, nf4, monkeypatch):
     """q/k/v (or gate/up) with adapters, read from one x, as one product ([x | xa] @ [w | b_bd]^T, every adapter's
     x A^T in one pass): the outputs and the gradients of x and of every factor equal each Linear's own, with biases,
     per-sibling layer masks and ranks; the forward holds one product as wide as the three outputs."""
     from types import SimpleNamespace as NS
 
     from jaxvlm.layers import sibling_linears
+    from jaxvlm.quant import quantize_nf4
     ks = iter(jax.random.split(jax.random.key(3), 14))
     shapes = ((24, 4, 1.0), (8, 4, 0.0), (8, 6, 1.0))  # (out, r, layer mask)
     bases = [(jax.random.normal(next(ks), (o, 24)), jax.random.normal(next(ks), (o,))) for o, _, _ in shapes]
+    bases = [(quantize_nf4(w) if nf4 else w, c) for w, c in bases]
     factors = [(jax.random.normal(next(ks), (r, 24)), jax.random.normal(next(ks), (o, r))) for o, r, _ in shapes]
     x, g = jax.random.normal(next(ks), (2, rows // 2, 24)), jax.random.normal(next(ks), (2, rows // 2, 40))
 
