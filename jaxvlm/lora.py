@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 from flax import nnx
 
@@ -104,12 +105,9 @@ class LoRA:
         scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(s, x.dtype), (r,)) for s, r in zip(scales, ranks)])
         a = jnp.concatenate([w.lora_A for w in siblings]).astype(x.dtype)
         xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
-        starts = np.cumsum([0] + ranks)
-        b = jnp.concatenate([jnp.pad(w.lora_B.astype(x.dtype), ((0, 0), (int(s), int(starts[-1] - s) - r)))
-                             for w, s, r in zip(siblings, starts, ranks)])
+        b = jax.scipy.linalg.block_diag(*(w.lora_B.astype(x.dtype) for w in siblings))
         y = lora_matmul.concat_linear(x, xa, tuple(dense_weight(w.base, x.dtype) for w in siblings), b)
-        ends = np.cumsum([w.lora_B.shape[0] for w in siblings])
-        return [y[..., int(e) - w.lora_B.shape[0]:int(e)] for w, e in zip(siblings, ends)]
+        return jnp.split(y, np.cumsum([w.lora_B.shape[0] for w in siblings])[:-1], axis=-1)
 
     def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """x [m, in] (rows sorted by expert) -> [m, out] for one layer's experts: base, plus each expert's

@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm.layers import gather_rows
-
 IGNORE_INDEX = -100
 
 # Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
@@ -83,7 +81,8 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     skip = skip_ignored == "on"
     if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
         order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
-        h, targets = gather_rows(h, order, jnp.argsort(order)), targets[order]  # backward: a gather too
+        # A permutation, declared unique: the backward scatters without autodiff's ids for colliding rows.
+        h, targets = h.at[order].get(unique_indices=True), targets[order]
     # As many chunks as `chunk` asks for, but of equal size (a multiple of 8), so that little is padding.
     chunks = -(-n // max(1, min(chunk, n)))
     chunk = -(-n // chunks)

@@ -79,7 +79,8 @@ def _concat_linear_fwd(x, xa, w, b):
 def _concat_linear_bwd(res, g):
     x, xa, w, b = res
     n = x.shape[-1]
-    if isinstance(w, (tuple, list)):
+    siblings = isinstance(w, (tuple, list))
+    if siblings:
         # Siblings' [w | b] is formed once g exists (b tied to g): left free, XLA formed it first, and the copy (56 MB
         # for the 2B gate/up) was live beside the activation gradient's inputs and output, the step's peak (H200 buffer
         # assignment; docs/BENCHMARKS.md, "Sibling Linears"; this tie is not measured yet). Tied by b, not w, so that
@@ -88,9 +89,9 @@ def _concat_linear_bwd(res, g):
     gc = jax.lax.dot_general(g, _stack_wb(w, b), (((g.ndim - 1,), (0,)), ((), ())))
     lead = tuple(range(g.ndim - 1))
     dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
-    if isinstance(w, (tuple, list)):
-        ends = np.cumsum([part.shape[0] for part in w])
-        dw = type(w)(dw[e - part.shape[0]:e].astype(part.dtype) for part, e in zip(w, ends))
+    if siblings:
+        parts = jnp.split(dw, np.cumsum([part.shape[0] for part in w])[:-1])
+        dw = type(w)(d.astype(part.dtype) for d, part in zip(parts, w))
     if kernels_for(xa.size // xa.shape[-1]):
         db = _tall_or_dot(g, xa).astype(b.dtype)
     else:
