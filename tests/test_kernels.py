@@ -62,6 +62,28 @@ def test_chunks_without_a_trained_token_skip_the_lm_head(skip, products, monkeyp
     np.testing.assert_allclose(g, jax.grad(lambda h: token_loss_sum(h @ w.T, labels)[0])(h), rtol=1e-4, atol=1e-6)
 
 
+def test_skipping_chunks_keeps_no_chunk_logits_for_the_backward(monkeypatch):
+    """The skip's cond sits inside the chunk's checkpoint, so the backward recomputes each chunk's logits instead of
+    keeping every chunk's (a checkpoint inside the cond's branch kept them: +4.5 GB at the Qwen2-VL-2B step on an
+    H200). What the skip adds to XLA's temporaries of the gradient must not grow with the number of chunks: from 4 to 8
+    samples (5 to 9 chunks) it grows by less than half a chunk's bf16 logits (it grew by more than one before)."""
+    from jaxvlm.kernels import cross_entropy
+    v, d = 8192, 64
+    w = jnp.full((v, d), 0.01, jnp.bfloat16)
+    added = {}
+    for b in (4, 8):
+        h = jnp.ones((b, 514, d), jnp.bfloat16)
+        labels = np.full((b, 514), IGNORE_INDEX)
+        labels[:, 300:] = 5
+        temp = {}
+        for skip in ("off", "on"):
+            monkeypatch.setattr(cross_entropy, "skip_ignored", skip)
+            loss = lambda h: chunked_token_loss_sum(lambda x: x @ w.T, h, jnp.asarray(labels), 512)[0]  # noqa: E731
+            temp[skip] = jax.jit(jax.grad(loss)).lower(h).compile().memory_analysis().temp_size_in_bytes
+        added[b] = temp["on"] - temp["off"]
+    assert added[8] - added[4] < 456 * v * 2 / 2, added
+
+
 def test_nll_gradient_is_one_pass_in_the_logits_dtype():
     """nll_sum's gradient equals autodiff's of the same formula in less working memory: one elementwise pass writes
     the logits' dtype where autodiff formed fp32 [n, V] arrays (on the CPU: one fp32 copy of the logits instead of
