@@ -8,10 +8,8 @@ from jaxvlm import layers
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 
 
-@pytest.mark.parametrize("skip", ["off", "on"])  # JAXVLM_LOSS_SKIP_IGNORED
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_chunked_cross_entropy_matches_full_logits(chunk, skip, monkeypatch):
-    monkeypatch.setattr("jaxvlm.kernels.cross_entropy.skip_ignored", skip)
+def test_chunked_cross_entropy_matches_full_logits(chunk):
     rng = np.random.default_rng(chunk)
     b, t, d, v = 3, 11, 16, 50
     h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
@@ -36,52 +34,6 @@ def test_chunked_cross_entropy_matches_full_logits(chunk, skip, monkeypatch):
     for a, b_ in zip(g, g_ref):
         np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(g[0][0, :3]).max()) == 0.0  # positions whose next label is ignored get no gradient
-
-
-@pytest.mark.parametrize("skip, products", [("off", 5), ("on", 2)])
-def test_chunks_without_a_trained_token_skip_the_lm_head(skip, products, monkeypatch):
-    """With JAXVLM_LOSS_SKIP_IGNORED=on the 10 trained tokens of 33 (chunks of 7: 5 chunks) go first, and only the
-    two chunks that hold them form logits; the loss, the count and the gradients stay the reference's."""
-    monkeypatch.setattr("jaxvlm.kernels.cross_entropy.skip_ignored", skip)
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((3, 12, 8)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((20, 8)), jnp.float32)
-    labels = np.full((3, 12), IGNORE_INDEX)
-    labels[0, 5:9], labels[2, 1:7] = rng.integers(0, 20, 4), rng.integers(0, 20, 6)  # 10 targets, spread
-    labels = jnp.asarray(labels)
-    calls = []
-
-    def logits_fn(x):
-        jax.debug.callback(lambda: calls.append(1))
-        return x @ w.T
-    s, n = jax.jit(lambda h: chunked_token_loss_sum(logits_fn, h, labels, 7))(h)
-    assert len(calls) == products and int(n) == 10
-    s_ref, _ = token_loss_sum(h @ w.T, labels)
-    np.testing.assert_allclose(s, s_ref, rtol=1e-5)
-    g = jax.grad(lambda h: chunked_token_loss_sum(lambda x: x @ w.T, h, labels, 7)[0])(h)
-    np.testing.assert_allclose(g, jax.grad(lambda h: token_loss_sum(h @ w.T, labels)[0])(h), rtol=1e-4, atol=1e-6)
-
-
-def test_skipping_chunks_keeps_no_chunk_logits_for_the_backward(monkeypatch):
-    """The skip's cond sits inside the chunk's checkpoint, so the backward recomputes each chunk's logits instead of
-    keeping every chunk's (a checkpoint inside the cond's branch kept them: +4.5 GB at the Qwen2-VL-2B step on an
-    H200). What the skip adds to XLA's temporaries of the gradient must not grow with the number of chunks: from 4 to 8
-    samples (5 to 9 chunks) it grows by less than half a chunk's bf16 logits (it grew by more than one before)."""
-    from jaxvlm.kernels import cross_entropy
-    v, d = 8192, 64
-    w = jnp.full((v, d), 0.01, jnp.bfloat16)
-    added = {}
-    for b in (4, 8):
-        h = jnp.ones((b, 514, d), jnp.bfloat16)
-        labels = np.full((b, 514), IGNORE_INDEX)
-        labels[:, 300:] = 5
-        temp = {}
-        for skip in ("off", "on"):
-            monkeypatch.setattr(cross_entropy, "skip_ignored", skip)
-            loss = lambda h: chunked_token_loss_sum(lambda x: x @ w.T, h, jnp.asarray(labels), 512)[0]  # noqa: E731
-            temp[skip] = jax.jit(jax.grad(loss)).lower(h).compile().memory_analysis().temp_size_in_bytes
-        added[b] = temp["on"] - temp["off"]
-    assert added[8] - added[4] < 456 * v * 2 / 2, added
 
 
 def test_nll_gradient_is_one_pass_in_the_logits_dtype():

@@ -9,7 +9,6 @@ dtype in one pass.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -17,12 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = -100
-
-# Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
-# the lm_head product, in the forward and the backward pass: the trained tokens are moved first and each chunk's loss
-# is a `lax.cond` on whether it holds one. "on" or "off" (the default: not measured on a GPU yet, where each cond
-# costs a wait for its predicate). Read at trace time.
-skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "off")
 
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -71,18 +64,12 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
 
     logits_fn: final hidden states `[n, D]` -> logits `[n, V]` (the model's lm_head, any weight type);
     hidden `[B, T, D]`; labels `[B, T]` unshifted (position t predicts labels[t + 1]). Tokens go in
-    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding). With
-    JAXVLM_LOSS_SKIP_IGNORED=on (`skip_ignored`) the trained tokens go first and chunks without one are skipped.
+    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding).
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1)
     n = h.shape[0]
-    skip = skip_ignored == "on"
-    if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
-        order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
-        # A permutation, declared unique: the backward scatters without autodiff's ids for colliding rows.
-        h, targets = h.at[order].get(unique_indices=True), targets[order]
     # As many chunks as `chunk` asks for, but of equal size (a multiple of 8), so that little is padding.
     chunks = -(-n // max(1, min(chunk, n)))
     chunk = -(-n // chunks)
@@ -91,23 +78,12 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
 
+    @jax.checkpoint
     def chunk_nll(hc, tc):
         return nll_sum(logits_fn(hc), tc)
 
-    trained = jnp.sum(targets != IGNORE_INDEX)
-
-    # The cond inside the checkpoint: a checkpoint inside a cond's branch keeps the branch's residuals (the chunk's
-    # logits: +4.5 GB at the 2B step, measured), this way only the chunk's inputs are kept.
-    @jax.checkpoint
-    def chunk_or_zero(hc, tc, live):
-        return jax.lax.cond(live, chunk_nll, lambda hc, tc: jnp.zeros((), jnp.float32), hc, tc)
-
     def body(total, xs):
-        i, hc, tc = xs
-        if not skip:
-            return total + jax.checkpoint(chunk_nll)(hc, tc), None
-        return total + chunk_or_zero(hc, tc, i * chunk < trained), None
+        return total + chunk_nll(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (jnp.arange(h.shape[0]), h, targets))
-    return total, trained
-
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets))
+    return total, jnp.sum(targets != IGNORE_INDEX)
