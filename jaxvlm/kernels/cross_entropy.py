@@ -9,6 +9,8 @@ dtype in one pass.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import jax
@@ -16,6 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = -100
+
+# "on": chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens)
+# skip the lm_head product in both passes (`_live_chunks_nll`: loops of as many steps as chunks hold a trained token;
+# the host reads each step's bound). "off" (the default) until this form is measured on a GPU: a first form (a lax.cond
+# per chunk inside the scan) was 0.9% faster on the 2B step and 335 MB over its peak, because the cond returned the
+# lm_head weight as a residual (docs/BENCHMARKS.md, "the loss's chunk skip"). Read at trace time.
+skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "off")
 
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -64,12 +73,18 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
 
     logits_fn: final hidden states `[n, D]` -> logits `[n, V]` (the model's lm_head, any weight type);
     hidden `[B, T, D]`; labels `[B, T]` unshifted (position t predicts labels[t + 1]). Tokens go in
-    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding).
+    ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding). With
+    JAXVLM_LOSS_SKIP_IGNORED=on (`skip_ignored`) the trained tokens go first and only the chunks holding one are formed.
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1)
     n = h.shape[0]
+    skip = skip_ignored == "on"
+    if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
+        order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
+        # A permutation, declared unique: the backward scatters without autodiff's ids for colliding rows.
+        h, targets = h.at[order].get(unique_indices=True), targets[order]
     # As many chunks as `chunk` asks for, but of equal size (a multiple of 8), so that little is padding.
     chunks = -(-n // max(1, min(chunk, n)))
     chunk = -(-n // chunks)
@@ -77,6 +92,10 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     pad = -n % chunk
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
+    trained = jnp.sum(targets != IGNORE_INDEX)
+    if skip:
+        fn, consts = jax.closure_convert(logits_fn, h[0])  # the lm_head's arrays as arguments of the custom_vjp
+        return _live_chunks_nll(fn, h, targets, -(-trained // chunk), *consts), trained
 
     @jax.checkpoint
     def chunk_nll(hc, tc):
@@ -86,4 +105,54 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
         return total + chunk_nll(*xs), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets))
-    return total, jnp.sum(targets != IGNORE_INDEX)
+    return total, trained
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _live_chunks_nll(fn, h, targets, live, *consts):
+    """Sum of `nll_sum(fn(h[i], *consts), targets[i])` over the first `live` chunks (a loop of `live` steps; the rest
+    hold no trained token). Its backward runs the same loop, each step forming its chunk's logits again, their gradient
+    and the chunk's dh (and the consts' gradients where they are trained, e.g. a LoRA on the lm_head), so no chunk's
+    logits outlive its step and nothing of the skipped chunks is formed: in particular no zero cotangent of the frozen
+    lm_head weight, which a `lax.cond` per chunk had to return as a residual from both its branches."""
+    return _live_fwd_total(fn, h, targets, live, consts)
+
+
+def _live_fwd_total(fn, h, targets, live, consts):
+    def body(i, total):
+        return total + nll_sum(fn(h[i], *consts), targets[i])
+    return jax.lax.fori_loop(0, live, body, jnp.zeros((), jnp.float32))
+
+
+def _live_chunks_fwd(fn, h, targets, live, *consts):
+    values = [c.value for c in consts]
+    trained = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
+    return _live_fwd_total(fn, h.value, targets.value, live.value, values), (h.value, targets.value, live.value,
+                                                                             values, trained)
+
+
+def _live_chunks_bwd(fn, res, g):
+    h, targets, live, consts, trained = res
+    which = [i for i, flag in enumerate(trained) if flag is not None]
+
+    def body(i, carry):
+        dh, dconsts = carry
+
+        def loss(hc, *tc):
+            full = list(consts)
+            for j, c in zip(which, tc):
+                full[j] = c
+            return nll_sum(fn(hc, *full), targets[i])
+        _, vjp = jax.vjp(loss, h[i], *(consts[j] for j in which))
+        d = vjp(g if not isinstance(g, jax.custom_derivatives.SymbolicZero) else jnp.zeros((), jnp.float32))
+        return dh.at[i].set(d[0]), tuple(a + b.astype(a.dtype) for a, b in zip(dconsts, d[1:]))
+
+    init = (jnp.zeros_like(h), tuple(jnp.zeros_like(consts[j]) for j in which))
+    dh, dconsts = jax.lax.fori_loop(0, live, body, init)
+    out = [None] * len(consts)
+    for j, dc in zip(which, dconsts):
+        out[j] = dc
+    return (dh, None, None, *out)
+
+
+_live_chunks_nll.defvjp(_live_chunks_fwd, _live_chunks_bwd, symbolic_zeros=True)
