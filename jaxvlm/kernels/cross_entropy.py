@@ -126,14 +126,14 @@ def _live_fwd_total(fn, h, targets, live, consts):
 
 def _live_chunks_fwd(fn, h, targets, live, *consts):
     values = [c.value for c in consts]
-    trained = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
+    perturbed = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
     return _live_fwd_total(fn, h.value, targets.value, live.value, values), (h.value, targets.value, live.value,
-                                                                             values, trained)
+                                                                             values, perturbed)
 
 
 def _live_chunks_bwd(fn, res, g):
-    h, targets, live, consts, trained = res
-    which = [i for i, flag in enumerate(trained) if flag is not None]
+    h, targets, live, consts, perturbed = res
+    which = [i for i, flag in enumerate(perturbed) if flag is not None]  # the consts that get a cotangent
 
     def body(i, carry):
         dh, dconsts = carry
