@@ -19,12 +19,19 @@ import numpy as np
 
 IGNORE_INDEX = -100
 
-# "on": chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens)
-# skip the lm_head product in both passes (`_live_chunks_nll`: loops of as many steps as chunks hold a trained token;
-# the host reads each step's bound). "off" (the default) until this form is measured on a GPU: a first form (a lax.cond
-# per chunk inside the scan) was 0.9% faster on the 2B step and 335 MB over its peak, because the cond returned the
-# lm_head weight as a residual (docs/BENCHMARKS.md, "the loss's chunk skip"). Read at trace time.
-skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "off")
+# Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
+# the lm_head product in both passes (`_live_chunks_nll`: loops of as many steps as chunks hold a trained token; the
+# host reads each step's bound): "auto" (the default) in a process with one device (not measured over a mesh), "on"
+# always, "off" never. Read at trace time. On an H200 (docs/BENCHMARKS.md, "The loss's chunk skip, measured on every
+# family"): Qwen2-VL-2B bf16 step -2.4%, NF4 -2.1%, Gemma 3 4B -2.3%, Qwen3-VL-2B, LLaVA-1.5-7B and Llama 3.2 Vision
+# (every text token trained) within their spread, no peak higher. A first form (a lax.cond per chunk) cost 335 MB of
+# the 2B step's peak: the cond returned the lm_head weight as a residual.
+skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "auto")
+
+
+def skipping() -> bool:
+    """Whether the loss skips its chunks without a trained token (`skip_ignored`)."""
+    return skip_ignored == "on" or (skip_ignored == "auto" and jax.device_count() == 1)
 
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -74,13 +81,14 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     logits_fn: final hidden states `[n, D]` -> logits `[n, V]` (the model's lm_head, any weight type);
     hidden `[B, T, D]`; labels `[B, T]` unshifted (position t predicts labels[t + 1]). Tokens go in
     ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding). With
-    JAXVLM_LOSS_SKIP_IGNORED=on (`skip_ignored`) the trained tokens go first and only the chunks holding one are formed.
+    the skip on (`skipping`, JAXVLM_LOSS_SKIP_IGNORED) the trained tokens go first and only the chunks holding one are
+    formed.
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1)
     n = h.shape[0]
-    skip = skip_ignored == "on"
+    skip = skipping()
     if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
         order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
         # A permutation, declared unique: the backward scatters without autodiff's ids for colliding rows.
