@@ -138,3 +138,32 @@ def test_scatter_rows_places_rows_drops_padding_and_keeps_no_ids_for_the_backwar
     ints = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("scatter")
             and jnp.issubdtype(e.outvars[0].aval.dtype, jnp.integer)]
     assert not ints, ints
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "quick_gelu", "gelu_pytorch_tanh"])
+def test_activations_differentiate_from_their_input_alone(name, monkeypatch):
+    """With JAXVLM_ACTIVATION_BACKWARD=input each activation's gradient is autodiff's of its formula (transformers'
+    definitions), formed from the input alone: the backward keeps only x (autodiff kept the sigmoid or tanh of x
+    beside it, a [tokens, 5120] array per Qwen2-VL vision block). bf16 in and out, float32 inside: closer to the
+    float32 gradient than bf16 autodiff is."""
+    from jaxvlm import layers
+    monkeypatch.setattr(layers, "activation_backward", "input")
+    formulas = {"silu": lambda x: x * jax.nn.sigmoid(x), "gelu": lambda x: 0.5 * x * (1 + jax.scipy.special.erf(
+        x / float(np.sqrt(2)))), "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "gelu_pytorch_tanh": lambda x: 0.5 * x * (1 + jnp.tanh(float(np.sqrt(2 / np.pi)) * (x + 0.044715 * x ** 3)))}
+    act, ref = layers.ACTIVATIONS[name], formulas[name]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 48)) * 3, jnp.float32)
+    loss = lambda f, x: jnp.sum(jnp.sin(f(x).astype(jnp.float32)))  # noqa: E731
+    np.testing.assert_allclose(act(x), ref(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: loss(act, x))(x), jax.grad(lambda x: loss(ref, x))(x), rtol=1e-5,
+                               atol=1e-6)
+    xb = x.astype(jnp.bfloat16)
+    _, vjp = jax.vjp(act, xb)
+    assert [(r.shape, r.dtype) for r in jax.tree.leaves(vjp) if hasattr(r, "shape")] == [(xb.shape, xb.dtype)]
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.bfloat16)
+    exact = jax.vjp(ref, xb.astype(jnp.float32))[1](cot.astype(jnp.float32))[0]
+    (g,), (g_autodiff,) = vjp(cot), jax.vjp(ref, xb)[1](cot)
+    assert g.dtype == jnp.bfloat16
+    err, err_autodiff = (jnp.abs(a.astype(jnp.float32) - exact) for a in (g, g_autodiff))
+    np.testing.assert_allclose(g.astype(jnp.float32), exact, rtol=2 ** -8, atol=1e-3)  # float32's, rounded once
+    assert float(jnp.mean(err)) < float(jnp.mean(err_autodiff))
