@@ -334,8 +334,14 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
                peak_gib=round(peak / 2**30, 2), peak_bytes=int(peak),
                mfu=round(flops / step_s / n_dev / H100_BF16_FLOPS, 3), run_s=round(wall, 1), trainable=trainable,
                lora_experts=lora_experts if hasattr(cfg.text, "num_experts") else None,
-               **({"mesh": dict(mesh.shape), "devices": n_dev} if mesh is not None else {}))
+               **({"mesh": dict(mesh.shape), "devices": n_dev} if mesh is not None else {}),
+               **({"settings": settings} if (settings := run_settings()) else {}))
     return out
+
+
+def run_settings() -> dict:
+    """The process's jaxvlm settings (JAXVLM_*, read at trace time) and XLA_FLAGS, so that a line says what ran."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("JAXVLM_") or k == "XLA_FLAGS"}
 
 
 def main():
