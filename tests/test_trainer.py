@@ -99,6 +99,19 @@ def test_full_finetuning_losses_match_torch_for_10_steps(tiny, tmp_path):
 
 def test_lora_losses_match_transformers_and_peft_for_10_steps(tiny, tmp_path):
     """The same LoRA init (our adapter loaded into PEFT), data and AdamW: the same per-step losses."""
+    lora_losses_match_peft(tiny, tmp_path)
+
+
+@ONE_FAMILY
+def test_lora_losses_match_peft_with_activations_differentiated_from_their_input(tiny, tmp_path, monkeypatch):
+    """JAXVLM_ACTIVATION_BACKWARD=input (the vision MLP's quick-GELU, the text MLP's SiLU, each differentiated from its
+    input alone, inside the rematerialized layer scans): PEFT's per-step losses still."""
+    from jaxvlm import layers
+    monkeypatch.setattr(layers, "activation_backward", "input")
+    lora_losses_match_peft(tiny, tmp_path)
+
+
+def lora_losses_match_peft(tiny, tmp_path):
     from peft import PeftModel
     from jaxvlm import FastVisionModel
     from tests.tiny import build_hf_model
