@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_matmul
+from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_matmul, one_device_on
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -113,7 +113,7 @@ def sibling_linears(x: jax.Array, modules) -> list[jax.Array]:
     else each by `linear`. Biases are added per output."""
     weights = [m.weight.get_value() for m in modules]
     ys = None
-    if sibling_products == "on" or (sibling_products == "auto" and jax.device_count() == 1):
+    if one_device_on(sibling_products):
         fused = getattr(weights[0], "sibling_linear", None)
         ys = fused(x, weights) if fused is not None else None
     if ys is None:

@@ -42,9 +42,9 @@ def test_chunked_cross_entropy_matches_full_logits(chunk, skip, monkeypatch):
                                                     ("on", 8, 2)])
 def test_chunks_without_a_trained_token_skip_the_lm_head(skip, devices, products, monkeypatch):
     """With the skip on (JAXVLM_LOSS_SKIP_IGNORED=on, or auto, the default, in a process with one device) the 10 trained
-    tokens of 33 (chunks of 7: 5 chunks) go first, and only the
-    two chunks that hold them form logits, in the forward and in the backward; the loss, the count and the gradients
-    (of the hidden states and of the lm_head, as when it is trained) stay the reference's."""
+    tokens of 33 (chunks of 7: 5 chunks) go first, and only the two chunks that hold them form logits, in the forward
+    and in the backward; the loss, the count and the gradients (of the hidden states and of the lm_head, as when it is
+    trained) stay the reference's."""
     monkeypatch.setattr("jaxvlm.kernels.cross_entropy.skip_ignored", skip)
     monkeypatch.setattr(jax, "device_count", lambda: devices)  # auto: off under a mesh, where it is not measured
     rng = np.random.default_rng(0)

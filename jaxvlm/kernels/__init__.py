@@ -18,3 +18,9 @@ def kernel_on(setting: str) -> bool:
     if setting == "auto":
         return gpu and jax.device_count() == 1
     return False
+
+
+def one_device_on(setting: str) -> bool:
+    """Whether a setting of a rewrite that runs on any backend (its JAXVLM_... environment variable) picks it: "on"
+    always, "auto" in a process with one device (where it was measured), anything else ("off") never."""
+    return setting == "on" or (setting == "auto" and jax.device_count() == 1)

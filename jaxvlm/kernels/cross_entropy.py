@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvlm.kernels import one_device_on
+
 IGNORE_INDEX = -100
 
 # Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
@@ -27,11 +29,6 @@ IGNORE_INDEX = -100
 # (every text token trained) within their spread, no peak higher. A first form (a lax.cond per chunk) cost 335 MB of
 # the 2B step's peak: the cond returned the lm_head weight as a residual.
 skip_ignored = os.environ.get("JAXVLM_LOSS_SKIP_IGNORED", "auto")
-
-
-def skipping() -> bool:
-    """Whether the loss skips its chunks without a trained token (`skip_ignored`)."""
-    return skip_ignored == "on" or (skip_ignored == "auto" and jax.device_count() == 1)
 
 
 def token_loss_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,14 +78,13 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     logits_fn: final hidden states `[n, D]` -> logits `[n, V]` (the model's lm_head, any weight type);
     hidden `[B, T, D]`; labels `[B, T]` unshifted (position t predicts labels[t + 1]). Tokens go in
     ceil(n / chunk) chunks of equal size (batch 8 x 513 predicted tokens: 9 chunks of 456, no padding). With
-    the skip on (`skipping`, JAXVLM_LOSS_SKIP_IGNORED) the trained tokens go first and only the chunks holding one are
-    formed.
+    the skip on (`skip_ignored`) the trained tokens go first and only the chunks holding one are formed.
     """
     b, t, d = hidden.shape
     h = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1)
     n = h.shape[0]
-    skip = skipping()
+    skip = one_device_on(skip_ignored)
     if skip:  # the trained tokens first (stable), so that the chunks past their count hold none
         order = jnp.argsort(targets == IGNORE_INDEX, stable=True)
         # A permutation, declared unique: the backward scatters without autodiff's ids for colliding rows.
