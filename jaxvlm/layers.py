@@ -193,12 +193,13 @@ class LayerNorm(nnx.Module):
         return h.astype(x.dtype)
 
 
-# An activation's backward: "input" forms it from the activation's input alone, in one pass over it and the cotangent
-# (float32 inside, the input's dtype out; `_input_only_backward`); "autodiff" (the default: not measured on a GPU yet)
-# differentiates the formula, which keeps the formula's intermediates as residuals (quick-GELU's sigmoid, a [tokens,
-# 5120] array per vision block of the Qwen2-VL-2B step) and adds the cotangents of its terms in a pass of their own
-# (`loop_add_fusion` bf16[8192, 5120], 2.2 ms of that step on an H200). Read at trace time.
-activation_backward = os.environ.get("JAXVLM_ACTIVATION_BACKWARD", "autodiff")
+# An activation's backward: "input" (the default) forms it from the activation's input alone, in one pass over it and
+# the cotangent (float32 inside, the input's dtype out; `_input_only_backward`); "autodiff" differentiates the formula,
+# which keeps the formula's intermediates as residuals (quick-GELU's sigmoid, a [tokens, 5120] array per vision block
+# of the Qwen2-VL-2B step) and adds the cotangents of its terms in a pass of their own. Measured on an H200
+# (docs/BENCHMARKS.md, "Activations differentiated from their input"): no step slower, every peak lower (Qwen2-VL-2B
+# bf16 b8 -21 MB, NF4 -2.7% step, Gemma 3 4B -280 MB). Read at trace time.
+activation_backward = os.environ.get("JAXVLM_ACTIVATION_BACKWARD", "input")
 
 
 def _input_only_backward(f):

@@ -184,30 +184,73 @@ def summarize_jax_trace(trace_dir: str, steps: int) -> dict:
     return _summary(kernels, ops, steps)
 
 
-def torch_cupti_trace(run, steps: int) -> dict:
+def torch_cupti_trace(run, steps: int, timeline: str | None = None) -> dict:
     """GPU kernels of `run()` (JAX's included: CUPTI sees the whole process) through torch's profiler,
     for where jax.profiler crashes. Kernel names are XLA's fusion names (see `name_kernels`) or library
-    kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the time the GPU was busy (any kernel)."""
+    kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the time the GPU was busy (any kernel), and where it
+    idled. With `timeline` (a .json.gz path): every GPU span and every CUDA API call on the host (launches,
+    synchronizations) as [start us, duration us, "gpu" or "host", name], for a look at single steps."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
     kernels: dict[str, list] = {}
-    spans = []
+    spans, rows = [], []
     for ev in prof.events():
         dt = getattr(ev, "device_time", None)
         if dt is None or not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+            if timeline and ev.name.startswith("cu"):
+                rows.append([ev.time_range.start, ev.time_range.end - ev.time_range.start, "host", ev.name])
             continue
+        rows.append([ev.time_range.start, ev.time_range.end - ev.time_range.start, "gpu", ev.name])
         entry = kernels.setdefault(ev.name, [0.0, 0])
         entry[0] += dt / 1e3
         entry[1] += 1
-        spans.append((ev.time_range.start, ev.time_range.end))
-    busy, end = 0.0, None
-    for a, b in sorted(spans):  # the union of the kernels' intervals
+        spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    busy, gaps = busy_and_gaps(spans)
+    if timeline:
+        import gzip
+        t0 = min((r[0] for r in rows), default=0)
+        with gzip.open(timeline, "wt") as f:
+            json.dump(sorted([round(a - t0, 1), round(d, 1), kind, name] for a, d, kind, name in rows), f)
+    return _summary(kernels, {}, steps, busy_ms_per_step=round(busy / 1e3 / steps, 3), **idle_gaps(gaps, spans))
+
+
+def busy_and_gaps(spans: list) -> tuple[float, list]:
+    """spans: (start, end, name) of the GPU's kernels, in us. The union of their intervals (the time the GPU was
+    busy), and the idle gaps between them: (us, start of the next kernel, the kernel that ended last, the next)."""
+    busy, end, last, gaps = 0.0, None, None, []
+    for a, b, name in sorted(spans):
+        if end is not None and a > end:
+            gaps.append((a - end, a, last, name))
         if end is None or a > end:
-            busy, end = busy + b - a, b
+            busy, end, last = busy + b - a, b, name
         elif b > end:
-            busy, end = busy + b - end, b
-    return _summary(kernels, {}, steps, busy_ms_per_step=round(busy / 1e3 / steps, 3))
+            busy, end, last = busy + b - end, b, name
+    return busy, gaps
+
+
+def idle_gaps(gaps: list, spans: list, top: int = 60) -> dict:
+    """Where the GPU idled between kernels: gaps (us, at, kernel before, kernel after) summed by size (the trace's
+    first step may hold host work such as tracing) and the largest ones, each with its offset from the trace's
+    first kernel in ms and the kernels on either side (XLA's fusion names; `name_kernels` names them), and the idle
+    time summed by the kernel it followed. Over the whole trace, not per step."""
+    t0 = min(a for a, _, _ in spans) if spans else 0
+    bins = {"<10us": [0.0, 0], "10-100us": [0.0, 0], "100us-1ms": [0.0, 0], ">1ms": [0.0, 0]}
+    for us, *_ in gaps:
+        key = "<10us" if us < 10 else "10-100us" if us < 100 else "100us-1ms" if us < 1000 else ">1ms"
+        bins[key][0] += us / 1e3
+        bins[key][1] += 1
+    after: dict[str, list] = {}
+    for us, _, before, _ in gaps:
+        entry = after.setdefault(before, [0.0, 0])
+        entry[0] += us / 1e3
+        entry[1] += 1
+    largest = sorted(gaps, reverse=True)[:top]
+    return dict(idle_ms_by_gap={k: [round(ms, 3), n] for k, (ms, n) in bins.items()},
+                idle_ms_after=[(name[:80], round(ms, 3), n) for name, (ms, n) in
+                               sorted(after.items(), key=lambda kv: -kv[1][0])[:top]],
+                largest_gaps=[(round(us, 1), round((at - t0) / 1e3, 3), before[:80], after[:80])
+                              for us, at, before, after in largest])
 
 
 def keep_hlo_dump(dump_dir: str, out_dir: str, name: str = "") -> str | None:
@@ -310,10 +353,15 @@ def run_one(batch: int, weights: str, remat: str, attn: str, loss_chunk: int, te
             summary = summarize_jax_trace(trace, 3)
         else:
             tr = trainer(3)
-            summary = torch_cupti_trace(tr.train, 3)
+            summary = torch_cupti_trace(tr.train, 3, os.path.join(trace, "timeline.json.gz"))
         hlo = keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), trace)
         if hlo:
             summary["top_kernels_ms"] = name_kernels(summary["top_kernels_ms"], hlo)
+            if "largest_gaps" in summary:  # the kernels on either side of each gap, named once
+                names = sorted({n for gap in summary["largest_gaps"] for n in gap[2:]})
+                named = {row[0]: row for row in name_kernels([[n] for n in names], hlo)}
+                summary["largest_gaps"] = [[*gap[:2], named[gap[2]], named[gap[3]]]
+                                           for gap in summary["largest_gaps"]]
         out = dict(bench="train-trace", tool=trace_tool, geometry=geometry, weights=weights, remat=remat,
                    attn=attn, loss_chunk=loss_chunk, batch=batch, device=jax.devices()[0].device_kind,
                    **summary)

@@ -103,11 +103,11 @@ def test_lora_losses_match_transformers_and_peft_for_10_steps(tiny, tmp_path):
 
 
 @ONE_FAMILY
-def test_lora_losses_match_peft_with_activations_differentiated_from_their_input(tiny, tmp_path, monkeypatch):
-    """JAXVLM_ACTIVATION_BACKWARD=input (the vision MLP's quick-GELU, the text MLP's SiLU, each differentiated from its
-    input alone, inside the rematerialized layer scans): PEFT's per-step losses still."""
+def test_lora_losses_match_peft_with_activations_differentiated_by_autodiff(tiny, tmp_path, monkeypatch):
+    """JAXVLM_ACTIVATION_BACKWARD=autodiff (the activations' formulas differentiated, where the default forms each
+    backward from its input alone inside the rematerialized layer scans): PEFT's per-step losses too."""
     from jaxvlm import layers
-    monkeypatch.setattr(layers, "activation_backward", "input")
+    monkeypatch.setattr(layers, "activation_backward", "autodiff")
     lora_losses_match_peft(tiny, tmp_path)
 
 
