@@ -263,6 +263,30 @@ def test_trls_max_length_is_max_seq_length():
 
 
 @ONE_FAMILY
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_the_loop_sends_nothing_to_the_device_between_its_compiled_steps(tiny, tmp_path, scheduler):
+    """The loop's device work is its two compiled programs (gradient, update) and the prefetched inputs: no eager op
+    behind them. The logged learning rate is computed on the host (with jnp it queued behind the next step, and
+    reading it made the host wait for that step before dispatching the one after: ~8 ms of idle GPU in the 0.18 s
+    H200 step) and the micro-batches add up in one compiled call. Host-to-device transfers other than explicit ones
+    raise; the logged rates are transformers' schedule's."""
+    from transformers import get_scheduler
+    family, path, _ = tiny
+    trainer = make_trainer(path, 4, tmp_path, lr_scheduler_type=scheduler)  # 2 micro-batches a step
+    with jax.transfer_guard_host_to_device("disallow"):
+        trainer.train()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.args.learning_rate)
+    sched = get_scheduler(scheduler, opt, num_warmup_steps=2, num_training_steps=4)
+    want = []
+    for _ in range(4):
+        want.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose([r["learning_rate"] for r in trainer.log_history], want, rtol=1e-6)
+    assert np.isfinite([r["loss"] for r in trainer.log_history]).all()
+
+
+@ONE_FAMILY
 def test_a_training_step_uses_no_deprecated_optax_function(tiny, tmp_path):
     family, path, _ = tiny
     trainer = make_trainer(path, 1, tmp_path)

@@ -156,26 +156,28 @@ def decay_mask(model: nnx.Module, paths: Sequence[tuple]) -> list[bool]:
 
 
 def lr_schedule(args: SFTConfig, total_steps: int) -> optax.Schedule:
-    """transformers' schedules (get_scheduler): the lr used at optimizer step k (k = 0 first)."""
+    """transformers' schedules (get_scheduler): the lr used at optimizer step k (k = 0 first). `schedule(k, np)`
+    evaluates it with NumPy on the host (the trainer's log: jnp would run it on the device, behind the steps queued
+    there)."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     lr = args.learning_rate
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
+    def schedule(step, xp=jnp):
+        step = xp.asarray(step, xp.float32)
         warm = step / max(1, warmup)
         progress = (step - warmup) / max(1, total_steps - warmup)
         kind = args.lr_scheduler_type
         if kind == "linear":
-            after = jnp.maximum(0.0, 1.0 - progress)
+            after = xp.maximum(0.0, 1.0 - progress)
         elif kind == "cosine":
-            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+            after = xp.maximum(0.0, 0.5 * (1.0 + xp.cos(xp.pi * progress)))
         elif kind in ("constant", "constant_with_warmup"):
-            after = jnp.ones_like(step)
+            after = xp.ones_like(step)
             if kind == "constant":
                 return lr * after
         else:
             raise ValueError(f"lr_scheduler_type={kind!r}: expected linear, cosine, constant or constant_with_warmup")
-        return lr * jnp.where(step < warmup, warm, after)
+        return lr * xp.where(step < warmup, warm, after)
     return schedule
 
 
@@ -387,6 +389,8 @@ class SFTTrainer:
             loss = jnp.where(n_tokens > 0, loss_sum / n, jnp.nan)
             return optax.apply_updates(trainable, updates), opt_state, loss, grad_norm
 
+        # Micro-batches' gradients and loss sums added in one compiled call (eager adds would dispatch one per leaf).
+        accumulate = jax.jit(lambda total, part: jax.tree.map(jnp.add, total, part), donate_argnums=0)
         schedule = lr_schedule(a, total)
         progress = _progress(total, step)
         losses, t_start, tokens_seen = [], time.perf_counter(), 0
@@ -400,7 +404,7 @@ class SFTTrainer:
             now = time.perf_counter()
             losses.append(loss)
             record = {"step": step_no, "loss": loss, "grad_norm": float(grad_norm),
-                      "learning_rate": float(schedule(step_no - 1)),
+                      "learning_rate": float(schedule(step_no - 1, np)),
                       "tokens_per_s": n_seq_tokens / (now - last["t"])}
             last["t"] = now
             self.log_history.append(record)
@@ -446,8 +450,10 @@ class SFTTrainer:
                     key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
                     with layout():  # read while grad_step traces
                         ls, nt, g = grad_step(trainable, frozen, inputs, key)
-                    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-                    loss_sum, n_tokens = loss_sum + ls, n_tokens + nt
+                    if grads is None:
+                        grads, loss_sum, n_tokens = g, ls, nt
+                    else:
+                        grads, loss_sum, n_tokens = accumulate((grads, loss_sum, n_tokens), (g, ls, nt))
                     n_seq_tokens += int(counts[1])
                 trained_so_far += n_trained
                 seen = (step + 1) * a.gradient_accumulation_steps * self.global_batch_size
