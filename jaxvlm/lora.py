@@ -77,6 +77,9 @@ class LoRA:
         # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
         a = self.lora_A.astype(x.dtype)
+        if key is None and in_f < out_f and rows >= in_f and lora_matmul.widen_in_place():
+            return lora_matmul.widening_linear(x, a, scale, dense_weight(self.base, x.dtype),
+                                               self.lora_B.astype(x.dtype))
         xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
         b = self.lora_B.astype(x.dtype)
         # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
@@ -104,9 +107,13 @@ class LoRA:
         scales = [w.scale if w.mask is None else w.scale * w.mask for w in siblings]
         scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(s, x.dtype), (r,)) for s, r in zip(scales, ranks)])
         a = jnp.concatenate([w.lora_A for w in siblings]).astype(x.dtype)
-        xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
         b = jax.scipy.linalg.block_diag(*(w.lora_B.astype(x.dtype) for w in siblings))
-        y = lora_matmul.concat_linear(x, xa, tuple(dense_weight(w.base, x.dtype) for w in siblings), b)
+        weights = tuple(dense_weight(w.base, x.dtype) for w in siblings)
+        if lora_matmul.widen_in_place():
+            y = lora_matmul.widening_linear(x, a, scale, weights, b)
+        else:
+            xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
+            y = lora_matmul.concat_linear(x, xa, weights, b)
         return jnp.split(y, np.cumsum([w.lora_B.shape[0] for w in siblings])[:-1], axis=-1)
 
     def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
