@@ -77,6 +77,17 @@ def _stack_wb(w, b: jax.Array) -> jax.Array:
     return jnp.concatenate([w, b], axis=-1)
 
 
+def _weight_cotangent(g: jax.Array, x: jax.Array, w):
+    """g^T x over every leading axis: the cotangent of w [out, in], or of each weight of a tuple stacked along out (a
+    frozen base's is dead code that XLA drops)."""
+    lead = tuple(range(g.ndim - 1))
+    dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
+    if not isinstance(w, (tuple, list)):
+        return dw
+    parts = jnp.split(dw, np.cumsum([part.shape[0] for part in w])[:-1])
+    return type(w)(d.astype(part.dtype) for d, part in zip(parts, w))
+
+
 def _concat_linear_fwd(x, xa, w, b):
     return concat_linear(x, xa, w, b), (x, xa, w, b)
 
@@ -94,10 +105,7 @@ def _concat_linear_bwd(res, g):
         g, b = jax.lax.optimization_barrier((g, b))
     gc = jax.lax.dot_general(g, _stack_wb(w, b), (((g.ndim - 1,), (0,)), ((), ())))
     lead = tuple(range(g.ndim - 1))
-    dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
-    if siblings:
-        parts = jnp.split(dw, np.cumsum([part.shape[0] for part in w])[:-1])
-        dw = type(w)(d.astype(part.dtype) for d, part in zip(parts, w))
+    dw = _weight_cotangent(g, x, w)
     if kernels_for(xa.size // xa.shape[-1]):
         db = _tall_or_dot(g, xa).astype(b.dtype)
     else:
@@ -146,13 +154,7 @@ def _widening_linear_bwd(res, g):
     dx, da = jax.lax.optimization_barrier((dx, da))
     xa = xcat[..., n:]
     db = (_tall_or_dot(g, xa) if skinny else jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))).astype(b.dtype)
-    dw = jax.lax.dot_general(g, xcat[..., :n], ((lead, lead), ((), ())))
-    if isinstance(w, (tuple, list)):
-        parts = jnp.split(dw, np.cumsum([part.shape[0] for part in w])[:-1])
-        dw = type(w)(d.astype(part.dtype) for d, part in zip(parts, w))
-    else:
-        dw = dw.astype(w.dtype)
-    return dx.astype(xcat.dtype), da.astype(a.dtype), jnp.zeros_like(scale), dw, db
+    return dx.astype(xcat.dtype), da.astype(a.dtype), jnp.zeros_like(scale), _weight_cotangent(g, xcat[..., :n], w), db
 
 
 widening_linear.defvjp(_widening_linear_fwd, _widening_linear_bwd)
