@@ -188,20 +188,17 @@ def torch_cupti_trace(run, steps: int, timeline: str | None = None) -> dict:
     """GPU kernels of `run()` (JAX's included: CUPTI sees the whole process) through torch's profiler,
     for where jax.profiler crashes. Kernel names are XLA's fusion names (see `name_kernels`) or library
     kernels (cuBLAS nvjet/sm90 GEMMs, cuDNN attention). Also the time the GPU was busy (any kernel), and where it
-    idled. With `timeline` (a .json.gz path): every GPU span and every CUDA API call on the host (launches,
-    synchronizations) as [start us, duration us, "gpu" or "host", name], for a look at single steps."""
+    idled. With `timeline` (a .json.gz path): every GPU span (kernels, copies) as [start us, duration us, name],
+    the start from the first span's, for a look at single steps."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
     kernels: dict[str, list] = {}
-    spans, rows = [], []
+    spans = []
     for ev in prof.events():
         dt = getattr(ev, "device_time", None)
         if dt is None or not str(getattr(ev, "device_type", "")).endswith("CUDA"):
-            if timeline and ev.name.startswith("cu"):
-                rows.append([ev.time_range.start, ev.time_range.end - ev.time_range.start, "host", ev.name])
             continue
-        rows.append([ev.time_range.start, ev.time_range.end - ev.time_range.start, "gpu", ev.name])
         entry = kernels.setdefault(ev.name, [0.0, 0])
         entry[0] += dt / 1e3
         entry[1] += 1
@@ -209,9 +206,9 @@ def torch_cupti_trace(run, steps: int, timeline: str | None = None) -> dict:
     busy, gaps = busy_and_gaps(spans)
     if timeline:
         import gzip
-        t0 = min((r[0] for r in rows), default=0)
+        t0 = min((a for a, _, _ in spans), default=0)
         with gzip.open(timeline, "wt") as f:
-            json.dump(sorted([round(a - t0, 1), round(d, 1), kind, name] for a, d, kind, name in rows), f)
+            json.dump(sorted([round(a - t0, 1), round(b - a, 1), name] for a, b, name in spans), f)
     return _summary(kernels, {}, steps, busy_ms_per_step=round(busy / 1e3 / steps, 3), **idle_gaps(gaps, spans))
 
 
