@@ -76,18 +76,17 @@ class LoRA:
             return lora_matmul.adapted_linear(x, dense_weight(self.base, x.dtype), self.lora_A, self.lora_B, scale)
         # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
-        a = self.lora_A.astype(x.dtype)
-        if key is None and in_f < out_f and rows >= in_f and lora_matmul.widen_in_place():
-            return lora_matmul.widening_linear(x, a, scale, dense_weight(self.base, x.dtype),
-                                               self.lora_B.astype(x.dtype))
+        a, b = self.lora_A.astype(x.dtype), self.lora_B.astype(x.dtype)
+        widening = in_f < out_f and rows >= in_f
+        if widening and key is None and lora_matmul.widen_in_place():
+            return lora_matmul.widening_linear(x, a, scale, dense_weight(self.base, x.dtype), b)
         xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
-        b = self.lora_B.astype(x.dtype)
         # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
         # copying the narrow input into the concatenation costs less than a second pass over the wide
         # output. Few rows (a decode step, where copying the weight into [w | b] would cost more than the
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
-        if in_f < out_f and rows >= in_f:
+        if widening:
             return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 

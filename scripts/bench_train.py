@@ -233,15 +233,12 @@ def idle_gaps(gaps: list, spans: list, top: int = 60) -> dict:
     time summed by the kernel it followed. Over the whole trace, not per step."""
     t0 = min(a for a, _, _ in spans) if spans else 0
     bins = {"<10us": [0.0, 0], "10-100us": [0.0, 0], "100us-1ms": [0.0, 0], ">1ms": [0.0, 0]}
-    for us, *_ in gaps:
-        key = "<10us" if us < 10 else "10-100us" if us < 100 else "100us-1ms" if us < 1000 else ">1ms"
-        bins[key][0] += us / 1e3
-        bins[key][1] += 1
     after: dict[str, list] = {}
     for us, _, before, _ in gaps:
-        entry = after.setdefault(before, [0.0, 0])
-        entry[0] += us / 1e3
-        entry[1] += 1
+        key = "<10us" if us < 10 else "10-100us" if us < 100 else "100us-1ms" if us < 1000 else ">1ms"
+        for entry in (bins[key], after.setdefault(before, [0.0, 0])):
+            entry[0] += us / 1e3
+            entry[1] += 1
     largest = sorted(gaps, reverse=True)[:top]
     return dict(idle_ms_by_gap={k: [round(ms, 3), n] for k, (ms, n) in bins.items()},
                 idle_ms_after=[(name[:80], round(ms, 3), n) for name, (ms, n) in

@@ -429,7 +429,8 @@ class SFTTrainer:
         prefetch = _Prefetch(functools.partial(self._placed_inputs, where=where), total * a.gradient_accumulation_steps)
         try:
             while step < total:
-                grads, loss_sum, n_tokens, n_seq_tokens = None, 0.0, 0, 0
+                grads = loss_sum = n_tokens = None  # the first micro-batch's, then `accumulate`d
+                n_seq_tokens = 0
                 record_ids, n_trained = [], 0
                 for micro in range(a.gradient_accumulation_steps):
                     index = step * a.gradient_accumulation_steps + micro
