@@ -40,9 +40,10 @@ from jaxvlm.kernels import kernel_on
 
 lora_kernel = os.environ.get("JAXVLM_LORA_KERNEL", "auto")
 # How a widening adapted Linear forms [x | xa] (read at trace time): "concat" (the default) concatenates x and xa;
-# "in_place" (not yet measured on a GPU) pads x with r zero columns, which XLA can fuse into x's producer (a norm),
-# and writes xa into them in place (`widening_linear`). The concatenation was an unfused pass over x in the vision
-# blocks of the Qwen2-VL-2B step (`wrapped_concatenate` bf16[8192, 1296], 2.25 ms a step on an H200).
+# "in_place" pads x with r zero columns, which XLA can fuse into x's producer (a norm), and writes xa into them in
+# place (`widening_linear`). The concatenation is an unfused pass over x in the vision blocks of the Qwen2-VL-2B step
+# (`wrapped_concatenate` bf16[8192, 1296], 2.25 ms a step on an H200), yet in_place measured 0.6-2.2% slower on an
+# H200 (docs/BENCHMARKS.md, "[x | xa] formed in place"), so it is off.
 lora_widen = os.environ.get("JAXVLM_LORA_WIDEN", "concat")
 
 _SMS = 132  # an H100/H200's SMs
