@@ -77,16 +77,13 @@ class LoRA:
         # Many rows (training, prefill), a count XLA would pad: the adapter's skinny products by the Pallas kernels.
         skinny = lora_matmul.kernels_for(rows)
         a, b = self.lora_A.astype(x.dtype), self.lora_B.astype(x.dtype)
-        widening = in_f < out_f and rows >= in_f
-        if widening and key is None and lora_matmul.widen_in_place():
-            return lora_matmul.widening_linear(x, a, scale, dense_weight(self.base, x.dtype), b)
         xa = (lora_matmul.lora_in(xd, a) if skinny else linear(xd, a)) * scale  # [..., r]: scaled here
         # Widening (qkv, fc1, gate/up) over many rows (training, prefill): one matmul over [x | xa];
         # copying the narrow input into the concatenation costs less than a second pass over the wide
         # output. Few rows (a decode step, where copying the weight into [w | b] would cost more than the
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
-        if widening:
+        if in_f < out_f and rows >= in_f:
             return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
@@ -108,11 +105,8 @@ class LoRA:
         a = jnp.concatenate([w.lora_A for w in siblings]).astype(x.dtype)
         b = jax.scipy.linalg.block_diag(*(w.lora_B.astype(x.dtype) for w in siblings))
         weights = tuple(dense_weight(w.base, x.dtype) for w in siblings)
-        if lora_matmul.widen_in_place():
-            y = lora_matmul.widening_linear(x, a, scale, weights, b)
-        else:
-            xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
-            y = lora_matmul.concat_linear(x, xa, weights, b)
+        xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
+        y = lora_matmul.concat_linear(x, xa, weights, b)
         return jnp.split(y, np.cumsum([w.lora_B.shape[0] for w in siblings])[:-1], axis=-1)
 
     def grouped_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:

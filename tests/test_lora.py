@@ -15,7 +15,7 @@ from flax import nnx
 from jaxvlm import FastVisionModel
 from jaxvlm.converters.peft_adapter import load_adapter
 from jaxvlm.kernels import lora_matmul
-from jaxvlm.kernels.lora_matmul import adapted_linear, concat_linear, widening_linear
+from jaxvlm.kernels.lora_matmul import adapted_linear, concat_linear
 from jaxvlm.lora import LoRA, linear_modules, merge, unmerge
 from jaxvlm.targets import get_peft_regex, select_modules
 from tests.conftest import chat, random_image
@@ -289,31 +289,6 @@ def test_concat_linear_value_and_gradients_equal_the_two_products(siblings):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["off", "interpret"])
-@pytest.mark.parametrize("siblings", [False, True])
-def test_widening_linear_value_and_gradients_equal_the_two_products(siblings, kernel, monkeypatch):
-    """[x | xa] formed in place (x padded with r zero columns, xa written into them; JAXVLM_LORA_WIDEN=in_place) and
-    its hand-written backward against autodiff of x @ w.T + (scale * x @ a.T) @ b.T, for x, a, w and b: one weight
-    and a scale, or siblings (w a tuple, scale per rank); XLA's dots or the skinny kernels (70 rows: ragged)."""
-    monkeypatch.setattr(lora_matmul, "lora_kernel", kernel)
-    ks = jax.random.split(jax.random.key(4), 5)
-    x, a = jax.random.normal(ks[0], (2, 35, 24)), jax.random.normal(ks[1], (8, 24))
-    w, b = jax.random.normal(ks[2], (40, 24)), jax.random.normal(ks[3], (40, 8))
-    g = jax.random.normal(ks[4], (2, 35, 40))
-    scale = jnp.repeat(jnp.array([2.0, 0.0]), 4) if siblings else jnp.float32(2.0)  # a masked sibling
-    w = (w[:24], w[24:]) if siblings else w
-
-    def plain(x, a, w, b):
-        return x @ (jnp.concatenate(w) if siblings else w).T + ((x @ a.T) * scale) @ b.T
-    np.testing.assert_allclose(widening_linear(x, a, scale, w, b), plain(x, a, w, b), rtol=1e-5, atol=1e-4)
-    ours = jax.grad(lambda x, a, w, b: jnp.sum(widening_linear(x, a, scale, w, b) * g), argnums=(0, 1, 2, 3))(
-        x, a, w, b)
-    ref = jax.grad(lambda *t: jnp.sum(plain(*t) * g), argnums=(0, 1, 2, 3))(x, a, w, b)
-    assert jax.tree.structure(ours) == jax.tree.structure(ref)
-    for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("scale", [2.0, "mask"])
 def test_adapted_linear_value_and_gradients_equal_the_two_products(scale):
     # The square/narrowing LoRA product and its hand-written backward (dx as one matmul over [g | ds]) against
@@ -337,9 +312,8 @@ def test_adapted_linear_value_and_gradients_equal_the_two_products(scale):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows, nf4, widen", [(70, False, "concat"), (8, False, "concat"), (70, True, "concat"),
-                                              (70, False, "in_place")])  # training, a decode step; NF4 bases
-def test_sibling_linears_equal_each_linear(rows, nf4, widen, monkeypatch):
+@pytest.mark.parametrize("rows, nf4", [(70, False), (8, False), (70, True)])  # training, a decode step; NF4 bases
+def test_sibling_linears_equal_each_linear(rows, nf4, monkeypatch):
     """q/k/v (or gate/up) with adapters, read from one x, as one product ([x | xa] @ [w | b_bd]^T, every adapter's
     x A^T in one pass): the outputs and the gradients of x and of every factor equal each Linear's own, with biases,
     per-sibling layer masks and ranks; the forward holds one product as wide as the three outputs."""
@@ -347,7 +321,6 @@ def test_sibling_linears_equal_each_linear(rows, nf4, widen, monkeypatch):
 
     from jaxvlm.layers import sibling_linears
     from jaxvlm.quant import quantize_nf4
-    monkeypatch.setattr(lora_matmul, "lora_widen", widen)
     ks = iter(jax.random.split(jax.random.key(3), 14))
     shapes = ((24, 4, 1.0), (8, 4, 0.0), (8, 6, 1.0))  # (out, r, layer mask)
     bases = [(jax.random.normal(next(ks), (o, 24)), jax.random.normal(next(ks), (o,))) for o, _, _ in shapes]

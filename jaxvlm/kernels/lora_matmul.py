@@ -39,12 +39,6 @@ from jax.experimental.pallas import triton as plt
 from jaxvlm.kernels import kernel_on
 
 lora_kernel = os.environ.get("JAXVLM_LORA_KERNEL", "auto")
-# How a widening adapted Linear forms [x | xa] (read at trace time): "concat" (the default) concatenates x and xa;
-# "in_place" pads x with r zero columns, which XLA can fuse into x's producer (a norm), and writes xa into them in
-# place (`widening_linear`). The concatenation is an unfused pass over x in the vision blocks of the Qwen2-VL-2B step
-# (`wrapped_concatenate` bf16[8192, 1296], 2.25 ms a step on an H200), yet in_place measured 0.6-2.2% slower on an
-# H200 (docs/BENCHMARKS.md, "[x | xa] formed in place"), so it is off.
-lora_widen = os.environ.get("JAXVLM_LORA_WIDEN", "concat")
 
 _SMS = 132  # an H100/H200's SMs
 
@@ -68,7 +62,9 @@ def concat_linear(x: jax.Array, xa: jax.Array, w, b: jax.Array) -> jax.Array:
     The backward pass reads the output's cotangent g once for dx and dxa together (g @ [w | b]); dw
     (g.T @ x) is formed only if w is differentiated (a frozen base's is dropped as dead code). Siblings' weights are
     kept as they are for the backward and stacked only inside each product's [w | b], so that the backward forms its
-    copy where it ties it (below), not in the recomputed forward."""
+    copy where it ties it (below), not in the recomputed forward. [x | xa] formed in place instead (x padded with r
+    zero columns, xa written into them: no separate concatenation pass) measured 0.6-2.2% slower on an H200 and was
+    removed (docs/BENCHMARKS.md, "[x | xa] formed in place")."""
     return jax.lax.dot_general(jnp.concatenate([x, xa], axis=-1), _stack_wb(w, b), (((x.ndim - 1,), (1,)), ((), ())))
 
 
@@ -115,54 +111,6 @@ def _concat_linear_bwd(res, g):
 
 
 concat_linear.defvjp(_concat_linear_fwd, _concat_linear_bwd)
-
-
-@jax.custom_vjp
-def widening_linear(x: jax.Array, a: jax.Array, scale, w, b: jax.Array) -> jax.Array:
-    """`concat_linear(x, scale * x a^T, w, b)` with [x | xa] formed in place: x padded with r zero columns (a pad XLA
-    can fuse into x's producer), xa = that @ [a | 0]^T (the zero columns add nothing), then written into the pad
-    (a dynamic_update_slice on the pad's own buffer). x [..., in], a [r, in] in x's dtype, scale a scalar or [r]
-    (siblings: each adapter's scale over its ranks), w and b as in `concat_linear`. Its backward forms dx from one
-    product over g as `concat_linear`'s does, plus the adapter's share ds a (ds = scale * g b), and dA from the
-    padded x (its zero columns' rows dropped); no cotangent for scale (a layer mask times a constant)."""
-    return _widening_linear_fwd(x, a, scale, w, b)[0]
-
-
-def _widening_linear_fwd(x, a, scale, w, b):
-    n, r = x.shape[-1], a.shape[0]
-    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, r)])
-    ap = jnp.pad(a, ((0, 0), (0, r)))
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    skinny = kernels_for(x.size // n)
-    xa = ((_narrow_or_dot(xp, ap) if skinny else jax.lax.dot_general(xp, ap, dims)) * scale).astype(x.dtype)
-    xcat = jax.lax.dynamic_update_slice_in_dim(xp, xa, n, axis=-1)
-    return jax.lax.dot_general(xcat, _stack_wb(w, b), dims), (xcat, a, scale, w, b)
-
-
-def _widening_linear_bwd(res, g):
-    xcat, a, scale, w, b = res
-    n = a.shape[1]
-    if isinstance(w, (tuple, list)):  # as in _concat_linear_bwd: the siblings' [w | b] formed once g exists
-        g, b = jax.lax.optimization_barrier((g, b))
-    last, lead = (((g.ndim - 1,), (0,)), ((), ())), tuple(range(g.ndim - 1))
-    gc = jax.lax.dot_general(g, _stack_wb(w, b), last)
-    ds = (gc[..., n:] * scale).astype(xcat.dtype)
-    dx = gc[..., :n] + jax.lax.dot_general(ds, a, last)
-    skinny = kernels_for(ds.size // ds.shape[-1])
-    da = (_tall_or_dot(xcat, ds) if skinny else jax.lax.dot_general(xcat, ds, ((lead, lead), ((), ())),
-                                                                    preferred_element_type=jnp.float32))[:n].T
-    # dA is x's last read: tied to dx, as in _lora_in_bwd.
-    dx, da = jax.lax.optimization_barrier((dx, da))
-    xa = xcat[..., n:]
-    db = (_tall_or_dot(g, xa) if skinny else jax.lax.dot_general(g, xa, ((lead, lead), ((), ())))).astype(b.dtype)
-    return dx.astype(xcat.dtype), da.astype(a.dtype), jnp.zeros_like(scale), _weight_cotangent(g, xcat[..., :n], w), db
-
-
-widening_linear.defvjp(_widening_linear_fwd, _widening_linear_bwd)
-
-
-def widen_in_place() -> bool:
-    return lora_widen == "in_place"
 
 
 @jax.custom_vjp
