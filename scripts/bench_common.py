@@ -257,6 +257,23 @@ GEOMETRIES = {"qwen2-vl-2b": qwen2_vl_2b_hf_config, "qwen2-vl-7b": qwen2_vl_7b_h
 TINY_GEOMETRIES = {"pixtral-12b": pixtral_12b_tiny_hf_config}
 
 
+PEER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "unsloth", "unsloth_zoo")
+
+
+def peer_versions() -> dict[str, str]:
+    """The versions of the PyTorch peers' packages that this process would import (read from their metadata on
+    sys.path, nothing imported), for the peers' raw lines: which transformers a peer ran with is not otherwise
+    recorded on a machine where a newer one may be carried beside the installed one."""
+    from importlib import metadata
+    found = {}
+    for name in PEER_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def hf_geometry(name: str, tiny: bool = False):
     """transformers' config of a named geometry; with `tiny`, its family's tiny test config instead."""
     if tiny and name in TINY_GEOMETRIES:

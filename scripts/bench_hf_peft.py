@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from jaxvlm.targets import get_peft_regex  # noqa: E402
 from scripts.bench_common import (GEOMETRIES, hf_geometry, hf_inputs, image_prefix, image_tokens,  # noqa: E402
-                                  is_gemma3, is_llava, is_mllama, load_geometry, raw_batch, save_random_hf_model,
-                                  vision_tower, workload_image)
+                                  is_gemma3, is_llava, is_mllama, load_geometry, peer_versions, raw_batch,
+                                  save_random_hf_model, vision_tower, workload_image)
 
 
 def skipped_linears(hf_config, skip) -> list[str]:
@@ -161,7 +161,7 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
                    quant=quant, weights=quant, remat="full", batch=batch, seq=seq, image_tokens=n_img,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu", step_s=round(step_s, 4),
                    tokens_per_s=round(batch * seq / step_s), peak_gib=round(peak, 2),
-                   loss=round(float(loss.detach()), 4), **info)
+                   loss=round(float(loss.detach()), 4), versions=peer_versions(), **info)
 
 
 def main():

@@ -387,6 +387,8 @@ def child():
         from unsloth import FastVisionModel
         import torch
         res["unsloth"] = unsloth.__version__
+        from scripts.bench_common import peer_versions
+        res["versions"] = peer_versions()
         res["device"] = torch.cuda.get_device_name()
         t0 = time.perf_counter()
         model, processor = FastVisionModel.from_pretrained(

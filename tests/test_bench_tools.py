@@ -13,3 +13,14 @@ def test_busy_time_is_the_union_of_the_kernels_and_the_gaps_name_their_neighbour
                                          ">1ms": [0.0, 0]}
     assert summary["largest_gaps"] == [(300, 0.33, "d", "e")]
     assert summary["idle_ms_after"] == [("d", 0.3, 1)]
+
+
+def test_the_peers_lines_name_the_versions_they_import():
+    """peer_versions reads the packages' metadata without importing them: the versions a peer's process imports
+    (a machine may carry a newer transformers beside its own; the raw lines must say which one ran)."""
+    import peft
+    import transformers
+
+    from scripts.bench_common import peer_versions
+    found = peer_versions()
+    assert found["transformers"] == transformers.__version__ and found["peft"] == peft.__version__
