@@ -89,7 +89,7 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
     model = load_model(geometry, quant, device, path, tiny)
     load_s = time.perf_counter() - t0
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    info = dict(load_s=round(load_s, 1))
+    info = dict(load_s=round(load_s, 1), versions=peer_versions())
     if hasattr(cfg.text, "num_experts"):  # which of transformers' MoE kernels ran (grouped_mm, eager, ...)
         try:
             info["experts_implementation"] = model.config.get_text_config()._experts_implementation
@@ -161,7 +161,7 @@ def run(geometry: str, quant: str, batches: list[int], text: int, path: str | No
                    quant=quant, weights=quant, remat="full", batch=batch, seq=seq, image_tokens=n_img,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu", step_s=round(step_s, 4),
                    tokens_per_s=round(batch * seq / step_s), peak_gib=round(peak, 2),
-                   loss=round(float(loss.detach()), 4), versions=peer_versions(), **info)
+                   loss=round(float(loss.detach()), 4), **info)
 
 
 def main():
