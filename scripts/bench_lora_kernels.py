@@ -2,17 +2,12 @@
 
     PYTHONPATH=. python -m scripts.bench_lora_kernels              # the Qwen2-VL-2B step's shapes, r=16
     PYTHONPATH=. python -m scripts.bench_lora_kernels --cpu-check  # tiny shapes, the kernels in interpret mode
-    PYTHONPATH=. python -m scripts.bench_lora_kernels --act        # act_narrow against the activation + narrow
 
 Shapes: the adapter products of a Qwen2-VL-2B training step at batch 8 (4,112 text tokens, 8,192 vision patches;
 widths 1536/256/8960 text, 1280/3840/5120 vision). narrow: x [M, K] @ A[r, K]^T (the adapter's input product, and
 g B in the backward); tall: u [M, P]^T @ v [M, r] (dA, dB). Each timed inside one jit as a fori_loop of 20 products,
 each chaining its output into x's first element so that none is hoisted; `us` the median of 15 loops per product,
 `gbps` the wide operand's bytes per second. One JSON line per (product, shape, variant).
-
-`--act`: the MLP's activation and the down/fc2 adapter's x A^T (`act_narrow`: one pass, x written once) against
-XLA's activation fusion followed by `narrow` or XLA's dot (two passes over x), at the 2B step's two MLP shapes:
-the text SwiGLU over [4112, 2 x 8960] and the vision quick-GELU (with fc1's bias) over [8192, 5120].
 """
 from __future__ import annotations
 
@@ -26,14 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm.kernels import lora_matmul as lk
-from jaxvlm.layers import ACTIVATIONS
 
 NARROW = [(4112, 1536), (4112, 8960), (8192, 1280), (8192, 5120)]
 QUICK = dict(narrow=[(4112, 1536), (8192, 5120)], tall=[(4112, 8960), (8192, 1280)])
 TALL = [(4112, 1536), (4112, 8960), (4112, 256), (8192, 1280), (8192, 3840), (8192, 5120)]
 LOOP = 20
-ACT = [dict(m=4112, k=8960, act="silu", gated=True, bias=False), dict(m=8192, k=5120, act="quick_gelu", gated=False,
-                                                                      bias=True)]
 
 
 def xla_narrow(x, a):
@@ -48,8 +40,8 @@ def time_loop(product, x, other, runs=15):
     @jax.jit
     def run(x, other):
         def body(_, x):
-            y = sum(leaf[0, 0].astype(jnp.float32) * 0 for leaf in jax.tree.leaves(product(x, other)))
-            return x.at[0, 0].add(y.astype(x.dtype))
+            y = product(x, other)
+            return x.at[0, 0].add((y[0, 0] * 0).astype(x.dtype))
         return jax.lax.fori_loop(0, LOOP, body, x)
     jax.block_until_ready(run(x, other))
     times = []
@@ -65,10 +57,7 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cpu-check", action="store_true")
     ap.add_argument("--quick", action="store_true", help="two shapes of each product")
-    ap.add_argument("--act", action="store_true", help="act_narrow against the activation + narrow (only)")
     args = ap.parse_args(argv)
-    if args.act:
-        return bench_act(args.rank, args.cpu_check)
     interpret = args.cpu_check
     narrow_shapes, tall_shapes = ([(200, 64)], [(200, 64)]) if interpret else (NARROW, TALL)
     if args.quick:
@@ -110,53 +99,6 @@ def main(argv=None):
             print(json.dumps(dict(bench="lora-kernels", product="tall", m=m, p=p, r=r, variant=name, **cfg,
                                   us=round(us, 2), gbps=round(m * p * u.dtype.itemsize / us / 1e3, 1),
                                   rel_err=err, device=device)), flush=True)
-
-
-def xla_act(h, bias, act, gated):
-    """The MLP's activation as the model forms it without the kernel (layers.ACTIVATIONS in h's dtype)."""
-    h = h if bias is None else h + bias.astype(h.dtype)
-    if gated:
-        gate, up = jnp.split(h, 2, axis=-1)
-        return ACTIVATIONS[act](gate) * up
-    return ACTIVATIONS[act](h)
-
-
-def bench_act(r: int, interpret: bool):
-    device = jax.devices()[0].device_kind
-    dtype = jnp.float32 if interpret else jnp.bfloat16
-    for shape in [dict(m=200, k=64, act="silu", gated=True, bias=True)] if interpret else ACT:
-        m, k, act, gated = shape["m"], shape["k"], shape["act"], shape["gated"]
-        width = 2 * k if gated else k
-        h = jax.random.normal(jax.random.key(0), (m, width), dtype)
-        bias = jax.random.normal(jax.random.key(1), (width,), dtype) if shape["bias"] else None
-        a = jax.random.normal(jax.random.key(2), (r, k), dtype) * 0.05
-        ref_x = lk.act_reference(h, bias, act, gated)
-        ref_xa = xla_narrow(ref_x, a).astype(jnp.float32)
-
-        def two_pass(h, a, narrow_kernel):
-            x = xla_act(h, bias, act, gated)
-            return x, (lk.narrow(x, a, interpret=interpret) if narrow_kernel else xla_narrow(x, a))
-
-        variants = [("xla+dot", {}, lambda h, a: two_pass(h, a, False)),
-                    ("xla+narrow", {}, lambda h, a: two_pass(h, a, True)),
-                    ("act_narrow", {}, lambda h, a: lk.act_narrow(h, bias, a, act=act, gated=gated,
-                                                                  interpret=interpret))]
-        for bm, bk, sp, nw in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4, 8)):
-            if k % (bk * sp) or (bm == 128 and nw == 4) or (bm == 32 and nw == 8):
-                continue
-            cfg = dict(block_m=bm, block_k=bk, splits=sp, num_warps=nw)
-            variants.append(("act_narrow", cfg, lambda h, a, cfg=cfg: lk.act_narrow(
-                h, bias, a, act=act, gated=gated, interpret=interpret, **cfg)))
-        for name, cfg, fn in variants[:4] if interpret else variants:
-            x, xa = fn(h, a)
-            err_x = float(jnp.max(jnp.abs(x.astype(jnp.float32) - ref_x.astype(jnp.float32))))
-            err = float(jnp.linalg.norm(xa.astype(jnp.float32) - ref_xa) / jnp.linalg.norm(ref_xa))
-            us = time_loop(fn, h, a, runs=1 if interpret else 15)
-            moved = (m * width + m * k) * h.dtype.itemsize  # h read, x written: the floor of any form
-            print(json.dumps(dict(bench="lora-kernels", product="act_narrow", m=m, k=k, r=r, act=act, gated=gated,
-                                  bias=shape["bias"], variant=name, **cfg, us=round(us, 2),
-                                  gbps=round(moved / us / 1e3, 1), max_err_x=err_x, rel_err_xa=err,
-                                  device=device)), flush=True)
 
 
 if __name__ == "__main__":

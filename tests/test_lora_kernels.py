@@ -106,18 +106,3 @@ def test_the_kernels_take_ragged_token_counts_only(monkeypatch):
     assert calls == [(2, 65, 96)], calls  # x A^T of the 130 rows alone
     monkeypatch.setattr(lora_matmul, "lora_kernel", "off")
     assert not lora_matmul.kernels_for(4112)
-
-
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("act", ["silu", "quick_gelu", "gelu_pytorch_tanh"])
-def test_act_narrow_equals_the_activation_and_the_dot(act, gated):
-    rng = np.random.default_rng(0)
-    m, k, r = 100, 64, 8
-    h = jnp.asarray(rng.standard_normal((m, 2 * k if gated else k)) * 2, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((h.shape[1],)), jnp.float32)
-    a = jnp.asarray(rng.standard_normal((r, k)), jnp.float32)
-    x, xa = lora_matmul.act_narrow(h, bias, a, act=act, gated=gated, block_m=64, block_k=16, splits=2,
-                                   interpret=True)
-    ref = lora_matmul.act_reference(h, bias, act, gated)
-    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(xa, ref @ a.T, rtol=1e-5, atol=1e-4)

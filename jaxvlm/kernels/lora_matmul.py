@@ -39,9 +39,6 @@ from jax.experimental.pallas import triton as plt
 from jaxvlm.kernels import kernel_on
 
 lora_kernel = os.environ.get("JAXVLM_LORA_KERNEL", "auto")
-# The MLP's activation and the down / fc2 adapter's x A^T in one pass (`act_adapted_linear`): "auto" (a process with one
-# GPU), "on", "interpret" (the tests) or "off", as `kernels.kernel_on` reads them. Read at trace time.
-act_kernel = os.environ.get("JAXVLM_ACT_NARROW", "auto")
 
 _SMS = 132  # an H100/H200's SMs
 
@@ -155,42 +152,6 @@ def _adapted_linear_bwd(res, g):
 adapted_linear.defvjp(_adapted_linear_fwd, _adapted_linear_bwd)
 
 
-def act_narrow_for(rows: int, act: str) -> bool:
-    """Whether `act_adapted_linear` may form an MLP's activation over `rows` tokens: the setting allows it, at least
-    64 rows, and an activation the kernel knows."""
-    return kernel_on(act_kernel) and rows >= 64 and act in KERNEL_ACTIVATIONS
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def act_adapted_linear(h: jax.Array, h_bias, w: jax.Array, a: jax.Array, b: jax.Array, scale, act: str,
-                       gated: bool) -> jax.Array:
-    """`adapted_linear` of x = act(h + h_bias) (gated: act(gate) * up of h = [gate | up]), the activation and the
-    adapter's x A^T formed in one pass over h (`act_narrow`), so that x is written once and not read back for xa.
-    The backward is `adapted_linear`'s for dx, then the activation's from h alone, in float32 (as
-    layers.ACTIVATIONS' default backward). h_bias [h's width] or None; the rest as `adapted_linear`."""
-    return _act_adapted_linear_fwd(h, h_bias, w, a, b, scale, act, gated)[0]
-
-
-def _act_adapted_linear_fwd(h, h_bias, w, a, b, scale, act, gated):
-    x, xa = act_narrow(h, h_bias, a.astype(h.dtype), act=act, gated=gated, interpret=act_kernel == "interpret")
-    xa = xa * scale
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    y = jax.lax.dot_general(x, w, dims) + jax.lax.dot_general(xa, b.astype(x.dtype), dims)
-    return y, (h, h_bias, x, xa, w, a, b, scale)
-
-
-def _act_adapted_linear_bwd(act, gated, res, g):
-    h, h_bias, *adapted = res
-    dx, dw, da, db, dscale = _adapted_linear_bwd(tuple(adapted), g)
-    hb = None if h_bias is None else h_bias.astype(jnp.float32)
-    _, vjp = jax.vjp(lambda h, hb: _act_f32(h, hb, act, gated), h.astype(jnp.float32), hb)
-    dh, dhb = vjp(dx.astype(jnp.float32))
-    return dh.astype(h.dtype), None if h_bias is None else dhb.astype(h_bias.dtype), dw, da, db, dscale
-
-
-act_adapted_linear.defvjp(_act_adapted_linear_fwd, _act_adapted_linear_bwd)
-
-
 # ----------------------------------------------------------------------------------------------
 # The skinny products.
 
@@ -272,98 +233,6 @@ def narrow(x: jax.Array, a: jax.Array, *, kr: bool = False, block_m: int | None 
         **extra,
     )(x2, ap)
     return jnp.sum(partial[:, :, :r], axis=0).astype(x.dtype).reshape(*lead, r)
-
-
-# The activations `act_narrow` forms in its prologue, in float32 (the names of jaxvlm.layers.ACTIVATIONS).
-KERNEL_ACTIVATIONS = {
-    "silu": lambda x: x / (1.0 + jnp.exp(-x)),
-    "quick_gelu": lambda x: x / (1.0 + jnp.exp(-1.702 * x)),
-    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))),
-}
-
-
-def act_narrow_supported(h: jax.Array, a: jax.Array, gated: bool) -> bool:
-    """Whether `act_narrow` takes h [..., K] (gated: [..., 2K]) and a [r, K]: K a multiple of 16, r at most 128."""
-    if h.ndim < 2 or a.ndim != 2:
-        return False
-    k = a.shape[1]
-    return h.shape[-1] == (2 * k if gated else k) and _block(k) is not None and a.shape[0] <= 128
-
-
-def _act_narrow_kernel(h_ref, bias_ref, a_ref, g_ref, o_ref, *, m: int, k: int, block_m: int, block_k: int,
-                       steps: int, act: str, gated: bool):
-    i, s = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(i * block_m, block_m)
-    row_inside = i * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < m
-    inside = jnp.broadcast_to(row_inside, (block_m, block_k))
-    f = KERNEL_ACTIVATIONS[act]
-
-    def load(k0):
-        hb = plt.load(h_ref.at[rows, pl.ds(k0, block_k)], mask=inside, other=0).astype(jnp.float32)
-        return hb + bias_ref[:, pl.ds(k0, block_k)].astype(jnp.float32)
-
-    def step(t, acc):
-        k0 = (s * steps + t) * block_k
-        gb = (f(load(k0)) * load(k + k0) if gated else f(load(k0))).astype(g_ref.dtype)
-        plt.store(g_ref.at[rows, pl.ds(k0, block_k)], gb, mask=inside)
-        return acc + plt.dot(gb, a_ref[:, pl.ds(k0, block_k)].astype(gb.dtype), trans_b=True)
-
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, o_ref.shape[-1]), jnp.float32))
-    plt.store(o_ref.at[rows, :], acc, mask=jnp.broadcast_to(row_inside, acc.shape))
-
-
-@functools.partial(jax.jit, static_argnames=("act", "gated", "block_m", "block_k", "splits", "num_warps",
-                                             "num_stages", "interpret"))
-def act_narrow(h: jax.Array, bias: jax.Array | None, a: jax.Array, *, act: str, gated: bool = False,
-               block_m: int | None = None, block_k: int | None = None, splits: int | None = None,
-               num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """An activation and the adapter's input product in one pass over h: x = act(h + bias) (gated: act(gate) * up,
-    h = [gate | up] [..., 2K], as the sibling product writes it), returning (x [..., K] in h's dtype, x @ a[r, K]^T
-    [..., r] in h's dtype, from float32 sums). Where the activation fusion wrote x and `narrow` read it again (or
-    XLA's split-K dot), x is written once and never read back. Programs over (blocks of block_m rows, `splits`
-    ranges of K), as `narrow`'s; the activation in float32, x rounded once (the product reads x as rounded)."""
-    if act not in KERNEL_ACTIVATIONS or not act_narrow_supported(h, a, gated):
-        raise ValueError(f"act_narrow: {act!r}{' gated' if gated else ''} over h {h.shape} with a {a.shape} is not "
-                         f"supported (activations {sorted(KERNEL_ACTIVATIONS)}; K a multiple of 16, r <= 128)")
-    lead, (r, k) = h.shape[:-1], a.shape
-    h2 = h.reshape(-1, h.shape[-1])
-    m = h2.shape[0]
-    bias = (jnp.zeros((h2.shape[1],), h.dtype) if bias is None else bias).reshape(1, -1)
-    rp = _rank_pad(r)
-    ap = jnp.pad(a, ((0, rp - r), (0, 0)))
-    cfg = _narrow_config(m, k)
-    block_m, block_k = block_m or cfg["block_m"], block_k or cfg["block_k"]
-    splits = splits or (cfg["splits"] if block_k == cfg["block_k"] else 1)
-    if k % (block_k * splits):
-        raise ValueError(f"act_narrow: block_k {block_k} x splits {splits} does not divide K {k}")
-    whole = lambda s: pl.BlockSpec(s, lambda i, j: (0,) * len(s))  # noqa: E731
-    extra = {} if interpret else dict(compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-    x, partial = pl.pallas_call(
-        functools.partial(_act_narrow_kernel, m=m, k=k, block_m=block_m, block_k=block_k,
-                          steps=k // (block_k * splits), act=act, gated=gated),
-        out_shape=(jax.ShapeDtypeStruct((m, k), h.dtype), jax.ShapeDtypeStruct((splits, m, rp), jnp.float32)),
-        grid=(pl.cdiv(m, block_m), splits),
-        in_specs=[whole(h2.shape), whole(bias.shape), whole(ap.shape)],
-        out_specs=(whole((m, k)), pl.BlockSpec((None, m, rp), lambda i, j: (j, 0, 0))),
-        interpret=interpret,
-        name="lora_act_narrow",
-        **extra,
-    )(h2, bias, ap)
-    return x.reshape(*lead, k), jnp.sum(partial[:, :, :r], axis=0).astype(h.dtype).reshape(*lead, r)
-
-
-def _act_f32(h: jax.Array, bias: jax.Array | None, act: str, gated: bool) -> jax.Array:
-    hf = h.astype(jnp.float32) + (0 if bias is None else bias.astype(jnp.float32))
-    f = KERNEL_ACTIVATIONS[act]
-    if gated:
-        gate, up = jnp.split(hf, 2, axis=-1)
-        return f(gate) * up
-    return f(hf)
-
-
-def act_reference(h: jax.Array, bias: jax.Array | None, act: str, gated: bool) -> jax.Array:
-    """`act_narrow`'s x by XLA: the activation in float32, rounded once to h's dtype."""
-    return _act_f32(h, bias, act, gated).astype(h.dtype)
 
 
 def tall_supported(u: jax.Array, v: jax.Array) -> bool:
