@@ -225,8 +225,9 @@ class FastVisionModel:
     @staticmethod
     def for_training(model, use_gradient_checkpointing=None):
         """Training mode: remat per block on (as chosen at load, or `use_gradient_checkpointing`: True,
-        "unsloth" (block inputs offloaded to host), "dots", or False), LoRA dropout active, and the
-        processor's tokenizer padding on the right. Returns the model."""
+        "unsloth" (block inputs offloaded to host), "attention" (True, keeping each attention's output too),
+        "dots", or False), LoRA dropout active, and the processor's tokenizer padding on the right. Returns the
+        model."""
         if use_gradient_checkpointing is None:
             use_gradient_checkpointing = getattr(model, "use_gradient_checkpointing", "unsloth")
         _set_remat(model, remat_policy(use_gradient_checkpointing))

@@ -652,9 +652,19 @@ def next_dropout_key() -> jax.Array | None:
 
 # Rematerialization of scanned blocks (jax.checkpoint per block):
 #   full: keep only each block's input, recompute the rest in the backward pass;
+#   attention: also keep each fused attention's output and softmax statistics, so that the backward pass runs no
+#     attention forward again (one [tokens, heads x head_dim] array and a float32 [heads, tokens] per layer);
 #   dots: also keep matmul outputs (less recompute, more memory);
 #   offload: keep block inputs in pinned host memory (Unsloth's use_gradient_checkpointing="unsloth").
-REMAT_POLICIES = ("full", "dots", "offload")
+REMAT_POLICIES = ("full", "attention", "dots", "offload")
+# The primitives that cuDNN's fused attention (jax.nn.dot_product_attention, implementation="cudnn") binds in its
+# forward rule: their outputs are the attention's output and its softmax statistics, the backward's residuals.
+# jaxvlm.kernels.flash_attention names its own "attention".
+CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+
+
+def _attention_forward(prim, *_, **__) -> bool:
+    return prim.name in CUDNN_ATTENTION_FORWARD
 
 
 def checkpoint_policy(name: str):
@@ -662,6 +672,8 @@ def checkpoint_policy(name: str):
     policies = jax.checkpoint_policies
     if name == "full":
         return policies.nothing_saveable
+    if name == "attention":
+        return policies.save_from_both_policies(_attention_forward, policies.save_only_these_names("attention"))
     if name == "dots":
         return policies.dots_with_no_batch_dims_saveable
     if name == "offload":

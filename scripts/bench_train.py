@@ -390,7 +390,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--weights", nargs="+", default=["bf16"], choices=["bf16", "nf4"])
-    ap.add_argument("--remat", nargs="+", default=["unsloth"], help="unsloth (host offload), full, dots, none")
+    ap.add_argument("--remat", nargs="+", default=["unsloth"],
+                    help="unsloth (host offload), full, attention, dots, none")
     ap.add_argument("--attn", nargs="+", default=["auto"], help="auto (cuDNN on a GPU), xla, cudnn")
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[512], help="tokens per loss chunk; 0: all logits")
     ap.add_argument("--text", type=int, default=256, help="text tokens per sample (beside the image's 256 tokens "

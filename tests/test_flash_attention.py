@@ -201,3 +201,42 @@ def test_key_block_range_skips():
                                                 num_q_blocks=3))) == (0, 3)
     lo, hi = (int(x) for x in fa._query_block_range(32, 48, block_q=16, block_k=16, window=None, num_q_blocks=3))
     assert lo >= hi  # an empty loop
+
+
+def test_the_attention_remat_policy_keeps_the_forward():
+    """remat "attention" (layers.checkpoint_policy) keeps the kernel's output and statistics: the compiled gradient of
+    a rematerialized block runs the forward kernel once (its loops once fewer than under "full"), and equals
+    "full"'s."""
+    from jaxvlm import layers
+
+    q, k, v, key_ok, blocks = _inputs(3)
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((H * D, H * D)) * 0.1, jnp.float32)
+
+    def block(q, w):
+        out = _kernel(WINDOW)(q, k, v, key_ok, blocks)
+        return jnp.tanh(out.reshape(B, T, H * D) @ w)
+
+    def loops(fn, *args):  # the interpreted kernels' grid loops in the compiled program
+        return jax.jit(fn).lower(*args).compile().as_text().count(" while(")
+
+    grads, counts = {}, {}
+    for policy in ("full", "attention"):
+        loss = lambda q, w, policy=policy: jnp.sum(jax.checkpoint(block, policy=layers.checkpoint_policy(policy))(
+            q, w) ** 2)
+        counts[policy] = loops(jax.grad(loss, argnums=(0, 1)), q, w)
+        grads[policy] = jax.grad(loss, argnums=(0, 1))(q, w)
+    forward = loops(block, q, w)
+    assert forward > 0 and counts["full"] - counts["attention"] == forward
+    for a, b in zip(grads["full"], grads["attention"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_cudnn_forward_primitives_are_jaxs():
+    """The primitive names the "attention" policy keeps are those cuDNN's fused attention binds (a rename in JAX
+    would make the policy keep nothing on the GPU, silently)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from jaxvlm import layers
+
+    assert {cudnn._dot_product_attention_fwd_p_wrapper.name, cudnn._dot_product_attention_fwd_p.name} == set(
+        layers.CUDNN_ATTENTION_FORWARD)

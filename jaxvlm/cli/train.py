@@ -39,7 +39,7 @@ def parse_args(argv=None):
     g.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (QLoRA)")
     g.add_argument("--max-seq-length", type=int, default=2048)
     g.add_argument("--gradient-checkpointing", default="unsloth",
-                   help="unsloth (host offload), true, dots, or false")
+                   help="unsloth (host offload), true, attention, dots, or false")
     g = ap.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=16)
     g.add_argument("--alpha", type=int, default=16)

@@ -53,6 +53,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -364,7 +365,8 @@ def _attention_fwd(q, k, v, key_ok, blocks, reach, first, cfg: _Config):
     t, d = q.shape[1], q.shape[3]
     tp, dp = key_ok.shape[1], max(16, pl.next_power_of_2(d))
     out, lse = _forward(_pad(q, tp, dp), _pad(k, tp, dp), _pad(v, tp, dp), key_ok, blocks, reach, cfg)
-    out = out[:, :t, :, :d]
+    # Named for the "attention" remat policy (jaxvlm.layers.checkpoint_policy): kept, the backward needs no forward.
+    out, lse = checkpoint_name(out[:, :t, :, :d], "attention"), checkpoint_name(lse, "attention")
     return out, (q, k, v, out, lse, key_ok, blocks, reach, first)
 
 
