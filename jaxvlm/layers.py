@@ -659,7 +659,7 @@ def next_dropout_key() -> jax.Array | None:
 REMAT_POLICIES = ("full", "attention", "dots", "offload")
 # The primitives that cuDNN's fused attention (jax.nn.dot_product_attention, implementation="cudnn") binds in its
 # forward rule: their outputs are the attention's output and its softmax statistics, the backward's residuals.
-# jaxvlm.kernels.flash_attention names its own "attention".
+# jaxvlm.kernels.flash_attention names its own (flash_attention.RESIDUAL_NAME).
 CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
 
 
@@ -673,7 +673,8 @@ def checkpoint_policy(name: str):
     if name == "full":
         return policies.nothing_saveable
     if name == "attention":
-        return policies.save_from_both_policies(_attention_forward, policies.save_only_these_names("attention"))
+        return policies.save_from_both_policies(_attention_forward,
+                                                policies.save_only_these_names(flash_attention.RESIDUAL_NAME))
     if name == "dots":
         return policies.dots_with_no_batch_dims_saveable
     if name == "offload":

@@ -355,6 +355,10 @@ def _pad(x: jax.Array, t: int, d: int | None = None) -> jax.Array:
     return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
 
 
+# The name of the forward's output and statistics, which the "attention" remat policy keeps.
+RESIDUAL_NAME = "attention"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _attention(q, k, v, key_ok, blocks, reach, first, cfg: _Config):
     return _attention_fwd(q, k, v, key_ok, blocks, reach, first, cfg)[0]
@@ -366,7 +370,7 @@ def _attention_fwd(q, k, v, key_ok, blocks, reach, first, cfg: _Config):
     tp, dp = key_ok.shape[1], max(16, pl.next_power_of_2(d))
     out, lse = _forward(_pad(q, tp, dp), _pad(k, tp, dp), _pad(v, tp, dp), key_ok, blocks, reach, cfg)
     # Named for the "attention" remat policy (jaxvlm.layers.checkpoint_policy): kept, the backward needs no forward.
-    out, lse = checkpoint_name(out[:, :t, :, :d], "attention"), checkpoint_name(lse, "attention")
+    out, lse = checkpoint_name(out[:, :t, :, :d], RESIDUAL_NAME), checkpoint_name(lse, RESIDUAL_NAME)
     return out, (q, k, v, out, lse, key_ok, blocks, reach, first)
 
 
