@@ -5,6 +5,7 @@ tests/test_sharding.py starts it; the main pytest process has one device."""
 import argparse
 import json
 import sys
+import threading
 
 
 def records(n):
@@ -54,13 +55,21 @@ def train(model_dir, mesh, steps, global_batch, out_dir, save_steps=0, resume=No
                      save_steps=save_steps, mesh=mesh, logging_steps=0)
     trainer = SFTTrainer(model, processor, VisionDataCollator(model, processor, train_on_responses_only=True),
                          records(16), args=args)
+    made_on = {}  # micro-batch index -> the thread that made its per-shard inputs
+    placed_shards = trainer._placed_shards
+
+    def recorded(index, **kw):
+        made_on[index] = threading.current_thread().name
+        return placed_shards(index, **kw)
+
+    trainer._placed_shards = recorded
     trainer.train(resume_from_checkpoint=resume)
     from flax import nnx
     leaves = jax.tree.leaves(nnx.state(trainer.model))
     total = sum(x.nbytes for x in leaves)
     device0 = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == jax.devices()[0])
     return {"losses": [r["loss"] for r in trainer.log_history], "steps": [r["step"] for r in trainer.log_history],
-            "shard_layout": shard_layout(trainer),
+            "shard_layout": shard_layout(trainer), "made_on": [made_on[i] for i in sorted(made_on)],
             "total_bytes": total, "device0_bytes": device0, "devices": int(mesh.size),
             "process": jax.process_index(), "processes": jax.process_count()}
 

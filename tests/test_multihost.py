@@ -41,6 +41,9 @@ def test_two_processes_train_together_and_resume_from_the_checkpoint_they_wrote(
     assert [(r["process"], r["processes"], r["devices"]) for r in first] == [(0, 2, 8), (1, 2, 8)]
     for r in first:
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
+        # Several processes agree on their shards' padding with device collectives: made in step order on the loop's
+        # thread, not ahead on another.
+        assert r["made_on"] == ["MainThread"] * 5, r["made_on"]
     ckpt = tmp_path / "a" / "checkpoint-3"
     assert (ckpt / "ocdbt.process_0").is_dir() and (ckpt / "ocdbt.process_1").is_dir()  # each wrote its shards
     env["JAX_COORDINATOR_ADDRESS"] = f"localhost:{_free_port()}"

@@ -104,6 +104,10 @@ def test_losses_on_every_mesh_equal_one_device_and_each_device_holds_its_share(m
         for key, (shape, block) in r["shard_layout"].items():
             assert shape[0] == shards and block == [1, *shape[1:]], (name, key, shape, block)
         assert "pixel_values" in r["shard_layout"], name
+        # One process: each micro-batch's shards are made on the prefetch thread (the first as it is asked for, the
+        # rest one step ahead), not on the loop's thread between steps.
+        made_on = r["made_on"]
+        assert len(made_on) == 5 and all(t.startswith("jaxvlm-prefetch") for t in made_on), (name, made_on)
         fsdp = sharding.parse_mesh(name).get("fsdp", 1)
         if "tensor" not in name:  # FSDP alone: each device holds total / fsdp (within a few %)
             assert abs(r["device0_bytes"] * fsdp / r["total_bytes"] - 1) < 0.03, (name, r)

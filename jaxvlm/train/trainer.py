@@ -272,6 +272,16 @@ class SFTTrainer:
         inputs = jax.device_put(inputs, where) if self.mesh is None else shard_batch(inputs, len(ids), self.mesh)
         return inputs, ids, counts
 
+    def _placed_shards(self, index: int, shards: list[int]) -> tuple[dict, list[int], tuple[int, int, int]]:
+        """As `_placed_inputs`, for per-shard batches (`shard_batches`): this host's shards laid out on the mesh,
+        the global micro-batch's record ids, and the token counts over every host's shards (each holds its own)."""
+        batches, ids = self.shard_batches(index, shards)
+        inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
+        counts = [sum(_trained_tokens(b) for b in batches.values()),
+                  sum(int(np.asarray(b["attention_mask"]).sum()) for b in batches.values())]
+        trained, attended = _agree(np.array(counts), np.sum)
+        return inputs, ids, (int(trained), int(attended), getattr(self.collator, "skipped", 0))
+
     def model_inputs(self, batch: dict) -> dict:
         arrays = {k: v for k, v in batch.items() if k != "labels"}
         inputs = self.model.prepare_inputs(**arrays)
@@ -425,8 +435,13 @@ class SFTTrainer:
         # Each micro-batch's inputs are made and sent to the device on a thread one micro-batch ahead, so that
         # collating (the processor's image work) and the host-to-device copy overlap the device's step.
         # One device: where the adapters are (a worker thread does not see the caller's jax.default_device).
+        # Per-shard batches of a multi-host run are made on this thread instead: hosts agree on their padding with
+        # device collectives (`_agree`), which must be issued in the same order as the steps' on every host.
         where = None if self.mesh is not None else jax.tree.leaves(trainable)[0].sharding
-        prefetch = _Prefetch(functools.partial(self._placed_inputs, where=where), total * a.gradient_accumulation_steps)
+        make = (functools.partial(self._placed_shards, shards=shards) if per_shard
+                else functools.partial(self._placed_inputs, where=where))
+        in_order = per_shard and jax.process_count() > 1
+        prefetch = _Prefetch(make, 0 if in_order else total * a.gradient_accumulation_steps)
         try:
             while step < total:
                 grads = loss_sum = n_tokens = None  # the first micro-batch's, then `accumulate`d
@@ -434,17 +449,8 @@ class SFTTrainer:
                 record_ids, n_trained = [], 0
                 for micro in range(a.gradient_accumulation_steps):
                     index = step * a.gradient_accumulation_steps + micro
-                    if per_shard:
-                        batches, ids = self.shard_batches(index, shards)
-                        inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
-                        # Counted over every host's shards (each holds its own).
-                        counts = _agree(np.array([sum(_trained_tokens(b) for b in batches.values()),
-                                                  sum(int(np.asarray(b["attention_mask"]).sum())
-                                                      for b in batches.values())]), np.sum)
-                        skipped = getattr(self.collator, "skipped", 0)
-                    else:
-                        inputs, ids, counts = prefetch(index)
-                        skipped = counts[2]  # the collator may have gone on to the micro-batch prefetched next
+                    inputs, ids, counts = make(index) if in_order else prefetch(index)
+                    skipped = counts[2]  # the collator may have gone on to the micro-batch prefetched next
                     record_ids += ids
                     n_trained += int(counts[0])
                     self._log_compile(inputs)
