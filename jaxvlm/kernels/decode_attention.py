@@ -208,15 +208,15 @@ def _call(q, step, k_cache, v_cache, layer, mask, scale, block_k, splits, num_wa
         name="decode_attention",
         **extra,
     )(*args)
-    if partial:  # EXPERIMENT: the padding rows sliced off before the ranges' sums are combined
-        o, m, l = outs[0][..., :groups, :], outs[1][..., :groups], outs[2][..., :groups]
+    if partial:  # the ranges' sums combined (XLA fuses this with the slice of the padding rows)
+        o, m, l = outs[:3]
         top = jnp.max(m, axis=0)
         w = jnp.exp(m - top[None])
         out = jnp.sum(o * w[..., None], axis=0) / jnp.maximum(jnp.sum(l * w, axis=0), 1e-30)[..., None]
         out = out.astype(q.dtype)
     else:
-        out = outs[0][:, :, :groups]
-    out = out.reshape(batch, 1, heads, d)
+        out = outs[0]
+    out = out[:, :, :groups].reshape(batch, 1, heads, d)
     if not write:
         return out
     kc, vc = outs[-2:]

@@ -245,24 +245,6 @@ def block_absmax(q: NF4) -> jax.Array:
     return _round_before_add(dequantize_blockwise(q.absmax, q.nested_absmax, q.nested_table)) + q.offset
 
 
-# EXPERIMENT (issue 19; measured slower, removed in the next commit): how a code byte becomes its two values.
-# "nibbles": the byte split into two 4-bit indices, one gather each from the 16 values; "pairs": one gather of a
-# value pair from a 256-row table; "complex": the pair as one complex64. Read at trace time.
-import os  # noqa: E402
-NF4_LOOKUP = os.environ.get("JAXVLM_NF4_LOOKUP", "nibbles")
-_PAIRS = np.stack([NF4_TABLE[np.arange(256) >> 4], NF4_TABLE[np.arange(256) & 0xF]], axis=-1)
-
-
-def _lookup(codes: jax.Array) -> jax.Array:
-    if NF4_LOOKUP == "pairs":
-        return jnp.asarray(_PAIRS)[codes].reshape(-1)
-    if NF4_LOOKUP == "complex":
-        pair = jnp.asarray(_PAIRS[:, 0] + 1j * _PAIRS[:, 1], jnp.complex64)[codes]
-        return jnp.stack([jnp.real(pair), jnp.imag(pair)], axis=-1).reshape(-1)
-    nibbles = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(-1)
-    return jnp.asarray(NF4_TABLE)[nibbles]
-
-
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
     """The weight of q, [*q.shape], in `dtype` (default q.dtype), computed in float32 as bitsandbytes does.
@@ -274,7 +256,8 @@ def dequantize_nf4(q: NF4, dtype=None) -> jax.Array:
                          f"[{-(-int(np.prod(q.shape)) // 2)}]; use jax.vmap for a stack of layers")
     absmax = block_absmax(q)
     n = int(np.prod(q.shape))
-    values = _pad_to_blocks(_lookup(q.codes), q.blocksize) * absmax[:, None]
+    nibbles = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    values = _pad_to_blocks(jnp.asarray(NF4_TABLE)[nibbles], q.blocksize) * absmax[:, None]
     return values.reshape(-1)[:n].reshape(q.shape).astype(q.dtype if dtype is None else dtype)
 
 
