@@ -1,7 +1,7 @@
 """One-row products (a batch-1 decode step's GEMVs) at the Qwen2-VL-2B weight shapes: jaxvlm's XLA path against
 cuBLAS (torch) and bitsandbytes' native NF4 GEMV, on the GPU. Each implementation in its own process:
 
-    PYTHONPATH=.peers/bnb python -m scripts.bench_gemv_peers
+    PYTHONPATH=.:.peers/bnb python -m scripts.bench_gemv_peers    # .peers/bnb: scripts/fetch_peers.sh
 
 Per shape, a stack of `--layers` random weights (so that the L2 does not hold them) is multiplied, each by its own
 row of x, in one jit (jax) or one CUDA graph (torch); microseconds a product and TB/s of weight bytes read (bf16:
