@@ -42,7 +42,8 @@ def run_jax(layers: int, reps: int):
         q = [quantize_nf4(w[i]) for i in range(layers)]
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *q)
         for weights, stack in (("bf16", w), ("nf4", stacked)):
-            f = jax.jit(lambda x, s: jnp.stack([L.linear(x[i], jax.tree.map(lambda a: a[i], s)) for i in range(layers)]))
+            f = jax.jit(lambda x, s: jnp.stack([L.linear(x[i], jax.tree.map(lambda a: a[i], s))
+                                                for i in range(layers)]))
             y = f(x, stack).block_until_ready()
             t = time.perf_counter()
             for _ in range(reps):

@@ -267,8 +267,7 @@ class SFTTrainer:
         had skipped up to it (on_overflow="skip")."""
         batch, ids = self.micro_batch(index)
         inputs = self.model_inputs(batch)
-        counts = (_trained_tokens(batch), int(np.asarray(batch["attention_mask"]).sum()),
-                  getattr(self.collator, "skipped", 0))
+        counts = (*_token_counts(batch), getattr(self.collator, "skipped", 0))
         inputs = jax.device_put(inputs, where) if self.mesh is None else shard_batch(inputs, len(ids), self.mesh)
         return inputs, ids, counts
 
@@ -277,9 +276,7 @@ class SFTTrainer:
         the global micro-batch's record ids, and the token counts over every host's shards (each holds its own)."""
         batches, ids = self.shard_batches(index, shards)
         inputs = place_shards(self.shard_inputs(batches), shards, self.mesh)
-        counts = [sum(_trained_tokens(b) for b in batches.values()),
-                  sum(int(np.asarray(b["attention_mask"]).sum()) for b in batches.values())]
-        trained, attended = _agree(np.array(counts), np.sum)
+        trained, attended = _agree(np.sum([_token_counts(b) for b in batches.values()], axis=0), np.sum)
         return inputs, ids, (int(trained), int(attended), getattr(self.collator, "skipped", 0))
 
     def model_inputs(self, batch: dict) -> dict:
@@ -441,7 +438,7 @@ class SFTTrainer:
         make = (functools.partial(self._placed_shards, shards=shards) if per_shard
                 else functools.partial(self._placed_inputs, where=where))
         in_order = per_shard and jax.process_count() > 1
-        prefetch = _Prefetch(make, 0 if in_order else total * a.gradient_accumulation_steps)
+        prefetch = None if in_order else _Prefetch(make, total * a.gradient_accumulation_steps)
         try:
             while step < total:
                 grads = loss_sum = n_tokens = None  # the first micro-batch's, then `accumulate`d
@@ -449,7 +446,7 @@ class SFTTrainer:
                 record_ids, n_trained = [], 0
                 for micro in range(a.gradient_accumulation_steps):
                     index = step * a.gradient_accumulation_steps + micro
-                    inputs, ids, counts = make(index) if in_order else prefetch(index)
+                    inputs, ids, counts = make(index) if prefetch is None else prefetch(index)
                     skipped = counts[2]  # the collator may have gone on to the micro-batch prefetched next
                     record_ids += ids
                     n_trained += int(counts[0])
@@ -487,7 +484,8 @@ class SFTTrainer:
                 if a.save_steps and step % a.save_steps == 0 and step < total:
                     save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
         finally:
-            prefetch.close()
+            if prefetch is not None:
+                prefetch.close()
         if pending is not None:
             finish(pending)
         progress.close()
@@ -533,8 +531,10 @@ class _Prefetch:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _trained_tokens(batch: dict) -> int:
-    return int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
+def _token_counts(batch: dict) -> tuple[int, int]:
+    """(trained, attended) tokens of a collated batch."""
+    return (int((np.asarray(batch["labels"])[:, 1:] != IGNORE_INDEX).sum()),
+            int(np.asarray(batch["attention_mask"]).sum()))
 
 
 def _agree(values: np.ndarray, reduce=np.max) -> np.ndarray:
