@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import (decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_cuda, nf4_matmul,
-                            one_device_on)
+from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_matmul, one_device_on
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -68,12 +67,9 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     One row of x (a batch-1 decode step) on a GPU: a float32 multiply + sum (see `rows_product`). With
     JAXVLM_NF4_KERNEL=on, an NF4 weight times a few rows goes through the Pallas kernel on a GPU.
     """
-    cuda = nf4_kernel == "cuda" and jax.default_backend() == "gpu"  # EXPERIMENT: jaxvlm/kernels/nf4_cuda.py
-    stack = _in_place(w) if isinstance(w, NF4) and (_nf4_kernel() or cuda) else None
+    stack = _in_place(w) if isinstance(w, NF4) and _nf4_kernel() else None
     if hasattr(w, "linear"):
         y = w.linear(x)
-    elif stack is not None and cuda and nf4_cuda.supported(x, *stack):
-        y = nf4_cuda.nf4_gemv(x, *stack)
     elif stack is not None and nf4_matmul.supported(x, *stack):
         y = nf4_matmul.nf4_matmul(x, *stack, interpret=nf4_kernel == "interpret")
     elif _rows_product(x):

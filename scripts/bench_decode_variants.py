@@ -23,7 +23,6 @@ import sys
 
 # What a variant sets in its process's environment (scan is set inside it, base is today's program).
 ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
-       "nf4cuda": ("JAXVLM_NF4_KERNEL", "cuda"),
        "xlaattn": ("JAXVLM_DECODE_ATTENTION", "off"),
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice

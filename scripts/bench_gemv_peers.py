@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+# gate_up: the sibling product (training); gate: one of the two, as the NF4 decode step forms them
 SHAPES = {"gate_up": (17920, 1536), "gate": (8960, 1536), "down": (1536, 8960), "q_o": (1536, 1536), "k_v": (256, 1536)}
 
 
@@ -55,42 +56,6 @@ def run_jax(layers: int, reps: int):
             err = float(jnp.max(jnp.abs(y[0].astype(jnp.float32) - want)))
             nbytes = n * k * 2 if weights == "bf16" else q[0].codes.nbytes + q[0].absmax.nbytes
             print(json.dumps(_line("jaxvlm", weights, shape, n, k, seconds, layers, nbytes, err)), flush=True)
-
-
-def run_cuda(layers: int, reps: int):
-    """EXPERIMENT: jaxvlm/kernels/nf4_cuda.py's native kernel, every config, each layer read in place from the stack;
-    writes the fastest config per shape to $JAXVLM_NF4_CUDA_TABLE when set."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxvlm.kernels import nf4_cuda
-    from jaxvlm.quant.nf4 import dequantize_nf4, quantize_nf4
-    best = {}
-    for shape, (n, k) in SHAPES.items():
-        w = jax.random.normal(jax.random.PRNGKey(0), (layers, n, k), jnp.float32).astype(jnp.bfloat16)
-        x = jax.random.normal(jax.random.PRNGKey(1), (layers, 1, k), jnp.float32).astype(jnp.bfloat16)
-        q = [quantize_nf4(w[i]) for i in range(layers)]
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *q)
-        wants = {i: x[i].astype(jnp.float32) @ dequantize_nf4(q[i], jnp.float32).T for i in (0, layers - 1)}
-        for cfg in range(len(nf4_cuda.CONFIGS)):
-            f = jax.jit(lambda x, s, cfg=cfg: jnp.stack([nf4_cuda.nf4_gemv(x[i], s, i, cfg) for i in range(layers)]))
-            y = f(x, stacked).block_until_ready()
-            t = time.perf_counter()
-            for _ in range(reps):
-                y = f(x, stacked)
-            y.block_until_ready()
-            seconds = (time.perf_counter() - t) / reps
-            err = max(float(jnp.max(jnp.abs(y[i].astype(jnp.float32) - want))) for i, want in wants.items())
-            scale = max(float(jnp.max(jnp.abs(want))) for want in wants.values())
-            nbytes = q[0].codes.nbytes + q[0].absmax.nbytes
-            line = _line("jaxvlm-cuda", "nf4", shape, n, k, seconds, layers, nbytes, err)
-            line.update(config=cfg, tlu=nf4_cuda.CONFIGS[cfg], rel_err=err / scale)
-            print(json.dumps(line), flush=True)
-            if err / scale < 2e-2 and line["us"] < best.get(f"{n}x{k}", (1e9, 0))[0]:
-                best[f"{n}x{k}"] = (line["us"], cfg)
-    path = os.environ.get("JAXVLM_NF4_CUDA_TABLE")
-    if path:
-        json.dump({key: cfg for key, (_, cfg) in best.items()}, open(path, "w"))
 
 
 def run_torch(layers: int, reps: int):
@@ -132,13 +97,13 @@ def run_torch(layers: int, reps: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", nargs="+", default=["jax", "torch"], choices=["jax", "torch", "cuda"])
+    ap.add_argument("--impl", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        {"jax": run_jax, "torch": run_torch, "cuda": run_cuda}[a.impl[0]](a.layers, a.reps)
+        (run_jax if a.impl == ["jax"] else run_torch)(a.layers, a.reps)
         return
     for impl in a.impl:  # each in its own process: JAX and torch do not share the GPU's memory well
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
