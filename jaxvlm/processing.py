@@ -72,11 +72,22 @@ class _WithoutVideo:
 class _NumpyVideo:
     """Gives a processor class jaxvlm.video's video processor where transformers would load its own.
 
-    Loading: the tokenizer and the image processor come from transformers' loader (run on the class
-    without its video processor), the video processor from `jaxvlm.video.load_video_processor`, which reads
-    the config transformers would read. Everything else (the call, the chat template, saving, where the
-    video processor's config goes when saved) is the transformers class's own.
+    Loading: the tokenizer and the image processor come from transformers' loader, the video processor from
+    `jaxvlm.video.load_video_processor`, which reads the config transformers would read. Everything else (the
+    call, the chat template, saving, where the video processor's config goes when saved) is the transformers
+    class's own. transformers' loader changed in 5.25, so both of its hooks are overridden: up to 5.24
+    `_get_arguments_from_pretrained` loads the sub-processors (we run it on the class without its video
+    processor and insert ours); from 5.25 `_resolve_subprocessors` does (we run it the same way and add ours).
     """
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        config = dict(processor_dict)  # resolving replaces the sub-processors' configs by the objects
+        processor_dict, unused = _image_text_class(cls.__name__)._resolve_subprocessors(
+            pretrained_model_name_or_path, processor_dict, **kwargs)
+        processor_dict["video_processor"] = load_video_processor(pretrained_model_name_or_path, cls.__name__,
+                                                                 config, **kwargs)
+        return processor_dict, unused
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
