@@ -36,6 +36,7 @@ import os
 import sys
 
 import transformers
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 from transformers.video_processing_utils import VideoProcessorMixin
 
@@ -54,6 +55,10 @@ _TORCHVISION_IMPORTS = {
                          "transformers.models.pixtral.image_processing_pixtral",
                          "transformers.models.pixtral.image_processing_pil_pixtral"),
 }
+
+# transformers' methods that load a processor's sub-processors, which _NumpyVideo overrides: the first from 5.25,
+# the second up to 5.24.
+_SUBPROCESSOR_LOADERS = ("_resolve_subprocessors", "_get_arguments_from_pretrained")
 
 
 class _WithoutVideo:
@@ -177,7 +182,17 @@ def torch_free_processor(name: str):
         return _torchvision_free_class(name)
     if video_processor_class(name) is None:
         return _image_text_class(name)
+    _check_subprocessor_loader()
     return _subclass(name, "_NumpyVideo", _NumpyVideo)
+
+
+def _check_subprocessor_loader():
+    """Raises if this transformers loads sub-processors by a method _NumpyVideo does not override (it would load
+    its torchvision video processor and fail with an ImportError that does not say why)."""
+    if not any(hasattr(ProcessorMixin, name) for name in _SUBPROCESSOR_LOADERS):
+        raise RuntimeError(f"transformers {transformers.__version__}: ProcessorMixin has none of "
+                           f"{', '.join(_SUBPROCESSOR_LOADERS)}, which jaxvlm overrides to load a processor's video "
+                           f"processor without torchvision. Install torchvision, or transformers 5.19 to 5.25.")
 
 
 def __getattr__(name: str):

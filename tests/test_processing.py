@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from jaxvlm.processing import load_processor
+from jaxvlm.processing import _SUBPROCESSOR_LOADERS, _check_subprocessor_loader, load_processor
 from tests.conftest import FAMILIES, chat, random_image
 from tests.notorch import run_without_torch
 from tests.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID, VOCAB, save_tiny_processor
@@ -139,13 +139,21 @@ def test_processor_pickles(tiny_processor):
                                   processor(text=[text], images=images, return_tensors="np")["input_ids"])
 
 
+def test_a_transformers_without_the_loader_we_override_is_named(monkeypatch):
+    _check_subprocessor_loader()  # the installed transformers has one of them
+    for name in _SUBPROCESSOR_LOADERS:
+        monkeypatch.delattr(transformers.processing_utils.ProcessorMixin, name, raising=False)
+    with pytest.raises(RuntimeError, match=rf"transformers {re.escape(transformers.__version__)}: .*torchvision"):
+        _check_subprocessor_loader()
+
+
 def test_works_without_torch(tiny_processor):
     model_dir = tiny_processor[1]
     code = f"""
 import json, sys
 import numpy as np
 from PIL import Image
-from jaxvlm.processing import load_processor
+from jaxvlm.processing import _SUBPROCESSOR_LOADERS, _check_subprocessor_loader, load_processor
 processor = load_processor({model_dir!r})
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is this?"}}]}}]
 text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
