@@ -153,7 +153,7 @@ def test_works_without_torch(tiny_processor):
 import json, sys
 import numpy as np
 from PIL import Image
-from jaxvlm.processing import _SUBPROCESSOR_LOADERS, _check_subprocessor_loader, load_processor
+from jaxvlm.processing import load_processor
 processor = load_processor({model_dir!r})
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is this?"}}]}}]
 text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
