@@ -2,8 +2,10 @@
 
 The reference (`token_loss_sum`) forms fp32 logits for every token of the batch: at batch 8, 514 tokens
 and Qwen2-VL's 151,936-word vocabulary that is 2.5 GB, and its softmax and gradient as much again.
-`chunked_token_loss_sum` runs a scan over chunks of tokens; each chunk's logits exist only inside the
-scan body, and the backward pass recomputes them (jax.checkpoint) instead of keeping them. Peak memory
+`chunked_token_loss_sum` runs a loop over chunks of tokens; each chunk's logits exist only inside the
+loop body. With the skip of untrained chunks (`skip_ignored`, the default on one device) the differentiated
+forward loop forms each chunk's gradient too, and the backward scales it; without it (a mesh) the backward
+pass recomputes each chunk's logits (jax.checkpoint) instead of keeping them. Peak memory
 for the loss is then one chunk's [chunk, vocab] fp32 logits; their gradient (`nll_sum`) is written in the logits'
 dtype in one pass.
 """
@@ -115,10 +117,12 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _live_chunks_nll(fn, h, targets, live, *consts):
     """Sum of `nll_sum(fn(h[i], *consts), targets[i])` over the first `live` chunks (a loop of `live` steps; the rest
-    hold no trained token). Its backward runs the same loop, each step forming its chunk's logits again, their gradient
-    and the chunk's dh (and the consts' gradients where they are trained, e.g. a LoRA on the lm_head), so no chunk's
-    logits outlive its step and nothing of the skipped chunks is formed: in particular no zero cotangent of the frozen
-    lm_head weight, which a `lax.cond` per chunk had to return as a residual from both its branches."""
+    hold no trained token). Differentiated, the forward loop also forms each chunk's gradient for a cotangent of 1:
+    the chunk's dh, and the consts' gradients where they are trained (e.g. a LoRA on the lm_head). The loss is linear
+    in its cotangent, so the backward only scales them: every chunk's logits are formed once a step (a backward that
+    formed them again ran the lm_head product 3 times a live chunk instead of 2), none outlives its loop step, and
+    nothing of the skipped chunks is formed, in particular no zero cotangent of the frozen lm_head weight, which a
+    `lax.cond` per chunk had to return as a residual from both its branches."""
     return _live_fwd_total(fn, h, targets, live, consts)
 
 
@@ -130,33 +134,36 @@ def _live_fwd_total(fn, h, targets, live, consts):
 
 def _live_chunks_fwd(fn, h, targets, live, *consts):
     values = [c.value for c in consts]
-    perturbed = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
-    return _live_fwd_total(fn, h.value, targets.value, live.value, values), (h.value, targets.value, live.value,
-                                                                             values, perturbed)
-
-
-def _live_chunks_bwd(fn, res, g):
-    h, targets, live, consts, perturbed = res
-    which = [i for i, flag in enumerate(perturbed) if flag is not None]  # the consts that get a cotangent
+    which = [i for i, c in enumerate(consts) if c.perturbed]  # the consts that get a cotangent
+    h, targets = h.value, targets.value
 
     def body(i, carry):
-        dh, dconsts = carry
+        total, dh, dconsts = carry
 
         def loss(hc, *tc):
-            full = list(consts)
+            full = list(values)
             for j, c in zip(which, tc):
                 full[j] = c
             return nll_sum(fn(hc, *full), targets[i])
-        _, vjp = jax.vjp(loss, h[i], *(consts[j] for j in which))
-        d = vjp(g if not isinstance(g, jax.custom_derivatives.SymbolicZero) else jnp.zeros((), jnp.float32))
-        return dh.at[i].set(d[0]), tuple(a + b.astype(a.dtype) for a, b in zip(dconsts, d[1:]))
+        value, vjp = jax.vjp(loss, h[i], *(values[j] for j in which))
+        d = vjp(jnp.ones((), jnp.float32))
+        return total + value, dh.at[i].set(d[0]), tuple(a + b.astype(a.dtype) for a, b in zip(dconsts, d[1:]))
 
-    init = (jnp.zeros_like(h), tuple(jnp.zeros_like(consts[j]) for j in which))
-    dh, dconsts = jax.lax.fori_loop(0, live, body, init)
-    out = [None] * len(consts)
-    for j, dc in zip(which, dconsts):
-        out[j] = dc
-    return (dh, None, None, *out)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), tuple(jnp.zeros_like(values[j]) for j in which))
+    total, dh, dconsts = jax.lax.fori_loop(0, live.value, body, init)
+    perturbed = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
+    return total, (dh, dconsts, perturbed)
+
+
+def _live_chunks_bwd(fn, res, g):
+    dh, dconsts, perturbed = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    scaled = lambda d: (d * g).astype(d.dtype)  # noqa: E731
+    out = [None] * len(perturbed)
+    for j, dc in zip([i for i, flag in enumerate(perturbed) if flag is not None], dconsts):
+        out[j] = scaled(dc)
+    return (scaled(dh), None, None, *out)
 
 
 _live_chunks_nll.defvjp(_live_chunks_fwd, _live_chunks_bwd, symbolic_zeros=True)
