@@ -3,11 +3,10 @@
 The reference (`token_loss_sum`) forms fp32 logits for every token of the batch: at batch 8, 514 tokens
 and Qwen2-VL's 151,936-word vocabulary that is 2.5 GB, and its softmax and gradient as much again.
 `chunked_token_loss_sum` runs a loop over chunks of tokens; each chunk's logits exist only inside the
-loop body. With the skip of untrained chunks (`skip_ignored`, the default on one device) the differentiated
-forward loop forms each chunk's gradient too, and the backward scales it; without it (a mesh) the backward
-pass recomputes each chunk's logits (jax.checkpoint) instead of keeping them. Peak memory
-for the loss is then one chunk's [chunk, vocab] fp32 logits; their gradient (`nll_sum`) is written in the logits'
-dtype in one pass.
+loop body. Differentiated, the forward loop also forms each chunk's gradient (the loss is linear in its
+cotangent, so the backward only scales it): the lm_head product runs twice a chunk (logits, dh), no chunk's
+logits are kept, and none is formed again. Peak memory for the loss is then one chunk's logits and their
+gradient (`nll_sum`), which is written in the logits' dtype in one pass.
 """
 from __future__ import annotations
 
@@ -99,19 +98,9 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
     trained = jnp.sum(targets != IGNORE_INDEX)
-    if skip:
-        fn, consts = jax.closure_convert(logits_fn, h[0])  # the lm_head's arrays as arguments of the custom_vjp
-        return _live_chunks_nll(fn, h, targets, -(-trained // chunk), *consts), trained
-
-    @jax.checkpoint
-    def chunk_nll(hc, tc):
-        return nll_sum(logits_fn(hc), tc)
-
-    def body(total, xs):
-        return total + chunk_nll(*xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets))
-    return total, trained
+    live = -(-trained // chunk) if skip else jnp.asarray(h.shape[0], jnp.int32)  # without the skip: every chunk
+    fn, consts = jax.closure_convert(logits_fn, h[0])  # the lm_head's arrays as arguments of the custom_vjp
+    return _live_chunks_nll(fn, h, targets, live, *consts), trained
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
