@@ -23,8 +23,8 @@ from jaxvlm.kernels import one_device_on
 IGNORE_INDEX = -100
 
 # Chunks whose every target is IGNORE_INDEX (images, masked prompts: half of the Qwen2-VL-2B benchmark's tokens) skip
-# the lm_head product in both passes (`_live_chunks_nll`: loops of as many steps as chunks hold a trained token; the
-# host reads each step's bound): "auto" (the default) in a process with one device (not measured over a mesh), "on"
+# their lm_head products (`_live_chunks_nll`: a loop of as many steps as chunks hold a trained token; the host reads
+# each step's bound): "auto" (the default) in a process with one device (not measured over a mesh), "on"
 # always, "off" never. Read at trace time. On an H200 (docs/BENCHMARKS.md, "The loss's chunk skip, measured on every
 # family"): Qwen2-VL-2B bf16 step -2.4%, NF4 -2.1%, Gemma 3 4B -2.3%, Qwen3-VL-2B, LLaVA-1.5-7B and Llama 3.2 Vision
 # (every text token trained) within their spread, no peak higher. A first form (a lax.cond per chunk) cost 335 MB of
