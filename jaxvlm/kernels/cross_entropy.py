@@ -98,30 +98,29 @@ def chunked_token_loss_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden: 
     h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     targets = jnp.pad(targets, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
     trained = jnp.sum(targets != IGNORE_INDEX)
-    live = -(-trained // chunk) if skip else jnp.asarray(h.shape[0], jnp.int32)  # without the skip: every chunk
     fn, consts = jax.closure_convert(logits_fn, h[0])  # the lm_head's arrays as arguments of the custom_vjp
-    return _live_chunks_nll(fn, h, targets, live, *consts), trained
+    # Without the skip every chunk, in a loop of static length (no host read of its bound).
+    steps = None if skip else h.shape[0]
+    return _live_chunks_nll(fn, steps, h, targets, -(-trained // chunk), *consts), trained
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _live_chunks_nll(fn, h, targets, live, *consts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _live_chunks_nll(fn, steps, h, targets, live, *consts):
     """Sum of `nll_sum(fn(h[i], *consts), targets[i])` over the first `live` chunks (a loop of `live` steps; the rest
-    hold no trained token). Differentiated, the forward loop also forms each chunk's gradient for a cotangent of 1:
-    the chunk's dh, and the consts' gradients where they are trained (e.g. a LoRA on the lm_head). The loss is linear
-    in its cotangent, so the backward only scales them: every chunk's logits are formed once a step (a backward that
-    formed them again ran the lm_head product 3 times a live chunk instead of 2), none outlives its loop step, and
-    nothing of the skipped chunks is formed, in particular no zero cotangent of the frozen lm_head weight, which a
-    `lax.cond` per chunk had to return as a residual from both its branches."""
-    return _live_fwd_total(fn, h, targets, live, consts)
+    hold no trained token), or over the first `steps` chunks where it is a static int (None: `live`).
 
-
-def _live_fwd_total(fn, h, targets, live, consts):
+    Differentiated, the forward loop also forms each chunk's gradient for a cotangent of 1: the chunk's dh, and the
+    consts' gradients where they are trained (e.g. a LoRA on the lm_head). The loss is linear in its cotangent, so
+    the backward only scales them: every chunk's logits are formed once a step (a backward that formed them again ran
+    the lm_head product 3 times a live chunk instead of 2), none outlives its loop step, and nothing of the skipped
+    chunks is formed, in particular no zero cotangent of the frozen lm_head weight, which a `lax.cond` per chunk had
+    to return as a residual from both its branches."""
     def body(i, total):
         return total + nll_sum(fn(h[i], *consts), targets[i])
-    return jax.lax.fori_loop(0, live, body, jnp.zeros((), jnp.float32))
+    return jax.lax.fori_loop(0, live if steps is None else steps, body, jnp.zeros((), jnp.float32))
 
 
-def _live_chunks_fwd(fn, h, targets, live, *consts):
+def _live_chunks_fwd(fn, steps, h, targets, live, *consts):
     values = [c.value for c in consts]
     which = [i for i, c in enumerate(consts) if c.perturbed]  # the consts that get a cotangent
     h, targets = h.value, targets.value
@@ -139,12 +138,12 @@ def _live_chunks_fwd(fn, h, targets, live, *consts):
         return total + value, dh.at[i].set(d[0]), tuple(a + b.astype(a.dtype) for a, b in zip(dconsts, d[1:]))
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), tuple(jnp.zeros_like(values[j]) for j in which))
-    total, dh, dconsts = jax.lax.fori_loop(0, live.value, body, init)
+    total, dh, dconsts = jax.lax.fori_loop(0, live.value if steps is None else steps, body, init)
     perturbed = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
     return total, (dh, dconsts, perturbed)
 
 
-def _live_chunks_bwd(fn, res, g):
+def _live_chunks_bwd(fn, steps, res, g):
     dh, dconsts, perturbed = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         g = jnp.zeros((), jnp.float32)
