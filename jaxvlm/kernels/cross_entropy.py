@@ -139,19 +139,16 @@ def _live_chunks_fwd(fn, steps, h, targets, live, *consts):
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), tuple(jnp.zeros_like(values[j]) for j in which))
     total, dh, dconsts = jax.lax.fori_loop(0, live.value if steps is None else steps, body, init)
-    perturbed = tuple(() if c.perturbed else None for c in consts)  # static, carried as the residuals' structure
-    return total, (dh, dconsts, perturbed)
+    grads = dict(zip(which, dconsts))
+    return total, (dh, tuple(grads.get(j) for j in range(len(consts))))  # None: a const without a cotangent
 
 
 def _live_chunks_bwd(fn, steps, res, g):
-    dh, dconsts, perturbed = res
+    dh, dconsts = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         g = jnp.zeros((), jnp.float32)
-    scaled = lambda d: (d * g).astype(d.dtype)  # noqa: E731
-    out = [None] * len(perturbed)
-    for j, dc in zip([i for i, flag in enumerate(perturbed) if flag is not None], dconsts):
-        out[j] = scaled(dc)
-    return (scaled(dh), None, None, *out)
+    scaled = lambda d: None if d is None else (d * g).astype(d.dtype)  # noqa: E731
+    return (scaled(dh), None, None, *map(scaled, dconsts))
 
 
 _live_chunks_nll.defvjp(_live_chunks_fwd, _live_chunks_bwd, symbolic_zeros=True)
