@@ -88,7 +88,7 @@ def trace_generate(model, cfg, batch: int, new: int, image: int, mesh, out_dir: 
     run()
     wall_ms = (time.perf_counter() - t0) * 1e3
     os.makedirs(out_dir, exist_ok=True)
-    summary = torch_cupti_trace(run, new)
+    summary = torch_cupti_trace(run, new, os.path.join(out_dir, "timeline.json.gz"))
     hlo = {name: text for name in ("prefill", "decode_loop")
            if (text := keep_hlo_dump(os.environ.get("JAXVLM_BENCH_DUMP", ""), out_dir, name))}
     if hlo:
