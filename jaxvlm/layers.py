@@ -116,25 +116,9 @@ def sibling_linears(x: jax.Array, modules) -> list[jax.Array]:
     if one_device_on(sibling_products):
         fused = getattr(weights[0], "sibling_linear", None)
         ys = fused(x, weights) if fused is not None else None
-        if ys is None and _rows_product(x) and not any(hasattr(w, "linear") or _in_place_kernel(w) for w in weights):
-            ys = _rows_siblings(x, weights)
     if ys is None:
         ys = [linear(x, w) for w in weights]
     return [y if m.bias is None else y + m.bias.get_value().astype(y.dtype) for y, m in zip(ys, modules)]
-
-
-def _in_place_kernel(w) -> bool:
-    """Whether `linear` forms this weight's product by the NF4 kernel (reading the layer in place in its stack)."""
-    return isinstance(w, NF4) and _nf4_kernel() and _in_place(w)[1] is not None
-
-
-def _rows_siblings(x: jax.Array, weights) -> list[jax.Array]:
-    """One row of x through every weight of `weights` (plain or NF4) as one multiply + sum over the weights
-    concatenated along out, which XLA fuses into one reduction reading each weight where it lies: three products of
-    q/k/v were three reductions, the k and v ones of a few hundred rows each far from the memory's speed."""
-    w = jnp.concatenate([dense_weight(w, jnp.float32) for w in weights])
-    y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
-    return jnp.split(y, np.cumsum([w.shape[-2] for w in weights])[:-1], axis=-1)
 
 
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
