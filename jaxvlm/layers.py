@@ -112,13 +112,44 @@ def sibling_linears(x: jax.Array, modules) -> list[jax.Array]:
     weight's type forms one (a `sibling_linear` method returning the outputs, or None where it does not apply),
     else each by `linear`. Biases are added per output."""
     weights = [m.weight.get_value() for m in modules]
+    biases = [None if m.bias is None else m.bias.get_value() for m in modules]
     ys = None
     if one_device_on(sibling_products):
         fused = getattr(weights[0], "sibling_linear", None)
         ys = fused(x, weights) if fused is not None else None
+        if ys is None and _rows_product(x) and _rows_siblings_apply(weights):
+            return _rows_siblings(x, weights, biases)
     if ys is None:
         ys = [linear(x, w) for w in weights]
-    return [y if m.bias is None else y + m.bias.get_value().astype(y.dtype) for y, m in zip(ys, modules)]
+    return [y if b is None else y + b.astype(y.dtype) for y, b in zip(ys, biases)]
+
+
+# A one-row product of fewer weights than this (k/v of 2 kv heads: 256 x 1536 in Qwen2-VL-2B) reads them in less time
+# than its kernel's launch and tail; its siblings' products take it in (`_rows_siblings`).
+ROWS_SIBLING_SMALL = 1 << 20
+
+
+def _rows_siblings_apply(weights) -> bool:
+    """Plain weights of different output widths (q/k/v), one of them small (ROWS_SIBLING_SMALL). On an H200 (batch-1
+    decode, docs/BENCHMARKS.md, "Decode's q/k/v as one reduction"): Qwen2-VL-2B +3.9% tokens/s; where k/v hold 1.8M
+    weights or more (Qwen2-VL-7B, Qwen3-VL-2B, Gemma 3 4B) no gain (-1.3 to +0.1%). XLA forms same-width siblings'
+    products (gate/up) as one multi-output reduction already; a concatenated gate/up, and NF4 codes concatenated,
+    measured slower."""
+    return (all(isinstance(w, jax.Array) for w in weights) and len({w.shape[-2] for w in weights}) > 1
+            and min(w.size for w in weights) < ROWS_SIBLING_SMALL)
+
+
+def _rows_siblings(x: jax.Array, weights, biases) -> list[jax.Array]:
+    """One row of x through every weight of `weights` (plain arrays), biases added, as one multiply + sum over the
+    weights concatenated along out, which XLA fuses into one reduction reading each weight where it lies (and adds
+    the biases in its epilogue): q/k/v were two or three reductions and their bias adds, the k/v ones of a few hundred
+    rows far from the memory's speed."""
+    w = jnp.concatenate([w.astype(jnp.float32) for w in weights])
+    y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1)
+    if any(b is not None for b in biases):
+        y = y + jnp.concatenate([jnp.zeros(w.shape[-2], jnp.float32) if b is None else b.astype(jnp.float32)
+                                 for w, b in zip(weights, biases)])
+    return jnp.split(y.astype(x.dtype), np.cumsum([w.shape[-2] for w in weights])[:-1], axis=-1)
 
 
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python -m scripts.bench_decode_variants --variants base dot scan --weights 16bit nf4
 
-Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), scan (the decode step's
+Variants: base (today's program), dot (JAXVLM_ROWS_PRODUCT=off: decode products as dots), nosib
+(JAXVLM_SIBLING_PRODUCTS=off: q/k/v each its own one-row product), scan (the decode step's
 layers as a scan, not unrolled), dsfusion (XLA's --xla_gpu_enable_dynamic_slice_fusion), nf4kernel
 (JAXVLM_NF4_KERNEL=on), xlaattn (JAXVLM_DECODE_ATTENTION=off: the cache writes and attention by XLA), cublas
 (--xla_gpu_enable_triton_gemm=false; not yet run), combinations joined by "+". Each
@@ -22,7 +23,7 @@ import sys
 
 
 # What a variant sets in its process's environment (scan is set inside it, base is today's program).
-ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
+ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nosib": ("JAXVLM_SIBLING_PRODUCTS", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
        "xlaattn": ("JAXVLM_DECODE_ATTENTION", "off"),
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice

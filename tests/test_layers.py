@@ -76,6 +76,41 @@ def test_a_one_row_product_is_a_sum_that_equals_the_dot(kind, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("kind, outs, small, sums", [("plain", (128, 64, 64), 64 * 192 + 1, 1),
+                                                     ("plain", (128, 64, 64), 64 * 192, 3),  # k/v not small
+                                                     ("plain", (96, 96), 1 << 20, 2), ("nf4", (128, 64, 64), 1 << 20, 3)])
+def test_one_row_q_k_v_are_one_sum_that_equals_each_product(kind, outs, small, sums, monkeypatch):
+    """A batch-1 decode step's q/k/v (plain weights of different widths, small k/v, biases) as one multiply + sum over
+    the weights concatenated along out, so that XLA forms one reduction: each output equals its own Linear's.
+    Siblings none of them small, same-width siblings (gate/up, which XLA fuses itself) and NF4 weights keep a sum
+    each; so does everything with the siblings' products off."""
+    from types import SimpleNamespace as NS
+
+    from jaxvlm import layers
+    from jaxvlm.quant.nf4 import quantize_nf4
+    k = iter(jax.random.split(jax.random.key(4), 2 * len(outs) + 1))
+    modules = []
+    for out in outs:
+        w, b = jax.random.normal(next(k), (out, 192)), jax.random.normal(next(k), (out,))
+        w = quantize_nf4(w) if kind == "nf4" else w
+        modules.append(NS(weight=NS(get_value=lambda w=w: w), bias=NS(get_value=lambda b=b: b)))
+    x = jax.random.normal(next(k), (1, 1, 192))
+    monkeypatch.setattr(layers, "rows_product", "on")
+    monkeypatch.setattr(layers, "ROWS_SIBLING_SMALL", small)
+
+    def run(setting):
+        monkeypatch.setattr(layers, "sibling_products", setting)
+        eqns = jax.make_jaxpr(lambda x: layers.sibling_linears(x, modules))(x).jaxpr.eqns
+        return layers.sibling_linears(x, modules), sum(e.primitive.name == "reduce_sum" for e in eqns)
+    (ys, on), (each, off) = run("on"), run("off")
+    assert (on, off) == (sums, len(outs))
+    for y, m, ref in zip(ys, modules, each):
+        want = np.asarray(layers.linear(x, m.weight.get_value(), m.bias.get_value()))
+        assert y.shape == want.shape == (1, 1, m.bias.get_value().shape[0])
+        for got in (y, ref):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_unrolled_layers_hand_the_nf4_kernel_each_layer_of_the_stack_in_place(monkeypatch):
     """Inside unrolled_layers (generation's decode step) scan_blocks unrolls in Python and the NF4 kernel is given the
     stacked weight and the layer (read in place, no slice copied out); the result equals the scanned XLA product."""
