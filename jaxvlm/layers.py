@@ -132,7 +132,7 @@ ROWS_SIBLING_SMALL = 1 << 20
 def _rows_siblings_apply(weights) -> bool:
     """Plain weights of different output widths (q/k/v), one of them small (ROWS_SIBLING_SMALL). On an H200 (batch-1
     decode, docs/BENCHMARKS.md, "Decode's q/k/v as one reduction"): Qwen2-VL-2B +3.9% tokens/s; where k/v hold 1.8M
-    weights or more (Qwen2-VL-7B, Qwen3-VL-2B, Gemma 3 4B) no gain (-1.3 to +0.1%). XLA forms same-width siblings'
+    weights or more (Qwen2-VL-7B, Qwen3-VL-2B, Gemma 3 4B) no gain (-1.3 to 0.0%). XLA forms same-width siblings'
     products (gate/up) as one multi-output reduction already; a concatenated gate/up, and NF4 codes concatenated,
     measured slower."""
     return (all(isinstance(w, jax.Array) for w in weights) and len({w.shape[-2] for w in weights}) > 1
@@ -144,12 +144,13 @@ def _rows_siblings(x: jax.Array, weights, biases) -> list[jax.Array]:
     weights concatenated along out, which XLA fuses into one reduction reading each weight where it lies (and adds
     the biases in its epilogue): q/k/v were two or three reductions and their bias adds, the k/v ones of a few hundred
     rows far from the memory's speed."""
-    w = jnp.concatenate([w.astype(jnp.float32) for w in weights])
-    y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1)
+    widths = [w.shape[-2] for w in weights]
+    stacked = jnp.concatenate([w.astype(jnp.float32) for w in weights])
+    y = jnp.sum(x.astype(jnp.float32)[..., None, :] * stacked, axis=-1)
     if any(b is not None for b in biases):
-        y = y + jnp.concatenate([jnp.zeros(w.shape[-2], jnp.float32) if b is None else b.astype(jnp.float32)
-                                 for w, b in zip(weights, biases)])
-    return jnp.split(y.astype(x.dtype), np.cumsum([w.shape[-2] for w in weights])[:-1], axis=-1)
+        y = y + jnp.concatenate([jnp.zeros(n, jnp.float32) if b is None else b.astype(jnp.float32)
+                                 for n, b in zip(widths, biases)])
+    return jnp.split(y.astype(x.dtype), np.cumsum(widths)[:-1], axis=-1)
 
 
 def grouped_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
