@@ -73,14 +73,18 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
     elif stack is not None and nf4_matmul.supported(x, *stack):
         y = nf4_matmul.nf4_matmul(x, *stack, interpret=nf4_kernel == "interpret")
     elif _rows_product(x):
-        w = dense_weight(w, jnp.float32)
-        y = jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1).astype(x.dtype)
+        y = _rows_sum(x, dense_weight(w, jnp.float32)).astype(x.dtype)
     else:
         w = dense_weight(w, x.dtype)
         y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def _rows_sum(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w.T for few rows of x as a float32 multiply + sum over `in` (w float32 [out, in]): see `rows_product`."""
+    return jnp.sum(x.astype(jnp.float32)[..., None, :] * w, axis=-1)
 
 
 def _param(shape, dtype) -> nnx.Param:
@@ -145,8 +149,7 @@ def _rows_siblings(x: jax.Array, weights, biases) -> list[jax.Array]:
     the biases in its epilogue): q/k/v were two or three reductions and their bias adds, the k/v ones of a few hundred
     rows far from the memory's speed."""
     widths = [w.shape[-2] for w in weights]
-    stacked = jnp.concatenate([w.astype(jnp.float32) for w in weights])
-    y = jnp.sum(x.astype(jnp.float32)[..., None, :] * stacked, axis=-1)
+    y = _rows_sum(x, jnp.concatenate([w.astype(jnp.float32) for w in weights]))
     if any(b is not None for b in biases):
         y = y + jnp.concatenate([jnp.zeros(n, jnp.float32) if b is None else b.astype(jnp.float32)
                                  for n, b in zip(widths, biases)])

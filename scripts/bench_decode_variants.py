@@ -23,7 +23,8 @@ import sys
 
 
 # What a variant sets in its process's environment (scan is set inside it, base is today's program).
-ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nosib": ("JAXVLM_SIBLING_PRODUCTS", "off"), "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
+ENV = {"dot": ("JAXVLM_ROWS_PRODUCT", "off"), "nosib": ("JAXVLM_SIBLING_PRODUCTS", "off"),
+       "nf4kernel": ("JAXVLM_NF4_KERNEL", "on"),
        "xlaattn": ("JAXVLM_DECODE_ATTENTION", "off"),
        "dsfusion": ("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true"),
        # dots as cuBLAS calls: with dsfusion a slice of a stacked weight may be read in place (XLA's dynamic-slice

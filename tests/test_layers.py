@@ -78,7 +78,8 @@ def test_a_one_row_product_is_a_sum_that_equals_the_dot(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind, outs, small, sums", [("plain", (128, 64, 64), 64 * 192 + 1, 1),
                                                      ("plain", (128, 64, 64), 64 * 192, 3),  # k/v not small
-                                                     ("plain", (96, 96), 1 << 20, 2), ("nf4", (128, 64, 64), 1 << 20, 3)])
+                                                     ("plain", (96, 96), 1 << 20, 2),
+                                                     ("nf4", (128, 64, 64), 1 << 20, 3)])
 def test_one_row_q_k_v_are_one_sum_that_equals_each_product(kind, outs, small, sums, monkeypatch):
     """A batch-1 decode step's q/k/v (plain weights of different widths, small k/v, biases) as one multiply + sum over
     the weights concatenated along out, so that XLA forms one reduction: each output equals its own Linear's.
