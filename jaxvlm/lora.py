@@ -9,6 +9,7 @@ adapter directories are jaxvlm.converters.peft_adapter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -20,7 +21,8 @@ import jax.scipy.linalg
 import numpy as np
 from flax import nnx
 
-from jaxvlm.kernels import lora_matmul
+from jaxvlm.kernels import lora_matmul, one_device_on
+from jaxvlm.kernels.lora_matmul import InSibling, Widened
 from jaxvlm.layers import Experts, Linear, dense_weight, grouped_linear, linear, next_dropout_key
 from jaxvlm.paths import layer_key, path_key, stacked_prefix
 from jaxvlm.quant import NF4, Int8, quantize_int8, quantize_nf4
@@ -84,7 +86,8 @@ class LoRA:
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
         if in_f < out_f and rows >= in_f:
-            return lora_matmul.concat_linear(x, xa, dense_weight(self.base, x.dtype), b)
+            base = self.base if isinstance(self.base, Widened) else dense_weight(self.base, x.dtype)
+            return lora_matmul.concat_linear(x, xa, base, b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
     def sibling_linear(self, x: jax.Array, siblings: list) -> list[jax.Array] | None:
@@ -94,9 +97,14 @@ class LoRA:
         [out_1 + out_2 + ..., r_1 + r_2 + ...]. Its backward forms dx (base and adapters') and every dxa from one
         product over g, and every dA from one pass over x. None where it does not apply (layers.sibling_linears then
         forms each product on its own): a sibling without an adapter, dropout on the adapters' input, fewer rows
-        than `in` (a decode step), or outputs narrower in all than the input."""
+        than `in` (a decode step), or outputs narrower in all than the input. Siblings whose bases the trainer keeps
+        in one `Widened` buffer (`widen`) always take this product, over that buffer."""
         rows, in_f = math.prod(x.shape[:-1]), x.shape[-1]
-        if (not all(isinstance(w, LoRA) and not w.dropout and w.lora_A.ndim == 2 for w in siblings)
+        widened = isinstance(self.base, Widened) and len(self.base.parts) > 1
+        if widened and len(self.base.parts) != len(siblings):
+            raise ValueError(f"a widened base of {len(self.base.parts)} sibling Linears called with {len(siblings)}: "
+                             f"the module's SIBLINGS must name the Linears it passes to layers.sibling_linears")
+        if not widened and (not all(isinstance(w, LoRA) and not w.dropout and w.lora_A.ndim == 2 for w in siblings)
                 or rows < in_f or sum(w.lora_B.shape[0] for w in siblings) <= in_f):
             return None
         ranks = [w.lora_A.shape[0] for w in siblings]
@@ -104,7 +112,7 @@ class LoRA:
         scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(s, x.dtype), (r,)) for s, r in zip(scales, ranks)])
         a = jnp.concatenate([w.lora_A for w in siblings]).astype(x.dtype)
         b = jax.scipy.linalg.block_diag(*(w.lora_B.astype(x.dtype) for w in siblings))
-        weights = tuple(dense_weight(w.base, x.dtype) for w in siblings)
+        weights = self.base if widened else tuple(dense_weight(w.base, x.dtype) for w in siblings)
         xa = (lora_matmul.lora_in(x, a) if lora_matmul.kernels_for(rows) else linear(x, a)) * scale
         y = lora_matmul.concat_linear(x, xa, weights, b)
         return jnp.split(y, np.cumsum([w.lora_B.shape[0] for w in siblings])[:-1], axis=-1)
@@ -423,3 +431,140 @@ def _map_lora(model, fn):
     flat = [(p, v.replace(fn(v.get_value())) if isinstance(v.get_value(), LoRA) else v)
             for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------------------------
+# Widened bases: the trainer's in-place [w | b] operands.
+
+
+def _sites(model) -> list[list[Linear]]:
+    """Each group of adapted Linears whose bases one `Widened` buffer holds (the first Linear's base), in the model's
+    module order: a module's SIBLINGS, then single Linears."""
+    sites = []
+    for _, module in nnx.iter_modules(model):
+        groups = [[getattr(module, n) for n in names] for names in getattr(module, "SIBLINGS", ())]
+        groups += [[module]] if isinstance(module, Linear) else []
+        for linears in groups:
+            first = linears[0].weight.get_value()
+            if isinstance(first, LoRA) and isinstance(first.base, Widened) and len(first.base.parts) == len(linears):
+                sites.append(linears)
+    return sites
+
+
+def _widenable(linears: list[Linear], siblings: bool) -> bool:
+    """Adapted Linears over plain floating bases of one dtype, in a group whose product widens (outputs wider than the
+    input: LoRA.linear's `concat_linear` case). Siblings besides: sibling products on, no dropout (LoRA.sibling_linear
+    takes them together)."""
+    from jaxvlm.layers import sibling_products
+    weights = [m.weight.get_value() for m in linears]
+    if not all(isinstance(w, LoRA) and isinstance(w.base, jax.Array) and jnp.issubdtype(w.base.dtype, jnp.floating)
+               and w.base.dtype == weights[0].base.dtype for w in weights):
+        return False
+    if siblings and (not one_device_on(sibling_products) or any(w.dropout for w in weights)):
+        return False
+    return sum(w.base.shape[-2] for w in weights) > weights[0].base.shape[-1]
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _put_rows(buf: jax.Array, w: jax.Array, start: int) -> jax.Array:
+    """buf with w [*stack, n, in] written at rows start.. and columns 0.. (in place: buf is donated)."""
+    return jax.lax.dynamic_update_slice(buf, w.astype(buf.dtype), (0,) * (buf.ndim - 2) + (start, 0))
+
+
+def widen(model, keep=()) -> int:
+    """In place: the bases of `model`'s widening adapted Linears, and of its modules' adapted SIBLINGS, become
+    `Widened` buffers [*stack, out, in + r] (one per group, in its first Linear; the others `InSibling`), their
+    weights copied in group by group (each weight's buffer freed once copied, where nothing else holds it). The
+    trainer's step writes the adapters' B into them (`fill_widened`); `unwiden` undoes it. Modules under a name of
+    `keep` (modules_to_save: trained whole) stay as they are. Returns how many buffers."""
+    done, count = set(), 0
+    targets = []
+    for path, module in nnx.iter_modules(model):
+        if any(str(k) in keep for k in path):
+            done.update(id(m) for _, m in nnx.iter_modules(module))
+            continue
+        for names in getattr(module, "SIBLINGS", ()):
+            linears = [getattr(module, n) for n in names]
+            if _widenable(linears, siblings=True):
+                targets.append(linears)
+                done.update(map(id, linears))
+    targets += [[m] for _, m in nnx.iter_modules(model)
+                if isinstance(m, Linear) and id(m) not in done and _widenable([m], siblings=False)]
+    for linears in targets:
+        loras = [m.weight.get_value() for m in linears]
+        base = loras[0].base
+        parts = tuple(w.base.shape[-2] for w in loras)
+        rank = sum(w.lora_B.shape[-1] for w in loras)
+        buf = jnp.zeros((*base.shape[:-2], sum(parts), base.shape[-1] + rank), base.dtype, device=base.sharding)
+        start = 0
+        for m, w in zip(linears, loras):
+            buf = _put_rows(buf, w.base, start)
+            m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
+            start += w.base.shape[-2]
+        del base, loras
+        first = linears[0].weight.get_value()
+        linears[0].weight.set_value(dataclasses.replace(
+            first, base=Widened(buf=buf, parts=parts, in_features=first.base.shape[-1])))
+        count += 1
+    return count
+
+
+def widened_buffers(model) -> list[jax.Array]:
+    """The `Widened` buffers of `model`, in the order `fill_widened` returns them."""
+    return [linears[0].weight.get_value().base.buf for linears in _sites(model)]
+
+
+def _block_diag(bs: list[jax.Array]) -> jax.Array:
+    """[*stack, sum out_i, sum r_i] with each b_i [*stack, out_i, r_i] on the diagonal."""
+    if len(bs) == 1:
+        return bs[0]
+    rank = sum(b.shape[-1] for b in bs)
+    rows, col = [], 0
+    for b in bs:
+        pad = [(0, 0)] * (b.ndim - 1) + [(col, rank - col - b.shape[-1])]
+        rows.append(jnp.pad(b, pad))
+        col += b.shape[-1]
+    return jnp.concatenate(rows, axis=-2)
+
+
+def fill_widened(model) -> list[jax.Array]:
+    """In `model` (traced inside the trainer's step): each `Widened` buffer with its adapters' current B in its last
+    columns, a dynamic_update_slice that XLA does in place on the step's donated buffer (gradients reach B through
+    the product's own b, not through the buffer). Returns the new buffers (`widened_buffers`' order)."""
+    filled = []
+    for linears in _sites(model):
+        loras = [m.weight.get_value() for m in linears]
+        wide = loras[0].base
+        b = jax.lax.stop_gradient(_block_diag([w.lora_B.astype(wide.buf.dtype) for w in loras]))
+        buf = jax.lax.dynamic_update_slice_in_dim(wide.buf, b, wide.in_features, axis=wide.buf.ndim - 1)
+        linears[0].weight.set_value(dataclasses.replace(loras[0], base=dataclasses.replace(wide, buf=buf)))
+        filled.append(buf)
+    return filled
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rows(buf: jax.Array, start: int, stop: int, in_features: int) -> jax.Array:
+    return buf[..., start:stop, :in_features]
+
+
+def unwiden(model) -> None:
+    """In place: every `Widened` buffer of `model` back to its Linears' plain bases (`widen` undone)."""
+    for linears in _sites(model):
+        loras = [m.weight.get_value() for m in linears]
+        wide, start = loras[0].base, 0
+        for m, w, n in zip(linears, loras, wide.parts):
+            m.weight.set_value(dataclasses.replace(w, base=_rows(wide.buf, start, start + n, wide.in_features)))
+            start += n
+
+
+def copy_bases(source, target) -> None:
+    """In place: `target`'s widened bases (`Widened`, `InSibling`) replaced by `source`'s bases of the same Linears
+    (shared, not copied): the model given to a trainer gets its weights back from the trained one."""
+    targets = dict(nnx.iter_modules(target))
+    for path, module in nnx.iter_modules(source):
+        dest = targets.get(path)
+        if not isinstance(module, Linear) or not isinstance(dest, Linear):
+            continue
+        w, d = module.weight.get_value(), dest.weight.get_value()
+        if isinstance(d, LoRA) and isinstance(d.base, (Widened, InSibling)):
+            dest.weight.set_value(dataclasses.replace(d, base=w.base))

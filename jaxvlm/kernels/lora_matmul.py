@@ -27,6 +27,7 @@ the training step 0.1928 -> 0.1880 s in bf16, 0.1962 -> 0.1879 s in NF4.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -54,6 +55,46 @@ def kernels_for(rows: int) -> bool:
     return kernels_on() and rows >= 64 and rows % 64 != 0
 
 
+# A frozen plain base kept whole as its product's [w | b] while the trainer trains the adapter(s) (jaxvlm.lora.widen):
+# "auto" (the default: a trainer on one device, no mesh), "off".
+widen_setting = os.environ.get("JAXVLM_LORA_WIDEN_WEIGHTS", "auto")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Widened:
+    """The frozen base of a widening adapted Linear, or of sibling Linears (q/k/v, gate/up), stored as the weight
+    operand of `concat_linear`: buf [*stack, out, in + r] = [w | b], w the base weights stacked along out (`parts`:
+    their widths) and b the adapters' B (block-diagonal for siblings) in the last r columns. The trainer writes the
+    current B into b at the start of each step, in place (the buffer is donated), so that no step copies the weights
+    into [w | b] (three times a layer before: the forward, its recomputation and the backward's dx). The product
+    reads buf as it is; the adapters' gradients come from their own B, passed beside it."""
+
+    buf: jax.Array
+    parts: tuple = dataclasses.field(metadata={"static": True})
+    in_features: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def stack_ndim(self) -> int:
+        return self.buf.ndim - 2
+
+    def dequantize(self, dtype) -> jax.Array:
+        """The first part's weight [out_0, in] (the Linear whose base this is)."""
+        return self.buf[..., :self.parts[0], :self.in_features].astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InSibling:
+    """The base of a sibling Linear while its weight lives in the first sibling's `Widened` buffer (training only)."""
+
+    shape: tuple = dataclasses.field(metadata={"static": True})
+
+    def dequantize(self, dtype):
+        raise ValueError(f"this Linear's base weight {self.shape} is held in its first sibling's widened buffer while "
+                         f"the trainer trains it; only the siblings' joint product (layers.sibling_linears) reads it")
+
+
 @jax.custom_vjp
 def concat_linear(x: jax.Array, xa: jax.Array, w, b: jax.Array) -> jax.Array:
     """x @ w.T + xa @ b.T as one matmul, [x | xa] @ [w | b].T (K = in + r): the base product and the
@@ -64,19 +105,23 @@ def concat_linear(x: jax.Array, xa: jax.Array, w, b: jax.Array) -> jax.Array:
     kept as they are for the backward and stacked only inside each product's [w | b], so that the backward forms its
     copy where it ties it (below), not in the recomputed forward. [x | xa] formed in place instead (x padded with r
     zero columns, xa written into them: no separate concatenation pass) measured 0.6-2.2% slower on an H200 and was
-    removed (docs/BENCHMARKS.md, "[x | xa] formed in place")."""
+    removed (docs/BENCHMARKS.md, "[x | xa] formed in place"). w a `Widened` is [w | b] already (b its B part)."""
     return jax.lax.dot_general(jnp.concatenate([x, xa], axis=-1), _stack_wb(w, b), (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def _stack_wb(w, b: jax.Array) -> jax.Array:
-    """[w | b] with w [out, in] or a tuple of [out_i, in] stacked along out."""
+    """[w | b] with w [out, in] or a tuple of [out_i, in] stacked along out (a `Widened` holds it)."""
+    if isinstance(w, Widened):
+        return w.buf.astype(b.dtype)
     w = jnp.concatenate(w, axis=0) if isinstance(w, (tuple, list)) else w
     return jnp.concatenate([w, b], axis=-1)
 
 
 def _weight_cotangent(g: jax.Array, x: jax.Array, w):
     """g^T x over every leading axis: the cotangent of w [out, in], or of each weight of a tuple stacked along out (a
-    frozen base's is dead code that XLA drops)."""
+    frozen base's is dead code that XLA drops). A `Widened` is frozen: zeros."""
+    if isinstance(w, Widened):
+        return jax.tree.map(jnp.zeros_like, w)
     lead = tuple(range(g.ndim - 1))
     dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())))
     if not isinstance(w, (tuple, list)):
@@ -92,8 +137,7 @@ def _concat_linear_fwd(x, xa, w, b):
 def _concat_linear_bwd(res, g):
     x, xa, w, b = res
     n = x.shape[-1]
-    siblings = isinstance(w, (tuple, list))
-    if siblings:
+    if isinstance(w, (tuple, list)):
         # Siblings' [w | b] is formed once g exists (b tied to g): left free, XLA formed it first, and the copy (56 MB
         # for the 2B gate/up) was live beside the activation gradient's inputs and output, the step's peak (H200 buffer
         # assignment; docs/BENCHMARKS.md, "Sibling Linears"). The tie took it out: 2B bf16 peak -54.9 MB, Qwen3-VL-2B

@@ -149,6 +149,8 @@ class Embeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
+    SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # what __call__ passes to layers.sibling_linears
+
     def __init__(self, cfg: CLIPVisionConfig, dtype, stack):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads

@@ -241,6 +241,8 @@ def cache_indices(cfg: GemmaTextConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Attention(nnx.Module):
+    SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # what __call__ passes to layers.sibling_linears
+
     def __init__(self, cfg: GemmaTextConfig, dtype, stack):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads

@@ -313,6 +313,8 @@ def split_attention(q, k, v, m: SplitMask) -> jax.Array:
 
 
 class SelfAttention(nnx.Module):
+    SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # what __call__ passes to layers.sibling_linears
+
     def __init__(self, cfg: MllamaVisionConfig, dtype, stack):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads

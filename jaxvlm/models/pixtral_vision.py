@@ -214,6 +214,8 @@ def rotary_cos_sin(cfg: PixtralVisionConfig, positions: jax.Array) -> tuple[jax.
 
 
 class Attention(nnx.Module):
+    SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # what __call__ passes to layers.sibling_linears
+
     def __init__(self, cfg: PixtralVisionConfig, dtype, stack):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads

@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxvlm import lora
+from jaxvlm.kernels import lora_matmul, one_device_on
 from jaxvlm.kernels.cross_entropy import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from jaxvlm.layers import LayerNorm, RMSNorm, activation_layout, dropout_key
 from jaxvlm.paths import path_key
@@ -344,8 +346,18 @@ class SFTTrainer:
             FastVisionModel.for_training(self.model)
         if self.mesh is not None:  # every weight on the devices that hold its slices (jaxvlm.sharding)
             self.model = shard_model(self.model, self.mesh)
+        # One device, LoRA factors (and modules_to_save) trained: the widening adapted Linears' bases held as their
+        # products' [w | b] operands (jaxvlm.lora.widen), B written into them in place each step.
+        widened = (self.mesh is None and self.is_trainable is None and one_device_on(lora_matmul.widen_setting)
+                   and lora.widen(self.model, keep=tuple(getattr(self.model, "modules_to_save", ()) or ())))
         trainable, frozen, rebuild, paths = split_trainable(
             self.model, self.is_trainable or default_is_trainable(self.model))
+        # The buffers travel apart from the other frozen leaves: donated to each step and returned by it.
+        at = {id(leaf): i for i, leaf in enumerate(frozen)}
+        positions = [at[id(buf)] for buf in lora.widened_buffers(self.model)] if widened else []
+        wide = [frozen[i] for i in positions]
+        for i in positions:
+            frozen[i] = None
         if not trainable:
             raise ValueError("the model has nothing to train: add LoRA adapters with get_peft_model first")
         total = self.total_steps()
@@ -368,23 +380,33 @@ class SFTTrainer:
                 return chunked_token_loss_sum(model.logits, model.hidden_states(features), inputs["labels"],
                                               a.loss_chunk_size)
 
-        def value_and_grad(trainable, frozen, inputs, key):
-            (loss_sum, n_tokens), grads = jax.value_and_grad(
-                lambda t: token_losses(rebuild(t, frozen), inputs, key), has_aux=True)(trainable)
-            return loss_sum, n_tokens, grads
+        def with_wide(frozen, wide):
+            frozen = list(frozen)
+            for i, buf in zip(positions, wide):
+                frozen[i] = buf
+            return frozen
 
-        @jax.jit
-        def grad_step(trainable, frozen, inputs, key):
+        def value_and_grad(trainable, frozen, inputs, key, wide=()):
+            def loss(t):
+                model = rebuild(t, with_wide(frozen, wide))
+                filled = lora.fill_widened(model) if positions else []
+                loss_sum, n_tokens = token_losses(model, inputs, key)
+                return loss_sum, (n_tokens, filled)
+            (loss_sum, (n_tokens, filled)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+            return loss_sum, n_tokens, grads, filled
+
+        @functools.partial(jax.jit, donate_argnums=2)
+        def grad_step(trainable, frozen, wide, inputs, key):
             if not per_shard:
-                return value_and_grad(trainable, frozen, inputs, key)
+                return value_and_grad(trainable, frozen, inputs, key, wide)
             # Inputs [shard, ...], the shard axis split over data x fsdp: each device runs its own shards, to its own
             # gradients, summed over the shards once at the end (a gradient of the summed loss would be reduced
             # across devices layer by layer inside the backward scan: hundreds of small collectives a step). The
             # model is rebuilt inside the vmap: NNX modules do not cross transform levels.
             shard_keys = None if key is None else jax.random.split(key, inputs["labels"].shape[0])
-            sums, counts, grads = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0), spmd_axis_name=BATCH_AXES)(
-                trainable, frozen, inputs, shard_keys)
-            return sums.sum(), counts.sum(), jax.tree.map(lambda g: g.sum(0), grads)
+            sums, counts, grads, _ = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0), spmd_axis_name=BATCH_AXES)(
+                trainable, frozen, inputs, shard_keys)  # a mesh: nothing widened
+            return sums.sum(), counts.sum(), jax.tree.map(lambda g: g.sum(0), grads), wide
 
         @jax.jit
         def apply_step(trainable, opt_state, grads, loss_sum, n_tokens):
@@ -453,7 +475,7 @@ class SFTTrainer:
                     self._log_compile(inputs)
                     key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
                     with layout():  # read while grad_step traces
-                        ls, nt, g = grad_step(trainable, frozen, inputs, key)
+                        ls, nt, g, wide = grad_step(trainable, frozen, wide, inputs, key)
                     if grads is None:
                         grads, loss_sum, n_tokens = g, ls, nt
                     else:
@@ -486,10 +508,14 @@ class SFTTrainer:
         finally:
             if prefetch is not None:
                 prefetch.close()
+            trained = rebuild(trainable, with_wide(frozen, wide))
+            if widened:  # the bases back, in the trained model and in the one given (whose buffers were donated)
+                lora.unwiden(trained)
+                lora.copy_bases(trained, self.model)
         if pending is not None:
             finish(pending)
         progress.close()
-        self.model = rebuild(trainable, frozen)
+        self.model = trained
         if a.save_steps:
             save_checkpoint(a.output_dir, step, trainable, opt_state, a.save_total_limit)
         if jax.process_index() == 0:  # several hosts: the first writes the run's files (all wrote checkpoints)
