@@ -376,3 +376,81 @@ def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
     if out_f == 96:
         assert len(dx_products(256)) == 2
     assert len(dx_products(8)) == 2  # a decode-sized product
+
+
+def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place():
+    """The trainer's widened bases (lora.widen): gate/up (a module's SIBLINGS) in one `Widened` [w | b] buffer, a
+    widening Linear (fc1) in its own, the narrowing one (down) left plain. A step that writes B into the buffers
+    (fill_widened) and differentiates the LoRA factors gives the plain model's loss and gradients; its compiled
+    program forms no [w | b] copy (the plain one forms one per widening product) and updates the donated buffers in
+    place; unwiden gives the bases back bit for bit."""
+    from jaxvlm import lora
+    from jaxvlm.layers import GatedMLP, Linear
+    from jaxvlm.train.trainer import split_trainable
+
+    class Block(nnx.Module):
+        def __init__(self):
+            self.mlp = GatedMLP(32, 48, "silu", bias=False, dtype=jnp.float32)
+            self.fc1 = Linear(32, 64, bias=True, dtype=jnp.float32)
+
+        def __call__(self, x):
+            return self.mlp(x) + self.fc1(x)[..., :32]
+
+    ks = iter(jax.random.split(jax.random.key(5), 16))
+    ranks = {"gate_proj": 8, "up_proj": 4, "down_proj": 8, "fc1": 8}
+    shapes = {"gate_proj": (48, 32), "up_proj": (48, 32), "down_proj": (32, 48), "fc1": (64, 32)}
+    weights = {n: (jax.random.normal(next(ks), s), 0.1 * jax.random.normal(next(ks), (ranks[n], s[1])),
+                   0.1 * jax.random.normal(next(ks), (s[0], ranks[n]))) for n, s in shapes.items()}
+    x = jax.random.normal(next(ks), (2, 40, 32))
+
+    def block():
+        b = Block()
+        for name, (w, a, bb) in weights.items():
+            module = b.fc1 if name == "fc1" else getattr(b.mlp, name)
+            module.weight.set_value(LoRA(base=w, lora_A=a, lora_B=bb, scale=2.0))
+        return b
+
+    def step(model):
+        trainable, frozen, rebuild, _ = split_trainable(model, lora.is_trainable_path)
+        at = {id(leaf): i for i, leaf in enumerate(frozen)}
+        positions = [at[id(buf)] for buf in lora.widened_buffers(model)]
+        rest = [None if i in positions else leaf for i, leaf in enumerate(frozen)]
+
+        def run(wide, trainable):
+            def loss(t):
+                leaves = list(rest)
+                for i, buf in zip(positions, wide):
+                    leaves[i] = buf
+                m = rebuild(t, leaves)
+                filled = lora.fill_widened(m)
+                return jnp.sum(jnp.tanh(m(x))), filled
+            (value, filled), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+            return value, grads, filled
+        wide = [frozen[i] for i in positions]
+        compiled = jax.jit(run, donate_argnums=0).lower(wide, trainable).compile()
+        return compiled(wide, trainable), compiled.as_text(), lambda filled: rebuild(trainable, [
+            filled[positions.index(i)] if i in positions else leaf for i, leaf in enumerate(rest)])
+
+    (ref, ref_grads, _), ref_hlo, _ = step(block())
+    model = block()
+    assert lora.widen(model) == 2
+    sites = lora._sites(model)
+    assert sorted(s[0].weight.get_value().base.buf.shape for s in sites) == [(64, 40), (96, 44)]
+    assert isinstance(model.mlp.up_proj.weight.get_value().base, lora_matmul.InSibling)
+    assert isinstance(model.mlp.down_proj.weight.get_value().base, jax.Array)
+    (value, grads, filled), hlo, trained = step(model)
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+    for o, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
+
+    def wb_copies(text):  # concatenations that form a [w | b] operand: gate/up's [96, 44], fc1's [64, 40]
+        return len(re.findall(r"f32\[(?:96,44|64,40)\]\{[0-9,]*\} concatenate\(", text))
+    assert wb_copies(ref_hlo) >= 2 and wb_copies(hlo) == 0, (wb_copies(ref_hlo), wb_copies(hlo))
+    header = hlo.splitlines()[0]  # input_output_alias: the outputs that reuse the donated buffers' memory
+    assert {int(p) for p in re.findall(r"\{\d+\}: \((\d+), \{\}, may-alias\)", header)} == {0, 1}, header
+
+    trained = trained(filled)
+    lora.unwiden(trained)
+    for name, (w, _, _) in weights.items():
+        module = trained.fc1 if name == "fc1" else getattr(trained.mlp, name)
+        np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)

@@ -1,4 +1,5 @@
 """The trainer's per-step losses equal a transformers + torch AdamW reference; resume continues the curve."""
+import unittest.mock
 import warnings
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jaxvlm.lora import widen
 from jaxvlm.train import VisionDataCollator
 from jaxvlm.train.optim import Quantized
 from jaxvlm.train.trainer import SFTConfig, SFTTrainer, make_optimizer, restore_checkpoint, save_checkpoint
@@ -120,11 +122,32 @@ def lora_losses_match_peft(tiny, tmp_path):
     trainer.model = FastVisionModel.get_peft_model(trainer.model, r=8, lora_alpha=16, random_state=0)
     trainer.model.save_pretrained(str(tmp_path / "init"))
     peft_model = PeftModel.from_pretrained(build_hf_model(family), str(tmp_path / "init"), is_trainable=True)
-    trainer.train()
+    given = trainer.model
+    before = {p: np.asarray(w.base) for p, w in lora_weights(given).items()}
+    widened = []
+    with unittest.mock.patch("jaxvlm.lora.widen", lambda *a, **k: widened.append(widen(*a, **k)) or widened[-1]):
+        trainer.train()
     ours = np.array([r["loss"] for r in trainer.log_history])
     ref = torch_reference_losses(peft_model, trainer, 10)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     assert ours[-1] < ours[0] - 0.3, "the loss should fall over 10 steps at this learning rate"
+    # The widening Linears' bases were [w | b] buffers while training (lora.widen); both the trained model and the
+    # one given hold their plain bases again, unchanged.
+    assert widened and widened[0] > 0, widened
+    for model in (given, trainer.model):
+        after = lora_weights(model)
+        assert after.keys() == before.keys()
+        for p, w in after.items():
+            assert isinstance(w.base, jax.Array), (p, type(w.base))
+            np.testing.assert_array_equal(np.asarray(w.base), before[p], err_msg=p)
+
+
+def lora_weights(model) -> dict:
+    from flax import nnx
+
+    from jaxvlm.lora import LoRA
+    return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if isinstance(v.get_value(), LoRA)}
 
 
 @ONE_FAMILY
