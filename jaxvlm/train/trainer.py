@@ -386,27 +386,30 @@ class SFTTrainer:
                 frozen[i] = buf
             return frozen
 
-        def value_and_grad(trainable, frozen, inputs, key, wide=()):
-            def loss(t):
-                model = rebuild(t, with_wide(frozen, wide))
-                filled = lora.fill_widened(model) if positions else []
-                loss_sum, n_tokens = token_losses(model, inputs, key)
-                return loss_sum, (n_tokens, filled)
-            (loss_sum, (n_tokens, filled)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-            return loss_sum, n_tokens, grads, filled
-
         @functools.partial(jax.jit, donate_argnums=2)
-        def grad_step(trainable, frozen, wide, inputs, key):
+        def refresh(trainable, frozen, wide):
+            """The widened buffers with the adapters' current B (in place: a program of its own, so that the step
+            reads them as plain inputs; written inside the step, they were also its outputs, and the 2B step's peak
+            rose 854 MB on an H200)."""
+            return lora.fill_widened(rebuild(trainable, with_wide(frozen, wide)))
+
+        def value_and_grad(trainable, frozen, inputs, key):
+            (loss_sum, n_tokens), grads = jax.value_and_grad(
+                lambda t: token_losses(rebuild(t, frozen), inputs, key), has_aux=True)(trainable)
+            return loss_sum, n_tokens, grads
+
+        @jax.jit
+        def grad_step(trainable, frozen, inputs, key):
             if not per_shard:
-                return value_and_grad(trainable, frozen, inputs, key, wide)
+                return value_and_grad(trainable, frozen, inputs, key)
             # Inputs [shard, ...], the shard axis split over data x fsdp: each device runs its own shards, to its own
             # gradients, summed over the shards once at the end (a gradient of the summed loss would be reduced
             # across devices layer by layer inside the backward scan: hundreds of small collectives a step). The
             # model is rebuilt inside the vmap: NNX modules do not cross transform levels.
             shard_keys = None if key is None else jax.random.split(key, inputs["labels"].shape[0])
-            sums, counts, grads, _ = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0), spmd_axis_name=BATCH_AXES)(
-                trainable, frozen, inputs, shard_keys)  # a mesh: nothing widened
-            return sums.sum(), counts.sum(), jax.tree.map(lambda g: g.sum(0), grads), wide
+            sums, counts, grads = jax.vmap(value_and_grad, in_axes=(None, None, 0, 0), spmd_axis_name=BATCH_AXES)(
+                trainable, frozen, inputs, shard_keys)
+            return sums.sum(), counts.sum(), jax.tree.map(lambda g: g.sum(0), grads)
 
         @jax.jit
         def apply_step(trainable, opt_state, grads, loss_sum, n_tokens):
@@ -463,6 +466,8 @@ class SFTTrainer:
         prefetch = None if in_order else _Prefetch(make, total * a.gradient_accumulation_steps)
         try:
             while step < total:
+                if positions:
+                    wide = refresh(trainable, frozen, wide)
                 grads = loss_sum = n_tokens = None  # the first micro-batch's, then `accumulate`d
                 n_seq_tokens = 0
                 record_ids, n_trained = [], 0
@@ -475,7 +480,7 @@ class SFTTrainer:
                     self._log_compile(inputs)
                     key = None if dropout_root is None else jax.random.fold_in(dropout_root, index)
                     with layout():  # read while grad_step traces
-                        ls, nt, g, wide = grad_step(trainable, frozen, wide, inputs, key)
+                        ls, nt, g = grad_step(trainable, with_wide(frozen, wide), inputs, key)
                     if grads is None:
                         grads, loss_sum, n_tokens = g, ls, nt
                     else:
