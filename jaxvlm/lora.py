@@ -471,10 +471,18 @@ def _put_rows(buf: jax.Array, w: jax.Array, start: int) -> jax.Array:
     return jax.lax.dynamic_update_slice(buf, w.astype(buf.dtype), (0,) * (buf.ndim - 2) + (start, 0))
 
 
+def _room(nbytes: int, w: jax.Array) -> bool:
+    """Whether w's device has `nbytes` free beside what is in use (the buffer and the weights it is copied from
+    live together while it is made); always where the backend reports no limit (the CPU)."""
+    stats = [d.memory_stats() or {} for d in w.devices()]
+    return all("bytes_limit" not in s or s["bytes_limit"] - s.get("bytes_in_use", 0) > nbytes for s in stats)
+
+
 def widen(model, keep=()) -> int:
     """In place: the bases of `model`'s widening adapted Linears, and of its modules' adapted SIBLINGS, become
     `Widened` buffers [*stack, out, in + r] (one per group, in its first Linear; the others `InSibling`), their
-    weights copied in group by group (each weight's buffer freed once copied, where nothing else holds it). The
+    weights copied in group by group (each weight's buffer freed once copied, where nothing else holds it; a group
+    whose buffer the device has no room for beside them stays as it is). The
     trainer's step writes the adapters' B into them (`fill_widened`); `unwiden` undoes it. Modules under a name of
     `keep` (modules_to_save: trained whole) stay as they are. Returns how many buffers."""
     done, count = set(), 0
@@ -495,6 +503,8 @@ def widen(model, keep=()) -> int:
         base = loras[0].base
         parts = tuple(w.base.shape[-2] for w in loras)
         rank = sum(w.lora_B.shape[-1] for w in loras)
+        if not _room(math.prod(base.shape[:-2]) * sum(parts) * (base.shape[-1] + rank) * base.dtype.itemsize, base):
+            continue
         buf = jnp.zeros((*base.shape[:-2], sum(parts), base.shape[-1] + rank), base.dtype, device=base.sharding)
         start = 0
         for m, w in zip(linears, loras):

@@ -514,6 +514,7 @@ class SFTTrainer:
             if prefetch is not None:
                 prefetch.close()
             trained = rebuild(trainable, with_wide(frozen, wide))
+            wide = None  # held by `trained` alone: unwiden frees each buffer once its bases are sliced out of it
             if widened:  # the bases back, in the trained model and in the one given (whose buffers were donated)
                 lora.unwiden(trained)
                 lora.copy_bases(trained, self.model)
