@@ -388,9 +388,8 @@ class SFTTrainer:
 
         @functools.partial(jax.jit, donate_argnums=2)
         def refresh(trainable, frozen, wide):
-            """The widened buffers with the adapters' current B (in place: a program of its own, so that the step
-            reads them as plain inputs; written inside the step, they were also its outputs, and the 2B step's peak
-            rose 854 MB on an H200)."""
+            """The widened buffers with the adapters' current B, in place, by a program of its own: the step then
+            reads them as plain inputs (on an H200 the 2B step -0.9% against -0.5% with B written inside it)."""
             return lora.fill_widened(rebuild(trainable, with_wide(frozen, wide)))
 
         def value_and_grad(trainable, frozen, inputs, key):
