@@ -481,7 +481,7 @@ def _room(nbytes: int, w: jax.Array) -> bool:
 def widen(model, keep=()) -> int:
     """In place: the bases of `model`'s widening adapted Linears, and of its modules' adapted SIBLINGS, become
     `Widened` buffers [*stack, out, in + r] (one per group, in its first Linear; the others `InSibling`), their
-    weights copied in group by group (each weight's buffer freed once copied, where nothing else holds it; a group
+    weights copied in group by group (a group's weights freed once it is copied, where nothing else holds them; a group
     whose buffer the device has no room for beside them stays as it is). The
     trainer's step writes the adapters' B into them (`fill_widened`); `unwiden` undoes it. Modules under a name of
     `keep` (modules_to_save: trained whole) stay as they are. Returns how many buffers."""
