@@ -16,8 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxvlm.kernels import (decode_attention, flash_attention, grouped_matmul, kernel_on, lora_matmul, nf4_matmul,
-                            one_device_on)
+from jaxvlm.kernels import decode_attention, flash_attention, grouped_matmul, kernel_on, nf4_matmul, one_device_on
 from jaxvlm.quant.nf4 import NF4
 
 
@@ -119,9 +118,7 @@ def sibling_linears(x: jax.Array, modules) -> list[jax.Array]:
     weights = [m.weight.get_value() for m in modules]
     biases = [None if m.bias is None else m.bias.get_value() for m in modules]
     ys = None
-    # Siblings whose bases the trainer holds in one buffer (jaxvlm.lora.widen) have only the joint product.
-    joint = isinstance(getattr(weights[0], "base", None), lora_matmul.Widened)
-    if joint or one_device_on(sibling_products):
+    if one_device_on(sibling_products):
         fused = getattr(weights[0], "sibling_linear", None)
         ys = fused(x, weights) if fused is not None else None
         if ys is None and _rows_product(x) and _rows_siblings_apply(weights):

@@ -502,19 +502,18 @@ def widen(model, keep=()) -> int:
         loras = [m.weight.get_value() for m in linears]
         base = loras[0].base
         parts = tuple(w.base.shape[-2] for w in loras)
-        rank = sum(w.lora_B.shape[-1] for w in loras)
-        if not _room(math.prod(base.shape[:-2]) * sum(parts) * (base.shape[-1] + rank) * base.dtype.itemsize, base):
+        shape = (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras))
+        if not _room(math.prod(shape) * base.dtype.itemsize, base):
             continue
-        buf = jnp.zeros((*base.shape[:-2], sum(parts), base.shape[-1] + rank), base.dtype, device=base.sharding)
+        buf = jnp.zeros(shape, base.dtype, device=base.sharding)
         start = 0
         for m, w in zip(linears, loras):
             buf = _put_rows(buf, w.base, start)
             m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
             start += w.base.shape[-2]
-        del base, loras
-        first = linears[0].weight.get_value()
-        linears[0].weight.set_value(dataclasses.replace(
-            first, base=Widened(buf=buf, parts=parts, in_features=first.base.shape[-1])))
+        widened = Widened(buf=buf, parts=parts, in_features=base.shape[-1])
+        del base, loras  # the weights, freed here unless something else holds them
+        linears[0].weight.set_value(dataclasses.replace(linears[0].weight.get_value(), base=widened))
         count += 1
     return count
 
@@ -526,26 +525,21 @@ def widened_buffers(model) -> list[jax.Array]:
 
 def _block_diag(bs: list[jax.Array]) -> jax.Array:
     """[*stack, sum out_i, sum r_i] with each b_i [*stack, out_i, r_i] on the diagonal."""
-    if len(bs) == 1:
-        return bs[0]
-    rank = sum(b.shape[-1] for b in bs)
-    rows, col = [], 0
-    for b in bs:
-        pad = [(0, 0)] * (b.ndim - 1) + [(col, rank - col - b.shape[-1])]
-        rows.append(jnp.pad(b, pad))
-        col += b.shape[-1]
-    return jnp.concatenate(rows, axis=-2)
+    block_diag = jax.scipy.linalg.block_diag
+    for _ in range(bs[0].ndim - 2):
+        block_diag = jax.vmap(block_diag)
+    return block_diag(*bs)
 
 
 def fill_widened(model) -> list[jax.Array]:
-    """In `model` (traced inside the trainer's step): each `Widened` buffer with its adapters' current B in its last
-    columns, a dynamic_update_slice that XLA does in place on the step's donated buffer (gradients reach B through
-    the product's own b, not through the buffer). Returns the new buffers (`widened_buffers`' order)."""
+    """In `model` (traced by the trainer's refresh program, the buffers donated to it): each `Widened` buffer with its
+    adapters' current B in its last columns, a dynamic_update_slice that XLA does in place. Returns the new buffers
+    (`widened_buffers`' order)."""
     filled = []
     for linears in _sites(model):
         loras = [m.weight.get_value() for m in linears]
         wide = loras[0].base
-        b = jax.lax.stop_gradient(_block_diag([w.lora_B.astype(wide.buf.dtype) for w in loras]))
+        b = _block_diag([w.lora_B.astype(wide.buf.dtype) for w in loras])
         buf = jax.lax.dynamic_update_slice_in_dim(wide.buf, b, wide.in_features, axis=wide.buf.ndim - 1)
         linears[0].weight.set_value(dataclasses.replace(loras[0], base=dataclasses.replace(wide, buf=buf)))
         filled.append(buf)

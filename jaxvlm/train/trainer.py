@@ -352,7 +352,7 @@ class SFTTrainer:
                    and lora.widen(self.model, keep=tuple(getattr(self.model, "modules_to_save", ()) or ())))
         trainable, frozen, rebuild, paths = split_trainable(
             self.model, self.is_trainable or default_is_trainable(self.model))
-        # The buffers travel apart from the other frozen leaves: donated to each step and returned by it.
+        # The buffers travel apart from the other frozen leaves: donated to `refresh`, which returns them refilled.
         at = {id(leaf): i for i, leaf in enumerate(frozen)}
         positions = [at[id(buf)] for buf in lora.widened_buffers(self.model)] if widened else []
         wide = [frozen[i] for i in positions]
