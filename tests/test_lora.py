@@ -4,6 +4,7 @@ import itertools
 import json
 import re
 import unittest.mock
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -378,12 +379,14 @@ def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
     assert len(dx_products(8)) == 2  # a decode-sized product
 
 
-def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place():
+def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place(monkeypatch):
     """The trainer's widened bases (lora.widen): gate/up (a module's SIBLINGS) in one `Widened` [w | b] buffer, a
-    widening Linear (fc1) in its own, the narrowing one (down) left plain. A step that writes B into the buffers
+    widening Linear (fc1) in its own, the narrowing one (down) left plain; the weights they were copied from are freed
+    (the buffers are filled from the host, here in blocks of 8 rows). A step that writes B into the buffers
     (fill_widened, a program of its own that updates the donated buffers in place) followed by a step that
     differentiates the LoRA factors gives the plain model's loss and gradients, and the step forms no [w | b] copy
-    (the plain one forms one per widening product); unwiden gives the bases back bit for bit."""
+    (the plain one forms one per widening product); unwiden gives the bases back bit for bit. A device without room
+    for a buffer keeps its group as it was."""
     from jaxvlm import lora
     from jaxvlm.layers import GatedMLP, Linear
     from jaxvlm.train.trainer import split_trainable
@@ -407,7 +410,7 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
         b = Block()
         for name, (w, a, bb) in weights.items():
             module = b.fc1 if name == "fc1" else getattr(b.mlp, name)
-            module.weight.set_value(LoRA(base=w, lora_A=a, lora_B=bb, scale=2.0))
+            module.weight.set_value(LoRA(base=jnp.array(w, copy=True), lora_A=a, lora_B=bb, scale=2.0))
         return b
 
     def step(model):
@@ -431,7 +434,13 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
 
     (ref, ref_grads), ref_hlo, _, _ = step(block())
     model = block()
+    monkeypatch.setattr(lora, "_BLOCK_BYTES", 8 * 32 * 4)  # 8 rows of 32 float32 weights
+    bases = {n: weakref.ref(m.weight.get_value().base)
+             for n, m in [("gate", model.mlp.gate_proj), ("up", model.mlp.up_proj), ("down", model.mlp.down_proj),
+                          ("fc1", model.fc1)]}
     assert lora.widen(model) == 2
+    jax.block_until_ready(lora.widened_buffers(model))  # the last block's write done (it holds its input till then)
+    assert {n for n, r in bases.items() if r() is not None} == {"down"}, "a widened group's weights were not freed"
     sites = lora._sites(model)
     assert sorted(s[0].weight.get_value().base.buf.shape for s in sites) == [(64, 40), (96, 44)]
     assert isinstance(model.mlp.up_proj.weight.get_value().base, lora_matmul.InSibling)
@@ -452,4 +461,11 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
     lora.unwiden(trained)
     for name, (w, _, _) in weights.items():
         module = trained.fc1 if name == "fc1" else getattr(trained.mlp, name)
+        np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)
+
+    monkeypatch.setattr(lora, "_room", lambda nbytes, devices: False)
+    model = block()
+    assert lora.widen(model) == 0
+    for name, (w, _, _) in weights.items():
+        module = model.fc1 if name == "fc1" else getattr(model.mlp, name)
         np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)

@@ -348,8 +348,11 @@ class SFTTrainer:
             self.model = shard_model(self.model, self.mesh)
         # One device, LoRA factors (and modules_to_save) trained: the widening adapted Linears' bases held as their
         # products' [w | b] operands (jaxvlm.lora.widen), B written into them in place each step.
+        started = time.perf_counter()
         widened = (self.mesh is None and self.is_trainable is None and one_device_on(lora_matmul.widen_setting)
                    and lora.widen(self.model, keep=tuple(getattr(self.model, "modules_to_save", ()) or ())))
+        if widened:
+            logger.info("%d bases widened in %.2f s", widened, time.perf_counter() - started)
         trainable, frozen, rebuild, paths = split_trainable(
             self.model, self.is_trainable or default_is_trainable(self.model))
         # The buffers travel apart from the other frozen leaves: donated to `refresh`, which returns them refilled.
