@@ -479,41 +479,54 @@ def _room(nbytes: int, devices) -> bool:
     return all("bytes_limit" not in s or s["bytes_limit"] - s.get("bytes_in_use", 0) > nbytes for s in stats)
 
 
-_BLOCK_BYTES = 1 << 28  # a widened buffer is filled from the host in blocks of at most this many bytes
+_BLOCK_BYTES = 1 << 25  # the host's weights go to the device in blocks of whole rows of at most this many bytes,
+_PER_TRANSFER = 8  # this many blocks a transfer (one device_put of a list: its blocks move in parallel)
+
+
+def _blocks(h: np.ndarray, row0: int = 0):
+    """h [*stack, rows, in] in blocks of whole rows, each [1, .., n, in] with its index in an array [*stack, R, C]
+    where h's rows start at row0."""
+    n = max(1, _BLOCK_BYTES // max(1, h.shape[-1] * h.itemsize))
+    for lead in np.ndindex(*h.shape[:-2]):
+        for i in range(0, h.shape[-2], n):
+            yield h[lead][i:i + n][(None,) * len(lead)], (*lead, row0 + i, 0)
+
+
+def _from_host(shape: tuple, dtype, sharding, blocks) -> jax.Array:
+    """A device array of `shape`, zeros where `blocks` ((host array, index) pairs) do not write, written a few blocks
+    a transfer (the device holds the array and at most two transfers' blocks)."""
+    buf = jnp.zeros(shape, dtype, device=sharding)
+    blocks = list(blocks)
+    for i in range(0, len(blocks), _PER_TRANSFER):
+        batch = blocks[i:i + _PER_TRANSFER]
+        for block, (_, index) in zip(jax.device_put([np.ascontiguousarray(b) for b, _ in batch], sharding), batch):
+            buf = _put(buf, block, tuple(np.int32(k) for k in index))
+    return buf
 
 
 def _widen_group(linears: list[Linear]) -> Widened | None:
     """One group's `Widened` buffer, its Linears' bases set to `InSibling`; None (the group as it was) where the
     device has no room. The weights go through the host: copied out, freed on the device (where nothing else holds
-    them), then written into the buffer a block at a time, so that the device never holds a group's weights twice
-    (on the device, LLaVA-1.5-7B's gate/up buffer, 5.8 GB, made beside its weights put the process's peak 3.06 GB
+    them), then written into the buffer a few blocks at a time, so that the device never holds a group's weights twice
+    (made on the device beside its weights, LLaVA-1.5-7B's gate/up buffer, 5.8 GB, put the process's peak 3.06 GB
     above the training step's)."""
     loras = [m.weight.get_value() for m in linears]
     base = loras[0].base
     sharding, dtype = base.sharding, base.dtype
     parts = tuple(w.base.shape[-2] for w in loras)
     shape = (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras))
-    hosts = [np.asarray(w.base) for w in loras]
+    hosts = jax.device_get([w.base for w in loras])
     refs = [weakref.ref(w.base) for w in loras]
     for m, w in zip(linears, loras):
         m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
     del base, loras, w  # the device's weights, freed here unless something else holds them
-    rows = [max(1, _BLOCK_BYTES // (h[:1].nbytes or 1)) for h in hosts]
-    block = max(h[:n].nbytes for h, n in zip(hosts, rows))
-    if not _room(math.prod(shape) * dtype.itemsize + block, sharding.device_set):
+    if not _room(math.prod(shape) * dtype.itemsize + 2 * _PER_TRANSFER * _BLOCK_BYTES, sharding.device_set):
         for m, r, h in zip(linears, refs, hosts):
             m.weight.set_value(dataclasses.replace(m.weight.get_value(), base=r() if r() is not None
                                                    else jax.device_put(h, sharding)))
         return None
-    buf = jnp.zeros(shape, dtype, device=sharding)
-    start = 0
-    for h, n in zip(hosts, rows):
-        for i in range(0, h.shape[0], n):
-            index = [0] * len(shape)
-            index[0] += i
-            index[-2] += start  # a 2-D weight's blocks are rows: both offsets on its first axis
-            buf = _put(buf, jax.device_put(h[i:i + n], sharding), tuple(np.int32(k) for k in index))
-        start += h.shape[-2]
+    starts = np.cumsum((0,) + parts)
+    buf = _from_host(shape, dtype, sharding, [b for h, row0 in zip(hosts, starts) for b in _blocks(h, row0)])
     return Widened(buf=buf, parts=parts, in_features=hosts[0].shape[-1])
 
 
@@ -574,20 +587,19 @@ def fill_widened(model) -> list[jax.Array]:
 
 def unwiden(model) -> None:
     """In place: every `Widened` buffer of `model` back to its Linears' plain bases (`widen` undone), through the host
-    as `widen` made it: the buffer copied out and freed (where nothing else holds it) before its bases are put back."""
+    as `widen` made it: the buffer copied out and freed (where nothing else holds it) before its bases go back."""
     for linears in _sites(model):
         loras = [m.weight.get_value() for m in linears]
         wide = loras[0].base
         sharding, parts, in_features = wide.buf.sharding, wide.parts, wide.in_features
-        host = np.asarray(wide.buf)
+        host = jax.device_get(wide.buf)
         for m, w in zip(linears, loras):
             m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=(*host.shape[:-2], 0, in_features))))
         del loras, w, wide  # the buffer, freed here unless something else holds it
-        start = 0
-        for m, n in zip(linears, parts):
-            rows = np.ascontiguousarray(host[..., start:start + n, :in_features])
-            m.weight.set_value(dataclasses.replace(m.weight.get_value(), base=jax.device_put(rows, sharding)))
-            start += n
+        for m, start, n in zip(linears, np.cumsum((0,) + parts), parts):
+            rows = host[..., start:start + n, :in_features]
+            base = _from_host(rows.shape, host.dtype, sharding, _blocks(rows))
+            m.weight.set_value(dataclasses.replace(m.weight.get_value(), base=base))
 
 
 def copy_bases(source, target) -> None:

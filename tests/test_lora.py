@@ -434,7 +434,7 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
 
     (ref, ref_grads), ref_hlo, _, _ = step(block())
     model = block()
-    monkeypatch.setattr(lora, "_BLOCK_BYTES", 8 * 32 * 4)  # 8 rows of 32 float32 weights
+    monkeypatch.setattr(lora, "_BLOCK_BYTES", 8 * 32 * 4)  # 8 rows of 32 float32 weights a block, 8 blocks a transfer
     bases = {n: weakref.ref(m.weight.get_value().base)
              for n, m in [("gate", model.mlp.gate_proj), ("up", model.mlp.up_proj), ("down", model.mlp.down_proj),
                           ("fc1", model.fc1)]}
