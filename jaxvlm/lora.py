@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import re
-import weakref
 from typing import Any
 
 import jax
@@ -466,76 +465,26 @@ def _widenable(linears: list[Linear], siblings: bool) -> bool:
     return sum(w.base.shape[-2] for w in weights) > weights[0].base.shape[-1]
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put(buf: jax.Array, block: jax.Array, index: tuple) -> jax.Array:
-    """buf with block written at index (traced: one program per block shape), in place (buf is donated)."""
-    return jax.lax.dynamic_update_slice(buf, block.astype(buf.dtype), index)
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _put_rows(buf: jax.Array, w: jax.Array, start: int) -> jax.Array:
+    """buf with w [*stack, n, in] written at rows start.. and columns 0.. (in place: buf is donated)."""
+    return jax.lax.dynamic_update_slice(buf, w.astype(buf.dtype), (0,) * (buf.ndim - 2) + (start, 0))
 
 
-def _room(nbytes: int, devices) -> bool:
-    """Whether each of `devices` has `nbytes` free beside what is in use; always where the backend reports no limit
-    (the CPU)."""
-    stats = [d.memory_stats() or {} for d in devices]
+def _room(nbytes: int, w: jax.Array) -> bool:
+    """Whether w's device has `nbytes` free beside what is in use (the buffer and the weights it is copied from
+    live together while it is made); always where the backend reports no limit (the CPU)."""
+    stats = [d.memory_stats() or {} for d in w.devices()]
     return all("bytes_limit" not in s or s["bytes_limit"] - s.get("bytes_in_use", 0) > nbytes for s in stats)
-
-
-_BLOCK_BYTES = 1 << 25  # the host's weights go to the device in blocks of whole rows of at most this many bytes,
-_PER_TRANSFER = 8  # this many blocks a transfer (one device_put of a list: its blocks move in parallel)
-
-
-def _blocks(h: np.ndarray, row0: int = 0):
-    """h [*stack, rows, in] in blocks of whole rows, each [1, .., n, in] with its index in an array [*stack, R, C]
-    where h's rows start at row0."""
-    n = max(1, _BLOCK_BYTES // max(1, h.shape[-1] * h.itemsize))
-    for lead in np.ndindex(*h.shape[:-2]):
-        for i in range(0, h.shape[-2], n):
-            yield h[lead][i:i + n][(None,) * len(lead)], (*lead, row0 + i, 0)
-
-
-def _from_host(shape: tuple, dtype, sharding, blocks) -> jax.Array:
-    """A device array of `shape`, zeros where `blocks` ((host array, index) pairs) do not write, written a few blocks
-    a transfer (the device holds the array and at most two transfers' blocks)."""
-    buf = jnp.zeros(shape, dtype, device=sharding)
-    blocks = list(blocks)
-    for i in range(0, len(blocks), _PER_TRANSFER):
-        batch = blocks[i:i + _PER_TRANSFER]
-        for block, (_, index) in zip(jax.device_put([np.ascontiguousarray(b) for b, _ in batch], sharding), batch):
-            buf = _put(buf, block, tuple(np.int32(k) for k in index))
-    return buf
-
-
-def _widen_group(linears: list[Linear]) -> Widened | None:
-    """One group's `Widened` buffer, its Linears' bases set to `InSibling`; None (the group as it was) where the
-    device has no room. The weights go through the host: copied out, freed on the device (where nothing else holds
-    them), then written into the buffer a few blocks at a time, so that the device never holds a group's weights twice
-    (made on the device beside its weights, LLaVA-1.5-7B's gate/up buffer, 5.8 GB, put the process's peak 3.06 GB
-    above the training step's)."""
-    loras = [m.weight.get_value() for m in linears]
-    base = loras[0].base
-    sharding, dtype = base.sharding, base.dtype
-    parts = tuple(w.base.shape[-2] for w in loras)
-    shape = (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras))
-    hosts = jax.device_get([w.base for w in loras])
-    refs = [weakref.ref(w.base) for w in loras]
-    for m, w in zip(linears, loras):
-        m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
-    del base, loras, w  # the device's weights, freed here unless something else holds them
-    if not _room(math.prod(shape) * dtype.itemsize + 2 * _PER_TRANSFER * _BLOCK_BYTES, sharding.device_set):
-        for m, r, h in zip(linears, refs, hosts):
-            m.weight.set_value(dataclasses.replace(m.weight.get_value(), base=r() if r() is not None
-                                                   else jax.device_put(h, sharding)))
-        return None
-    starts = np.cumsum((0,) + parts)
-    buf = _from_host(shape, dtype, sharding, [b for h, row0 in zip(hosts, starts) for b in _blocks(h, row0)])
-    return Widened(buf=buf, parts=parts, in_features=hosts[0].shape[-1])
 
 
 def widen(model, keep=()) -> int:
     """In place: the bases of `model`'s widening adapted Linears, and of its modules' adapted SIBLINGS, become
-    `Widened` buffers [*stack, out, in + r] (one per group, in its first Linear; the others `InSibling`), group by
-    group through the host (`_widen_group`; a group the device has no room for stays as it is). The trainer's step
-    writes the adapters' B into them (`fill_widened`); `unwiden` undoes it. Modules under a name of `keep`
-    (modules_to_save: trained whole) stay as they are. Returns how many buffers."""
+    `Widened` buffers [*stack, out, in + r] (one per group, in its first Linear; the others `InSibling`), their
+    weights copied in group by group (a group's weights freed once it is copied, where nothing else holds them; a group
+    whose buffer the device has no room for beside them stays as it is). The
+    trainer's step writes the adapters' B into them (`fill_widened`); `unwiden` undoes it. Modules under a name of
+    `keep` (modules_to_save: trained whole) stay as they are. Returns how many buffers."""
     done, count = set(), 0
     targets = []
     for path, module in nnx.iter_modules(model):
@@ -550,10 +499,22 @@ def widen(model, keep=()) -> int:
     targets += [[m] for _, m in nnx.iter_modules(model)
                 if isinstance(m, Linear) and id(m) not in done and _widenable([m], siblings=False)]
     for linears in targets:
-        widened = _widen_group(linears)
-        if widened is not None:
-            linears[0].weight.set_value(dataclasses.replace(linears[0].weight.get_value(), base=widened))
-            count += 1
+        loras = [m.weight.get_value() for m in linears]
+        base = loras[0].base
+        parts = tuple(w.base.shape[-2] for w in loras)
+        shape = (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras))
+        if not _room(math.prod(shape) * base.dtype.itemsize, base):
+            continue
+        buf = jnp.zeros(shape, base.dtype, device=base.sharding)
+        start = 0
+        for m, w in zip(linears, loras):
+            buf = _put_rows(buf, w.base, start)
+            m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
+            start += w.base.shape[-2]
+        widened = Widened(buf=buf, parts=parts, in_features=base.shape[-1])
+        del base, loras  # the weights, freed here unless something else holds them
+        linears[0].weight.set_value(dataclasses.replace(linears[0].weight.get_value(), base=widened))
+        count += 1
     return count
 
 
@@ -585,21 +546,19 @@ def fill_widened(model) -> list[jax.Array]:
     return filled
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _rows(buf: jax.Array, start: int, stop: int, in_features: int) -> jax.Array:
+    return buf[..., start:stop, :in_features]
+
+
 def unwiden(model) -> None:
-    """In place: every `Widened` buffer of `model` back to its Linears' plain bases (`widen` undone), through the host
-    as `widen` made it: the buffer copied out and freed (where nothing else holds it) before its bases go back."""
+    """In place: every `Widened` buffer of `model` back to its Linears' plain bases (`widen` undone)."""
     for linears in _sites(model):
         loras = [m.weight.get_value() for m in linears]
-        wide = loras[0].base
-        sharding, parts, in_features = wide.buf.sharding, wide.parts, wide.in_features
-        host = jax.device_get(wide.buf)
-        for m, w in zip(linears, loras):
-            m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=(*host.shape[:-2], 0, in_features))))
-        del loras, w, wide  # the buffer, freed here unless something else holds it
-        for m, start, n in zip(linears, np.cumsum((0,) + parts), parts):
-            rows = host[..., start:start + n, :in_features]
-            base = _from_host(rows.shape, host.dtype, sharding, _blocks(rows))
-            m.weight.set_value(dataclasses.replace(m.weight.get_value(), base=base))
+        wide, start = loras[0].base, 0
+        for m, w, n in zip(linears, loras, wide.parts):
+            m.weight.set_value(dataclasses.replace(w, base=_rows(wide.buf, start, start + n, wide.in_features)))
+            start += n
 
 
 def copy_bases(source, target) -> None:

@@ -381,8 +381,8 @@ def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
 
 def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place(monkeypatch):
     """The trainer's widened bases (lora.widen): gate/up (a module's SIBLINGS) in one `Widened` [w | b] buffer, a
-    widening Linear (fc1) in its own, the narrowing one (down) left plain; the weights they were copied from are freed
-    (the buffers are filled from the host, here in blocks of 8 rows). A step that writes B into the buffers
+    widening Linear (fc1) in its own, the narrowing one (down) left plain; the weights they were copied from are freed.
+    A step that writes B into the buffers
     (fill_widened, a program of its own that updates the donated buffers in place) followed by a step that
     differentiates the LoRA factors gives the plain model's loss and gradients, and the step forms no [w | b] copy
     (the plain one forms one per widening product); unwiden gives the bases back bit for bit. A device without room
@@ -434,12 +434,11 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
 
     (ref, ref_grads), ref_hlo, _, _ = step(block())
     model = block()
-    monkeypatch.setattr(lora, "_BLOCK_BYTES", 8 * 32 * 4)  # 8 rows of 32 float32 weights a block, 8 blocks a transfer
     bases = {n: weakref.ref(m.weight.get_value().base)
              for n, m in [("gate", model.mlp.gate_proj), ("up", model.mlp.up_proj), ("down", model.mlp.down_proj),
                           ("fc1", model.fc1)]}
     assert lora.widen(model) == 2
-    jax.block_until_ready(lora.widened_buffers(model))  # the last block's write done (it holds its input till then)
+    jax.block_until_ready(lora.widened_buffers(model))  # the last copy done (it holds its input till then)
     assert {n for n, r in bases.items() if r() is not None} == {"down"}, "a widened group's weights were not freed"
     sites = lora._sites(model)
     assert sorted(s[0].weight.get_value().base.buf.shape for s in sites) == [(64, 40), (96, 44)]
@@ -463,7 +462,7 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
         module = trained.fc1 if name == "fc1" else getattr(trained.mlp, name)
         np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)
 
-    monkeypatch.setattr(lora, "_room", lambda nbytes, devices: False)
+    monkeypatch.setattr(lora, "_room", lambda nbytes, w: False)
     model = block()
     assert lora.widen(model) == 0
     for name, (w, _, _) in weights.items():
