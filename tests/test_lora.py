@@ -382,11 +382,10 @@ def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
 def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place(monkeypatch):
     """The trainer's widened bases (lora.widen): gate/up (a module's SIBLINGS) in one `Widened` [w | b] buffer, a
     widening Linear (fc1) in its own, the narrowing one (down) left plain; the weights they were copied from are freed.
-    A step that writes B into the buffers
-    (fill_widened, a program of its own that updates the donated buffers in place) followed by a step that
-    differentiates the LoRA factors gives the plain model's loss and gradients, and the step forms no [w | b] copy
-    (the plain one forms one per widening product); unwiden gives the bases back bit for bit. A device without room
-    for a buffer keeps its group as it was."""
+    A step that writes B into the buffers (fill_widened, a program of its own that updates the donated buffers in
+    place) followed by a step that differentiates the LoRA factors gives the plain model's loss and gradients, and the
+    step forms no [w | b] copy (the plain one forms one per widening product); unwiden gives the bases back bit for
+    bit. A device without room for a buffer keeps its group as it was."""
     from jaxvlm import lora
     from jaxvlm.layers import GatedMLP, Linear
     from jaxvlm.train.trainer import split_trainable
