@@ -70,8 +70,6 @@ class LoRA:
         scale = self.scale if self.mask is None else self.scale * self.mask.astype(x.dtype)
         rows = math.prod(x.shape[:-1])
         in_f, out_f = x.shape[-1], self.lora_B.shape[0]
-        if isinstance(self.base, Widened) and self.base.a_rows:  # [w ; a] (`widen`): its product, whatever the rows
-            return lora_matmul.adapted_linear(x, self.base, self.lora_A, self.lora_B, scale)
         if key is None and rows >= ADAPTED_MIN_ROWS and rows * (in_f - out_f) > out_f * in_f:
             # Narrowing (k/v, fc2, down) where the adapter's own share of dx (rows x in, written and read once
             # more) outweighs what forming dx in one matmul copies (the weight, out x in, and the output's
@@ -453,11 +451,10 @@ def _sites(model) -> list[list[Linear]]:
     return sites
 
 
-def _widenable(linears: list[Linear], siblings: bool) -> bool | None:
+def _widenable(linears: list[Linear], siblings: bool) -> bool:
     """Adapted Linears over plain floating bases of one dtype, in a group whose product widens (outputs wider than the
-    input: LoRA.linear's `concat_linear` case): True. Siblings besides: sibling products on, no dropout
-    (LoRA.sibling_linear takes them together). A single narrowing one (input wider than its output: `adapted_linear`'s
-    case) without dropout: None (its base becomes [w ; a], `Widened.a_rows`). Otherwise False."""
+    input: LoRA.linear's `concat_linear` case). Siblings besides: sibling products on, no dropout (LoRA.sibling_linear
+    takes them together)."""
     from jaxvlm.layers import sibling_products
     weights = [m.weight.get_value() for m in linears]
     if not all(isinstance(w, LoRA) and isinstance(w.base, jax.Array) and jnp.issubdtype(w.base.dtype, jnp.floating)
@@ -465,10 +462,7 @@ def _widenable(linears: list[Linear], siblings: bool) -> bool | None:
         return False
     if siblings and (not one_device_on(sibling_products) or any(w.dropout for w in weights)):
         return False
-    out, in_f = sum(w.base.shape[-2] for w in weights), weights[0].base.shape[-1]
-    if out > in_f:
-        return True
-    return None if not siblings and out < in_f and not weights[0].dropout and lora_matmul.stack_a else False
+    return sum(w.base.shape[-2] for w in weights) > weights[0].base.shape[-1]
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
@@ -503,14 +497,12 @@ def widen(model, keep=()) -> int:
                 targets.append(linears)
                 done.update(map(id, linears))
     targets += [[m] for _, m in nnx.iter_modules(model)
-                if isinstance(m, Linear) and id(m) not in done and _widenable([m], siblings=False) is not False]
+                if isinstance(m, Linear) and id(m) not in done and _widenable([m], siblings=False)]
     for linears in targets:
         loras = [m.weight.get_value() for m in linears]
         base = loras[0].base
         parts = tuple(w.base.shape[-2] for w in loras)
-        a_rows = sum(parts) < base.shape[-1]
-        shape = ((*base.shape[:-2], parts[0] + loras[0].lora_A.shape[-2], base.shape[-1]) if a_rows else
-                 (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras)))
+        shape = (*base.shape[:-2], sum(parts), base.shape[-1] + sum(w.lora_B.shape[-1] for w in loras))
         if not _room(math.prod(shape) * base.dtype.itemsize, base):
             continue
         buf = jnp.zeros(shape, base.dtype, device=base.sharding)
@@ -519,7 +511,7 @@ def widen(model, keep=()) -> int:
             buf = _put_rows(buf, w.base, start)
             m.weight.set_value(dataclasses.replace(w, base=InSibling(shape=tuple(w.base.shape))))
             start += w.base.shape[-2]
-        widened = Widened(buf=buf, parts=parts, in_features=base.shape[-1], a_rows=a_rows)
+        widened = Widened(buf=buf, parts=parts, in_features=base.shape[-1])
         del base, loras  # the weights, freed here unless something else holds them
         linears[0].weight.set_value(dataclasses.replace(linears[0].weight.get_value(), base=widened))
         count += 1
@@ -547,12 +539,8 @@ def fill_widened(model) -> list[jax.Array]:
     for linears in _sites(model):
         loras = [m.weight.get_value() for m in linears]
         wide = loras[0].base
-        if wide.a_rows:
-            a = loras[0].lora_A.astype(wide.buf.dtype)
-            buf = jax.lax.dynamic_update_slice_in_dim(wide.buf, a, wide.parts[0], axis=wide.buf.ndim - 2)
-        else:
-            b = _block_diag([w.lora_B.astype(wide.buf.dtype) for w in loras])
-            buf = jax.lax.dynamic_update_slice_in_dim(wide.buf, b, wide.in_features, axis=wide.buf.ndim - 1)
+        b = _block_diag([w.lora_B.astype(wide.buf.dtype) for w in loras])
+        buf = jax.lax.dynamic_update_slice_in_dim(wide.buf, b, wide.in_features, axis=wide.buf.ndim - 1)
         linears[0].weight.set_value(dataclasses.replace(loras[0], base=dataclasses.replace(wide, buf=buf)))
         filled.append(buf)
     return filled

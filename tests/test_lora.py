@@ -381,10 +381,10 @@ def test_a_narrowing_lora_forms_dx_in_one_product(out_f):
 
 def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_place(monkeypatch):
     """The trainer's widened bases (lora.widen): gate/up (a module's SIBLINGS) in one `Widened` [w | b] buffer, a
-    widening Linear (fc1) in its own, the narrowing one (down) as [w ; a]; the weights they were copied from are freed.
-    A step that writes B (A) into the buffers (fill_widened, a program of its own that updates the donated buffers in
+    widening Linear (fc1) in its own, the narrowing one (down) left plain; the weights they were copied from are freed.
+    A step that writes B into the buffers (fill_widened, a program of its own that updates the donated buffers in
     place) followed by a step that differentiates the LoRA factors gives the plain model's loss and gradients, and the
-    step forms no [w | b] or [w ; a] copy (the plain one forms one per product); unwiden gives the bases back bit for
+    step forms no [w | b] copy (the plain one forms one per widening product); unwiden gives the bases back bit for
     bit. A device without room for a buffer keeps its group as it was."""
     from jaxvlm import lora
     from jaxvlm.layers import GatedMLP, Linear
@@ -403,7 +403,7 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
     shapes = {"gate_proj": (48, 32), "up_proj": (48, 32), "down_proj": (32, 48), "fc1": (64, 32)}
     weights = {n: (jax.random.normal(next(ks), s), 0.1 * jax.random.normal(next(ks), (ranks[n], s[1])),
                    0.1 * jax.random.normal(next(ks), (s[0], ranks[n]))) for n, s in shapes.items()}
-    x = jax.random.normal(next(ks), (2, 64, 32))  # 128 rows: down takes adapted_linear without a buffer too
+    x = jax.random.normal(next(ks), (2, 40, 32))
 
     def block():
         b = Block()
@@ -436,26 +436,24 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
     bases = {n: weakref.ref(m.weight.get_value().base)
              for n, m in [("gate", model.mlp.gate_proj), ("up", model.mlp.up_proj), ("down", model.mlp.down_proj),
                           ("fc1", model.fc1)]}
-    assert lora.widen(model) == 3
+    assert lora.widen(model) == 2
     jax.block_until_ready(lora.widened_buffers(model))  # the last copy done (it holds its input till then)
-    assert not [n for n, r in bases.items() if r() is not None], "a widened group's weights were not freed"
+    assert {n for n, r in bases.items() if r() is not None} == {"down"}, "a widened group's weights were not freed"
     sites = lora._sites(model)
-    assert sorted(s[0].weight.get_value().base.buf.shape for s in sites) == [(40, 48), (64, 40), (96, 44)]
+    assert sorted(s[0].weight.get_value().base.buf.shape for s in sites) == [(64, 40), (96, 44)]
     assert isinstance(model.mlp.up_proj.weight.get_value().base, lora_matmul.InSibling)
-    assert model.mlp.down_proj.weight.get_value().base.a_rows
+    assert isinstance(model.mlp.down_proj.weight.get_value().base, jax.Array)
     (value, grads), hlo, refresh_hlo, trained = step(model)
     np.testing.assert_allclose(value, ref, rtol=1e-5)
-    # float32 noise, to each leaf's scale: down's [w ; a] product sums x A^T in another order than x A^T alone, and
-    # the two forms' gradients were as far from a float64 reference (up to 3e-5 of a leaf's largest) when written.
     for o, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(o, r, rtol=1e-4, atol=5e-5 * float(np.abs(r).max()))
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-5)
 
     def wb_copies(text):  # concatenations that form a [w | b] operand: gate/up's [96, 44], fc1's [64, 40]
-        return len(re.findall(r"f32\[(?:96,44|64,40|40,48)\]\{[0-9,]*\} concatenate\(", text))
-    assert wb_copies(ref_hlo) >= 3 and wb_copies(hlo) == 0, (wb_copies(ref_hlo), wb_copies(hlo))
+        return len(re.findall(r"f32\[(?:96,44|64,40)\]\{[0-9,]*\} concatenate\(", text))
+    assert wb_copies(ref_hlo) >= 2 and wb_copies(hlo) == 0, (wb_copies(ref_hlo), wb_copies(hlo))
     header = refresh_hlo.splitlines()[0]  # input_output_alias: the outputs that reuse the donated buffers' memory
     donated = {int(p) for p in re.findall(r"\{\d+\}: \((\d+), \{\}, may-alias\)", header)}
-    assert len(donated) == 3 and len(re.findall(r" dynamic-update-slice\(", refresh_hlo)) == 3, header
+    assert len(donated) == 2 and len(re.findall(r" dynamic-update-slice\(", refresh_hlo)) == 2, header
 
     trained = trained()
     lora.unwiden(trained)

@@ -58,7 +58,6 @@ def kernels_for(rows: int) -> bool:
 # A frozen plain base kept whole as its product's [w | b] while the trainer trains the adapter(s) (jaxvlm.lora.widen):
 # "auto" (the default: a trainer on one device, no mesh), "off".
 widen_setting = os.environ.get("JAXVLM_LORA_WIDEN_WEIGHTS", "auto")
-stack_a = os.environ.get("JAXVLM_LORA_STACK_A", "on") == "on"  # EXPERIMENT: narrowing Linears' [w ; a] too
 
 
 @jax.tree_util.register_dataclass
@@ -69,16 +68,11 @@ class Widened:
     their widths) and b the adapters' B (block-diagonal for siblings) in the last r columns. The trainer writes the
     current B into b at the start of each step, in place (the buffer is donated), so that no step copies the weights
     into [w | b] (three times a layer before: the forward, its recomputation and the backward's dx). The product
-    reads buf as it is; the adapters' gradients come from their own B, passed beside it.
-
-    `a_rows`: a narrowing adapted Linear's (fc2, down) base stored as `adapted_linear`'s operand instead: buf [*stack,
-    out + r, in] = [w ; a], the adapter's A (not B) in the last r rows, written the same way; its forward forms the base
-    product and x A^T in one pass over x, its backward dx without copying the weight."""
+    reads buf as it is; the adapters' gradients come from their own B, passed beside it."""
 
     buf: jax.Array
     parts: tuple = dataclasses.field(metadata={"static": True})
     in_features: int = dataclasses.field(metadata={"static": True})
-    a_rows: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def stack_ndim(self) -> int:
@@ -177,15 +171,9 @@ def adapted_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale
 
 def _adapted_linear_fwd(x, w, a, b, scale):
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if isinstance(w, Widened):  # [w ; a]: the base product and x A^T in one pass over x
-        out = w.parts[0]
-        ya = jax.lax.dot_general(x, w.buf.astype(x.dtype), dims)
-        y, xa = ya[..., :out], ya[..., out:] * scale
-    else:
-        ac = a.astype(x.dtype)
-        xa = (_narrow_or_dot(x, ac) if kernels_for(x.size // x.shape[-1]) else jax.lax.dot_general(x, ac, dims)) * scale
-        y = jax.lax.dot_general(x, w, dims)
-    y = y + jax.lax.dot_general(xa, b.astype(x.dtype), dims)
+    ac = a.astype(x.dtype)
+    xa = (_narrow_or_dot(x, ac) if kernels_for(x.size // x.shape[-1]) else jax.lax.dot_general(x, ac, dims)) * scale
+    y = jax.lax.dot_general(x, w, dims) + jax.lax.dot_general(xa, b.astype(x.dtype), dims)
     return y, (x, xa, w, a, b, scale)
 
 
@@ -200,11 +188,9 @@ def _adapted_linear_bwd(res, g):
     da = _tall_or_dot(x, ds).T if skinny else jax.lax.dot_general(ds, x, over_rows)
     # dA is x's last read: tied to ds, which dx's product reads, it runs first and x dies there (see _lora_in_bwd).
     ds, da = jax.lax.optimization_barrier((ds, da))
-    wa = w.buf.astype(g.dtype) if isinstance(w, Widened) else jnp.concatenate([w, a.astype(w.dtype)], axis=0)
-    dx = jax.lax.dot_general(jnp.concatenate([g, ds], axis=-1), wa, last)
-    dw = (jax.tree.map(jnp.zeros_like, w) if isinstance(w, Widened)  # frozen
-          else jax.lax.dot_general(g, x, over_rows).astype(w.dtype))
-    return dx, dw, da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(scale)
+    dx = jax.lax.dot_general(jnp.concatenate([g, ds], axis=-1), jnp.concatenate([w, a.astype(w.dtype)], axis=0), last)
+    dw = jax.lax.dot_general(g, x, over_rows)
+    return dx, dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(scale)
 
 
 adapted_linear.defvjp(_adapted_linear_fwd, _adapted_linear_bwd)
