@@ -85,7 +85,8 @@ class LoRA:
         # output. Few rows (a decode step, where copying the weight into [w | b] would cost more than the
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
-        if in_f < out_f and rows >= in_f:
+        # A base the trainer keeps as [w | b] (`widen`) takes it whatever the rows: any other product would copy w out.
+        if isinstance(self.base, Widened) or (in_f < out_f and rows >= in_f):
             base = self.base if isinstance(self.base, Widened) else dense_weight(self.base, x.dtype)
             return lora_matmul.concat_linear(x, xa, base, b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))

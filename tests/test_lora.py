@@ -456,6 +456,12 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
     assert len(donated) == 2 and len(re.findall(r" dynamic-update-slice\(", refresh_hlo)) == 2, header
 
     trained = trained()
+    # Fewer rows than fc1's input (a small batch): the widened fc1 still takes [x | xa] @ [w | b]^T over its buffer
+    # (any other product would copy w out of it), with the plain model's output.
+    few = x[:1, :8]
+    widened_out = jax.jit(lambda m: m(few)).lower(trained).compile()
+    assert not re.findall(r"f32\[64,32\]\{[0-9,]*\} (?:slice|fusion)\(", widened_out.as_text())
+    np.testing.assert_allclose(widened_out(trained), jax.jit(lambda m: m(few))(block()), rtol=1e-5, atol=1e-4)
     lora.unwiden(trained)
     for name, (w, _, _) in weights.items():
         module = trained.fc1 if name == "fc1" else getattr(trained.mlp, name)
