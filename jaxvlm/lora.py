@@ -86,9 +86,9 @@ class LoRA:
         # product), or dropout on the adapter's input: two products and an add (docs/BENCHMARKS.md, "LoRA
         # product").
         # A base the trainer keeps as [w | b] (`widen`) takes it whatever the rows: any other product would copy w out.
-        if isinstance(self.base, Widened) or (in_f < out_f and rows >= in_f):
-            base = self.base if isinstance(self.base, Widened) else dense_weight(self.base, x.dtype)
-            return lora_matmul.concat_linear(x, xa, base, b)
+        widened = isinstance(self.base, Widened)
+        if widened or (in_f < out_f and rows >= in_f):
+            return lora_matmul.concat_linear(x, xa, self.base if widened else dense_weight(self.base, x.dtype), b)
         return linear(x, self.base) + (lora_matmul.lora_out(xa, b) if skinny else linear(xa, b))
 
     def sibling_linear(self, x: jax.Array, siblings: list) -> list[jax.Array] | None:

@@ -462,14 +462,14 @@ def test_widened_bases_give_the_same_loss_and_gradients_with_no_weight_copy_in_p
     widened_out = jax.jit(lambda m: m(few)).lower(trained).compile()
     assert not re.findall(r"f32\[64,32\]\{[0-9,]*\} (?:slice|fusion)\(", widened_out.as_text())
     np.testing.assert_allclose(widened_out(trained), jax.jit(lambda m: m(few))(block()), rtol=1e-5, atol=1e-4)
+    def assert_plain_bases(model):
+        for name, (w, _, _) in weights.items():
+            module = model.fc1 if name == "fc1" else getattr(model.mlp, name)
+            np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)
     lora.unwiden(trained)
-    for name, (w, _, _) in weights.items():
-        module = trained.fc1 if name == "fc1" else getattr(trained.mlp, name)
-        np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)
+    assert_plain_bases(trained)
 
     monkeypatch.setattr(lora, "_room", lambda nbytes, w: False)
     model = block()
     assert lora.widen(model) == 0
-    for name, (w, _, _) in weights.items():
-        module = model.fc1 if name == "fc1" else getattr(model.mlp, name)
-        np.testing.assert_array_equal(np.asarray(module.weight.get_value().base), np.asarray(w), err_msg=name)
+    assert_plain_bases(model)
